@@ -1,0 +1,386 @@
+"""
+The latent Denoising Autoencoder (l-DAE) of Chen, Liu, Xie, He, "Deconstructing Denoising
+Diffusion Models for Self-Supervised Learning" (arXiv 2401.14404), in one file that needs only
+torch and tokenizer_pca.py. Copy the pair into your project and call:
+
+    pca = PatchPCA.load("pca.pt")                    # python tokenizer_pca.py --out pca.pt
+    model = build_model("vit_b", pca)                # ViT-B encoder + ViT-B decoder, 256 px
+    loss = model.loss(images)                        # images: (B, 3, 256, 256) in [-1, 1]
+    feats = model.forward_features(images)           # (B, 768): what the linear probe reads
+
+Training, checkpoints and the probe live in pretrain.py and linprobe.py:
+
+    torchrun --nproc_per_node=8 pretrain.py --model vit_b --dataset imagefolder --data-path IMNET
+    python linprobe.py out/checkpoint.pt --dataset imagefolder --data-path IMNET
+
+"RECIPE sN" below points to ../shared/RECIPE.md, the paper's recipe section by section. The
+transformer pieces (DiTBlock, TimestepEmbedder, FinalLayer, ...) are also the DiT baseline's:
+dit_baseline.py imports them, so both models share one block implementation and the official DiT
+parameter names (x_embedder, t_embedder, blocks.N.attn.qkv, blocks.N.adaLN_modulation, ...).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from tokenizer_pca import PatchPCA
+
+# ----------------------------------------------------------------------------------------------
+# Transformer pieces shared with dit_baseline.py (RECIPE s4: "a ViT built from DiT blocks")
+# ----------------------------------------------------------------------------------------------
+
+
+def modulate(x, shift, scale):
+    # adaLN: a per-example affine map of the normalised tokens. x (B, L, D); shift, scale (B, 1, D)
+    return x * (1 + scale) + shift
+
+
+def sincos_pos_embed(dim, grid):
+    """Fixed 2-D sin-cos position embedding (no learned positions, RECIPE s4), (grid*grid, dim).
+
+    The first half of the channels encodes the column, the second half the row, each as
+    [sin, cos] of geometrically spaced frequencies: the layout of MAE's and DiT's tables, so
+    official DiT weights (which store this table as pos_embed) line up with ours.
+    """
+    assert dim % 4 == 0, "sin-cos position embedding needs a width divisible by 4"
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                                torch.arange(grid, dtype=torch.float64), indexing="ij")
+
+    def one_axis(pos):                                          # (grid*grid,) -> (grid*grid, dim/2)
+        angles = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([one_axis(cols), one_axis(rows)], dim=1).float()
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens, one strided conv. (B, C, H, W) -> (B, L, D)."""
+
+    def __init__(self, patch_size, in_chans, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Noise level t (B,) -> conditioning vector c (B, dim): sinusoidal features then a 2-layer MLP.
+
+    In l-DAE `dim` is 1/4 of the network width (RECIPE s4: the paper shrinks the conditioning MLP
+    to a quarter of DiT's at no cost in accuracy; `cond_ratio` below). DiT uses dim = width.
+    """
+
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+        angles = t.float().reshape(-1, 1) * freqs.reshape(1, -1)           # (B, half)
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, dim)
+
+    def forward(self, t):
+        return self.mlp(self.timestep_embedding(t, self.freq_dim))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through F.scaled_dot_product_attention (flash / memory-efficient
+    kernels on GPU, fused kernel on CPU)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):                                               # (B, L, D)
+        B, L, D = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                  # each (B, heads, L, D/heads)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, L, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))       # DiT's tanh-GELU
+
+
+class DiTBlock(nn.Module):
+    """A pre-norm transformer block conditioned through adaLN-Zero (DiT's block).
+
+    c (B, cond_dim) is mapped to six (B, D) vectors: shift/scale of both LayerNorms and a gate on
+    both residual branches. The gates start at zero (init_weights), so every block starts as the
+    identity; that is DiT's trick for stable training, and the reason a "random init" probe
+    baseline must switch the gates on (issue 6).
+    """
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, cond_dim=None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or dim, 6 * dim))
+
+    def forward(self, x, c):                                            # x (B, L, D), c (B, C)
+        mods = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)  # six (B, 1, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """DiT's output head: adaLN + LayerNorm + Linear to p*p*C values per token, (p, q, c) order,
+    the same per-patch order as PatchPCA.patchify (so predictions compare with PCA patches)."""
+
+    def __init__(self, dim, patch_size, out_chans, cond_dim=None):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_chans)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or dim, 2 * dim))
+
+    def forward(self, x, c):                                            # (B, L, D) -> (B, L, p*p*C)
+        shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def init_dit_weights(model, active=False):
+    """DiT's initialisation: xavier-uniform linears, zero biases, N(0, 0.02) timestep MLP, and
+    zero adaLN modulation + zero output layer (adaLN-Zero: every block starts as the identity).
+
+    active=True instead gives every block a live residual branch: modulation weights N(0, 0.02)
+    and gate biases 1, i.e. a plain randomly initialised pre-norm ViT. That is the honest random
+    baseline for a linear probe; with zero gates the "random network" is only pooled patch
+    embeddings (issue 6).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    w = model.x_embedder.proj.weight                                    # treat the conv as a linear
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.proj.bias)
+    for lin in (model.t_embedder.mlp[0], model.t_embedder.mlp[2]):
+        nn.init.normal_(lin.weight, std=0.02)
+    blocks = [(b.adaLN_modulation[-1], 6) for b in model.blocks]
+    for mod, chunks in blocks + [(model.final_layer.adaLN_modulation[-1], 2)]:
+        nn.init.zeros_(mod.bias)
+        if not active:
+            nn.init.zeros_(mod.weight)
+            continue
+        nn.init.normal_(mod.weight, std=0.02)
+        if chunks == 6:        # (shift1, scale1, gate1, shift2, scale2, gate2): both gates open
+            mod.bias.data.view(6, -1)[[2, 5]] = 1.0
+    if not active:
+        nn.init.zeros_(model.final_layer.linear.weight)
+        nn.init.zeros_(model.final_layer.linear.bias)
+
+
+def transformer_flops(num_tokens, dim, depth, mlp_ratio, cond_dim, in_dim, out_dim):
+    """Analytic forward FLOPs (2 x multiply-adds) of the token stack for one image (issue 7)."""
+    L, D = num_tokens, dim
+    per_block = 2 * L * D * D * (4 + 2 * mlp_ratio)    # qkv (3 D^2) + proj (D^2) + MLP (2 r D^2)
+    per_block += 2 * 2 * L * L * D                     # Q K^T and attn @ V
+    per_block += 2 * cond_dim * 6 * D                  # adaLN modulation (once per image)
+    head = 2 * L * D * out_dim + 2 * cond_dim * 2 * D
+    embed = 2 * L * in_dim * D + 2 * (256 * cond_dim + cond_dim * cond_dim)
+    return depth * per_block + head + embed
+
+
+# ----------------------------------------------------------------------------------------------
+# The l-DAE model (RECIPE s3, s4)
+# ----------------------------------------------------------------------------------------------
+
+# Sizes (RECIPE s4). `depth` counts encoder + decoder blocks: the first half is the encoder that
+# the probe reads, the second half the decoder, same width, no bottleneck. The two small sizes
+# are for CPU runs and tests (32 px images, 4 x 4 patches, so 64 tokens of D = 48 dims).
+MODELS = {
+    "vit_tiny": dict(hidden_size=64, depth=4, num_heads=4, img_size=32, patch_size=4, latent_dim=4),
+    "vit_small": dict(hidden_size=192, depth=12, num_heads=3, img_size=32, patch_size=4, latent_dim=4),
+    "vit_b": dict(hidden_size=768, depth=24, num_heads=12),          # ViT-B enc + ViT-B dec
+    "vit_half_l": dict(hidden_size=1024, depth=24, num_heads=16),    # DiT-L split 12 + 12 (ablations)
+    "vit_l": dict(hidden_size=1024, depth=48, num_heads=16),         # ViT-L enc + ViT-L dec
+}
+
+
+class LDAE(nn.Module):
+    def __init__(self, pca, img_size=256, patch_size=16, in_chans=3, hidden_size=768, depth=24,
+                 num_heads=12, mlp_ratio=4.0, cond_ratio=0.25, latent_dim=32, latent_scale=None,
+                 residual_weight=0.1, noise="multi", single_sigma=math.sqrt(1 / 3), num_steps=1000,
+                 sigma_max=math.sqrt(2), target="original", grad_checkpoint=False, name="custom"):
+        super().__init__()
+        assert pca.patch_size == patch_size and pca.channels == in_chans, \
+            "the PCA must be fitted on the model's patches (RECIPE s2: 16x16x3 -> D = 768)"
+        assert noise in ("multi", "single"), noise
+        assert target in ("latent", "projected", "original"), target
+        D = patch_size * patch_size * in_chans
+        assert 1 <= latent_dim <= D, f"latent_dim must be in 1..{D}"
+        if latent_scale is not None:          # RECIPE s2: the scale is a choice; the model owns it
+            pca.scale = float(latent_scale)
+        self.config = dict(family="ldae", name=name, img_size=img_size, patch_size=patch_size,
+                           in_chans=in_chans, hidden_size=hidden_size, depth=depth,
+                           num_heads=num_heads, mlp_ratio=mlp_ratio, cond_ratio=cond_ratio,
+                           latent_dim=latent_dim, latent_scale=float(pca.scale),
+                           residual_weight=residual_weight, noise=noise, single_sigma=single_sigma,
+                           num_steps=num_steps, sigma_max=sigma_max, target=target,
+                           grad_checkpoint=grad_checkpoint)
+        self.pca = pca
+        self.patch_size, self.depth, self.d = patch_size, depth, latent_dim
+        self.noise, self.num_steps, self.sigma_max = noise, num_steps, sigma_max
+        self.single_sigma, self.grad_checkpoint, self.target = single_sigma, grad_checkpoint, target
+        cond_dim = max(1, int(hidden_size * cond_ratio))
+        grid = img_size // patch_size
+        self.x_embedder = PatchEmbed(patch_size, in_chans, hidden_size)
+        self.t_embedder = TimestepEmbedder(cond_dim)
+        self.register_buffer("pos_embed", sincos_pos_embed(hidden_size, grid).unsqueeze(0))  # (1, L, D)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, cond_dim)
+                                    for _ in range(depth))
+        # Output per token: the clean image patch (p*p*C values), or, for the Table 3 row "image
+        # input via inverse PCA" that still predicts the latent, the d latent coordinates.
+        out_chans = in_chans if target != "latent" else latent_dim
+        self.final_layer = FinalLayer(hidden_size, 1 if target == "latent" else patch_size,
+                                      out_chans, cond_dim)
+        # Loss weights in the full PCA basis (RECIPE s3): 1 on the d noised coordinates, a smaller
+        # weight on the residual the input never saw; (D,)
+        w = torch.full((D,), float(residual_weight))
+        w[:latent_dim] = 1.0
+        self.register_buffer("loss_weight", w, persistent=False)
+        self.init_weights()
+
+    def init_weights(self, active=False):
+        init_dit_weights(self, active)
+
+    # --- noise (RECIPE s3: no input scaling, sigma_t linear from 0 to sqrt 2 over T = 1000) ---
+    def sigma(self, t):                                                 # (B,) long -> (B,) float
+        if self.noise == "single":     # RECIPE s3 / s5 ablation: one fixed level for every image
+            return torch.full(t.shape, self.single_sigma, device=t.device)
+        return self.sigma_max * t.float() / self.num_steps
+
+    def sample_t(self, batch, device):
+        if self.noise == "single":     # the t the network is told: the step whose sigma is the level
+            t = round(self.single_sigma / self.sigma_max * self.num_steps)
+            return torch.full((batch,), t, device=device, dtype=torch.long)
+        return torch.randint(0, self.num_steps, (batch,), device=device)   # t ~ U{0..T-1} [DiT]
+
+    def add_noise(self, x0, t):
+        """Noise in the latent, then back to an image: x_t = V_d^T (V_d x0 + sigma_t eps).
+
+        The d-dim PCA latent is where the noise goes (the paper's key finding, Table 2); the
+        residual outside the subspace is dropped from the input. (B, C, H, W) -> (B, C, H, W)
+        """
+        with torch.autocast(x0.device.type, enabled=False):   # projections in fp32: cheap, exact
+            z0 = self.pca.encode(x0.float(), self.d)                        # (B, L, d)
+            z = z0 + self.sigma(t).view(-1, 1, 1) * torch.randn_like(z0)
+            return self.pca.decode(z)
+
+    # --- the network: a plain ViT of DiT blocks on the (noised) image ---
+    def forward(self, x, t, depth=None):
+        """x (B, C, H, W), t (B,) -> predicted clean patches (B, L, p*p*C); with depth=k, the
+        tokens after block k instead, (B, L, D) (what the probe reads)."""
+        x = self.x_embedder(x) + self.pos_embed                         # (B, L, D)
+        c = self.t_embedder(t)                                          # (B, D * cond_ratio)
+        for i, block in enumerate(self.blocks):
+            if depth is not None and i == depth:
+                return x
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)
+        return x if depth is not None else self.final_layer(x, c)
+
+    def loss(self, x0):
+        """The l-DAE objective (RECIPE s3), a scalar.
+
+        r = V_full (x0 - net(x_t)) per patch: the error in the full D-dim PCA basis, so the
+        weights can favour the d coordinates that were noised (w = 1) over the residual the
+        network had to infer from context (w = residual_weight, 0.1 in the paper);
+        lambda_t = 1 / (1 + sigma_t^2) down-weights the noisiest levels. Sum over the D
+        coordinates, mean over tokens and images.
+        """
+        B = x0.shape[0]
+        t = self.sample_t(B, x0.device)                                 # (B,)
+        pred = self(self.add_noise(x0, t), t).float()                   # (B, L, D) or (B, L, d)
+        with torch.autocast(x0.device.type, enabled=False):
+            lam = 1.0 / (1.0 + self.sigma(t).square())                  # (B,)
+            if self.target == "original":          # l-DAE, Table 3 last row
+                r = self.pca.coords(self.pca.patchify(x0.float()) - pred)          # (B, L, D)
+                per_image = (r.square() * self.loss_weight).sum(-1).mean(-1)       # (B,)
+            elif self.target == "projected":       # Table 3 "image output": predict V_d^T z0
+                target = self.pca.patchify(self.pca.project(x0.float(), self.d))
+                per_image = (target - pred).square().sum(-1).mean(-1)
+            else:                                  # Table 3 "image input": predict z0 itself
+                per_image = (self.pca.encode(x0.float(), self.d) - pred).square().sum(-1).mean(-1)
+            return (lam * per_image).mean()
+
+    def forward_features(self, images, t=10, depth=None, noisy=False):
+        """What the linear probe reads (RECIPE s5): the tokens after the last encoder block
+        (depth = half the blocks), average-pooled (no class token), with the network told noise
+        level t = 10 and given a clean input, i.e. the image projected onto the d-dim PCA subspace
+        (sigma = 0: the only kind of input the network saw in training). noisy=True adds the
+        noise of level t instead (the paper's Sec. 5 probe ablation).
+
+        depth may be an int or a list of ints (one pass, one (B, D) tensor per depth: the DDAE
+        grid protocol). Returns (B, D) or a list of them.
+        """
+        depths = [depth or self.depth // 2] if not isinstance(depth, (list, tuple)) else depth
+        tt = torch.full((images.shape[0],), int(t), device=images.device, dtype=torch.long)
+        if noisy:
+            x = self.add_noise(images, tt)
+        else:
+            x = self.add_noise(images, torch.zeros_like(tt))            # sigma 0 -> V_d^T V_d x0
+        x = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(tt)
+        feats = {}
+        for i, block in enumerate(self.blocks[:max(depths)]):
+            x = block(x, c)
+            if i + 1 in depths:
+                feats[i + 1] = x.mean(dim=1)                            # (B, D) average pool
+        out = [feats[k] for k in depths]
+        return out if isinstance(depth, (list, tuple)) else out[0]
+
+    @torch.no_grad()
+    def denoise(self, images, t):
+        """For image grids: (noisy input, denoised output) as images (B, C, H, W) at level t."""
+        tt = torch.as_tensor(t, device=images.device).long().expand(images.shape[0])
+        noisy = self.add_noise(images, tt)
+        out = self(noisy, tt).float()
+        return noisy, self.pca.decode(out) if self.target == "latent" else self.pca.unpatchify(out)
+
+    def train_flops_per_image(self):
+        """Analytic training FLOPs per image: 3 x the forward (backward = 2 x forward) of the
+        network; the PCA projections (< 0.5% at 256 px) are not counted, as usual for MFU."""
+        cfg = self.config
+        L = (cfg["img_size"] // cfg["patch_size"]) ** 2
+        D_patch = cfg["patch_size"] ** 2 * cfg["in_chans"]
+        out = cfg["latent_dim"] if cfg["target"] == "latent" else D_patch
+        cond = max(1, int(cfg["hidden_size"] * cfg["cond_ratio"]))
+        return 3 * transformer_flops(L, cfg["hidden_size"], cfg["depth"], cfg["mlp_ratio"], cond,
+                                     D_patch, out)
+
+
+def build_model(name, pca=None, **overrides):
+    """The registry behind `pretrain.py --model`. Overrides set to None are ignored (so argparse
+    defaults of None keep the registry's value). pca=None builds an identity basis of the right
+    shape, to be overwritten by load_state_dict from a checkpoint."""
+    if name not in MODELS:
+        raise KeyError(f"unknown l-DAE model {name!r}; choose from {sorted(MODELS)}")
+    cfg = {**MODELS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    cfg.pop("family", None)
+    cfg.pop("name", None)
+    if pca is None:
+        pca = PatchPCA.empty(cfg.get("patch_size", 16), cfg.get("in_chans", 3), cfg.get("img_size", 256))
+    return LDAE(pca, name=name, **cfg)
