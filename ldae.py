@@ -216,6 +216,10 @@ MODELS = {
     "vit_l": dict(hidden_size=1024, depth=48, num_heads=16),         # ViT-L enc + ViT-L dec
 }
 
+# The constructor options pretrain.py may pass as flags (`--latent-dim`, `--noise`, ...).
+MODEL_FLAGS = ("img_size", "patch_size", "latent_dim", "latent_scale", "residual_weight", "noise",
+               "single_sigma", "target", "cond_ratio", "grad_checkpoint")
+
 
 class LDAE(nn.Module):
     def __init__(self, pca, img_size=256, patch_size=16, in_chans=3, hidden_size=768, depth=24,
