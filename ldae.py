@@ -306,14 +306,15 @@ class LDAE(nn.Module):
                 x = block(x, c)
         return x if depth is not None else self.final_layer(x, c)
 
-    def loss(self, x0):
+    def loss(self, x0, labels=None):
         """The l-DAE objective (RECIPE s3), a scalar.
 
         r = V_full (x0 - net(x_t)) per patch: the error in the full D-dim PCA basis, so the
         weights can favour the d coordinates that were noised (w = 1) over the residual the
         network had to infer from context (w = residual_weight, 0.1 in the paper);
         lambda_t = 1 / (1 + sigma_t^2) down-weights the noisiest levels. Sum over the D
-        coordinates, mean over tokens and images.
+        coordinates, mean over tokens and images. `labels` is accepted and ignored: l-DAE is
+        unconditional (the DiT baseline's loss takes the same arguments).
         """
         B = x0.shape[0]
         t = self.sample_t(B, x0.device)                                 # (B,)
