@@ -1,0 +1,376 @@
+"""Patch-wise PCA tokenizer of l-DAE (RECIPE s2; paper Sec. 4.2 / Table 2 "patch-wise PCA").
+
+Each image is cut into non-overlapping p x p x 3 patches, flattened in (p, q, c) order to D = 3 p^2
+dims (768 for the paper's 16 px patches). The basis is the eigendecomposition of the patches'
+second-moment (or, with --center, covariance) matrix; its top-d rows give the d-dim latent in
+which l-DAE adds noise (d = 32 in the final model), and the full D x D basis weights the loss.
+
+Run:
+  python tokenizer_pca.py --dataset synthetic --input-size 32 --patch-size 4 --out /tmp/pca.pt
+  python tokenizer_pca.py --dataset fashion-mnist --data-path /usr/share/datasets/fashion-mnist \
+      --input-size 32 --patch-size 4 --out /tmp/pca_fm.pt
+  python tokenizer_pca.py --dataset imagefolder --data-path /data/imagenet/train --input-size 256 \
+      --patch-size 16 --num-images 20000 --patches-per-image 64 --out pca_in1k.pt   # paper setting
+  python tokenizer_pca.py --benchmark          # accumulation speed vs numpy SVD, 1M x 768 patches
+
+Choices the paper leaves open (RECIPE s2 [choice]), all recorded in the saved file:
+  * No mean subtraction by default (--center turns it on): the basis is then the eigenbasis of
+    E[x x^T], whose top direction is roughly the patch's mean colour. RECIPE's scale figures
+    (coordinate std 14.0, 6.9, ... on natural images) are measured this way.
+  * Latent scale 1.0 (--latent-scale): z = scale * V_d (x - mean). With scale 1 the absolute
+    noise levels sigma in [0, sqrt 2] act as the paper's strong, frequency-selective noise.
+Numerics: sums are kept in float64. On CPU each batch's X^T X is one float32 GEMM (2x faster
+than float64 on this kind of CPU; relative error ~1e-6, far below the eigen-gaps that matter:
+the l-DAE loss only depends on the span of the top-d rows), added into a float64 accumulator;
+on GPU the GEMM runs in float64 (float32 there could silently become TF32). Only the upper
+triangle blocks are computed (X^T X is symmetric), which saves ~40% of the flops.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+
+VERSION = 1
+
+
+class PatchPCA(nn.Module):
+    """Holds the fitted basis; d is chosen per call, not at fit time.
+
+    components (D, D): rows = orthonormal eigenvectors, descending eigenvalue. eigenvalues (D,).
+    mean (D,): zeros unless fitted with center=True. Shapes: x (B, C, H, W), patches (B, L, D).
+    """
+
+    def __init__(self, components, eigenvalues, mean=None, patch_size=16, channels=3, img_size=256,
+                 center=False, scale=1.0, meta=None):
+        super().__init__()
+        D = patch_size * patch_size * channels
+        if components.shape != (D, D):
+            raise ValueError(f"components must be ({D}, {D}) for patch {patch_size} x {channels} ch")
+        self.register_buffer("components", components.float().clone())
+        self.register_buffer("eigenvalues", eigenvalues.float().clone())
+        self.register_buffer("mean", torch.zeros(D) if mean is None else mean.float().clone())
+        self.patch_size, self.channels, self.img_size = int(patch_size), int(channels), int(img_size)
+        self.center, self.scale = bool(center), float(scale)
+        self.meta = dict(meta or {})  # fit metadata: primitives only (weights_only loading)
+
+    @property
+    def dim(self):
+        return self.components.shape[0]
+
+    @classmethod
+    def empty(cls, patch_size, channels=3, img_size=256):
+        """Identity basis, to build a model whose real basis arrives with load_state_dict."""
+        D = patch_size * patch_size * channels
+        return cls(torch.eye(D), torch.ones(D), None, patch_size, channels, img_size)
+
+    # -- patch layout: (p, q, c) per patch, the order of DiT's final layer output (contract) ----
+    def patchify(self, x):
+        B, C, H, W = x.shape
+        p = self.patch_size
+        if H % p or W % p or C != self.channels:
+            raise ValueError(f"image {tuple(x.shape)} does not tile into {p} x {p} x {self.channels} patches")
+        x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, q, C)
+        return x.reshape(B, (H // p) * (W // p), p * p * C)                  # (B, L, D)
+
+    def unpatchify(self, t, h=None, w=None):
+        B, L, D = t.shape
+        p, C = self.patch_size, self.channels
+        if h is None:
+            h = w = math.isqrt(L)
+        w = w if w is not None else L // h
+        if h * w != L or D != p * p * C:
+            raise ValueError(f"cannot unpatchify {tuple(t.shape)} into {h} x {w} patches of {p}x{p}x{C}")
+        t = t.reshape(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)            # (B, C, h, p, w, q)
+        return t.reshape(B, C, h * p, w * p)
+
+    # -- latent maps ---------------------------------------------------------------------------
+    def encode(self, x, d=None):
+        """image (B, C, H, W) -> latents (B, L, d) = scale * (patches - mean) V_d^T."""
+        d = self.dim if d is None else d
+        V = self.components[:d].to(x.dtype)                                   # (d, D)
+        return self.scale * ((self.patchify(x) - self.mean.to(x.dtype)) @ V.T)
+
+    def decode(self, z, h=None, w=None):
+        """latents (B, L, d) -> image: patches = z / scale V_d + mean (the inverse PCA, RECIPE s3)."""
+        V = self.components[: z.shape[-1]].to(z.dtype)
+        return self.unpatchify((z / self.scale) @ V + self.mean.to(z.dtype), h, w)
+
+    def project(self, x, d):
+        """image -> its component in the top-d subspace (what l-DAE's noisy input is built on)."""
+        return self.decode(self.encode(x, d), x.shape[2] // self.patch_size, x.shape[3] // self.patch_size)
+
+    def coords(self, patches):
+        """(B, L, D) -> full-basis coordinates V_full patches (no mean, no scale): the l-DAE loss
+        r = V_full (x0 - net(x_t)) weights r_i by 1 (i <= d) or 0.1 (i > d), RECIPE s3."""
+        return patches @ self.components.to(patches.dtype).T
+
+    def explained(self, d):
+        """Fraction of the fit's energy (or variance if centred) held by the top d components."""
+        ev = self.eigenvalues.double().clamp_min(0)
+        return float(ev[:d].sum() / ev.sum())
+
+    # -- persistence: plain dicts of tensors + primitives --------------------------------------
+    def _attrs(self):
+        return {"patch_size": self.patch_size, "channels": self.channels, "img_size": self.img_size,
+                "center": self.center, "scale": self.scale, "meta": dict(self.meta)}
+
+    def get_extra_state(self):
+        # Rides along in the owning model's state_dict, so load_state_dict also restores the
+        # scale/centre flags, not just the buffers.
+        return self._attrs()
+
+    def set_extra_state(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
+    def to_dict(self):
+        return {"version": VERSION, "components": self.components.detach().cpu(),
+                "eigenvalues": self.eigenvalues.detach().cpu(), "mean": self.mean.detach().cpu(),
+                **self._attrs()}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(d["components"], d["eigenvalues"], d.get("mean"), d["patch_size"], d.get("channels", 3),
+                   d.get("img_size", 256), d.get("center", False), d.get("scale", 1.0), d.get("meta"))
+
+    def save(self, path):
+        torch.save(self.to_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: readers never see a half-written basis
+
+    @classmethod
+    def load(cls, path, map_location="cpu"):
+        return cls.from_dict(torch.load(path, map_location=map_location, weights_only=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting
+# ---------------------------------------------------------------------------------------------
+class GramAccumulator:
+    """Streaming sum(x) and X^T X in float64 for rows x of dim D (see module docstring)."""
+
+    def __init__(self, D, device="cpu", gemm_dtype=None, block=192):
+        self.device = torch.device(device)
+        self.gemm_dtype = gemm_dtype or (torch.float64 if self.device.type == "cuda" else torch.float32)
+        self.G = torch.zeros(D, D, dtype=torch.float64, device=self.device)
+        self.s = torch.zeros(D, dtype=torch.float64, device=self.device)
+        self.n, self.block = 0, block
+
+    def add(self, X):  # X (N, D)
+        X = X.to(self.device, self.gemm_dtype, non_blocking=True)
+        self.s += X.sum(0, dtype=torch.float64)
+        for i in range(0, X.shape[1], self.block):  # upper-triangular block rows only
+            self.G[i:i + self.block, i:] += X[:, i:i + self.block].T @ X[:, i:]
+        self.n += X.shape[0]
+
+    def moments(self):
+        """-> (mean (D,), second moment E[x x^T] (D, D)), float64."""
+        G = torch.triu(self.G)
+        G = G + torch.triu(G, 1).T
+        return self.s / self.n, G / self.n
+
+
+def eig_basis(second_moment, mean, center):
+    """Eigen-decomposition -> (components rows descending, eigenvalues), float64."""
+    C = second_moment - torch.outer(mean, mean) if center else second_moment
+    evals, evecs = torch.linalg.eigh(C)           # ascending, columns are eigenvectors
+    evals, evecs = evals.flip(0), evecs.flip(1).T  # descending, rows are eigenvectors
+    # Fix each sign so the largest-|.| entry is positive: makes the basis reproducible.
+    idx = evecs.abs().argmax(1)
+    evecs = evecs * torch.sign(evecs.gather(1, idx[:, None]))
+    return evecs, evals
+
+
+def _image_batches(data, num_images, batch_size, num_workers, seed):
+    """Yield image batches (B, C, H, W) from a map-style dataset (random sample), a tensor, or
+    any iterable of batches / (batch, labels) pairs."""
+    if isinstance(data, torch.Tensor):
+        data = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:num_images]]
+        yield from data.split(batch_size)
+        return
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(data), generator=g)[:num_images].tolist()
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(data, idx), batch_size=batch_size, shuffle=False,
+            num_workers=num_workers, generator=g, persistent_workers=False)  # g seeds worker RNGs
+        for b in loader:
+            yield b[0] if isinstance(b, (list, tuple)) else b
+        return
+    seen = 0
+    for b in data:
+        b = b[0] if isinstance(b, (list, tuple)) else b
+        if num_images is not None and seen >= num_images:
+            break
+        b = b if num_images is None else b[: num_images - seen]
+        seen += len(b)
+        yield b
+
+
+def fit_pca(dataset, patch_size, num_images=None, patches_per_image=0, center=False, scale=1.0, seed=0,
+            device=None, batch_size=64, num_workers=0, progress=True, gemm_dtype=None, meta=None):
+    """Fit a PatchPCA on a random sample of images (RECIPE s2). patches_per_image=0 uses all
+    patches of each image, k > 0 a random k of them. Deterministic given seed."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    total = len(dataset) if hasattr(dataset, "__len__") else None
+    num_images = total if num_images is None or (total is not None and num_images > total) else num_images
+    g = torch.Generator().manual_seed(seed + 1)  # patch choice; independent of the image sample
+    acc, t0, n_img, shape = None, time.time(), 0, None
+    from tqdm import tqdm
+    bar = tqdm(total=num_images, unit="img", desc="pca fit", disable=not progress)
+    probe = PatchPCA.empty(patch_size, 3)
+    for x in _image_batches(dataset, num_images, batch_size, num_workers, seed):
+        probe.channels, shape = x.shape[1], tuple(x.shape[1:])
+        P = probe.patchify(x)                                              # (B, L, D)
+        if patches_per_image and patches_per_image < P.shape[1]:
+            keep = torch.rand(P.shape[:2], generator=g).argsort(1)[:, :patches_per_image]  # (B, k)
+            P = P.gather(1, keep[..., None].expand(-1, -1, P.shape[2]))
+        if acc is None:
+            acc = GramAccumulator(P.shape[2], device, gemm_dtype)
+        acc.add(P.reshape(-1, P.shape[2]))
+        n_img += x.shape[0]
+        bar.update(x.shape[0])
+    bar.close()
+    if acc is None:
+        raise ValueError("fit_pca got no images")
+    mean, M = acc.moments()
+    V, ev = eig_basis(M, mean, center)
+    secs = time.time() - t0
+    info = {"num_images": n_img, "num_patches": acc.n, "patches_per_image": int(patches_per_image),
+            "seconds": round(secs, 3), "seed": int(seed), "device": str(device), **(meta or {})}
+    return PatchPCA(V.cpu(), ev.cpu(), mean.cpu() if center else None, patch_size, shape[0], shape[-1],
+                    center, scale, info)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+REPORT_DIMS = (8, 16, 32, 64, 128)  # Table 2's d values
+
+
+def get_args_parser():
+    import data
+    p = argparse.ArgumentParser("Fit the patch-wise PCA tokenizer (RECIPE s2)")
+    p.add_argument("--out", default="pca.pt", help="basis file; PNGs are written next to it")
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--num-images", type=int, default=10000, help="random sample of the train split")
+    p.add_argument("--patches-per-image", type=int, default=0, help="0 = all patches, k = k random ones")
+    p.add_argument("--center", action="store_true", help="subtract the mean patch (default: no)")
+    p.add_argument("--latent-scale", type=float, default=1.0, help="z = scale * V_d (x - mean)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--benchmark", action="store_true",
+                   help="time the accumulation on 1M random 768-dim patches vs numpy, then exit")
+    p.add_argument("--benchmark-patches", type=int, default=1_000_000)
+    data.add_data_args(p)
+    return p
+
+
+def _component_grid(pca, n=64):
+    """Top-n components as p x p RGB tiles, each min-max normalised, upscaled to >= 32 px."""
+    p, C = pca.patch_size, pca.channels
+    V = pca.components[:n].reshape(-1, p, p, C).permute(0, 3, 1, 2)       # (n, C, p, p), (p,q,c) order
+    lo, hi = V.amin((1, 2, 3), keepdim=True), V.amax((1, 2, 3), keepdim=True)
+    V = (V - lo) / (hi - lo).clamp_min(1e-12)
+    up = max(1, 32 // p)
+    return nn.functional.interpolate(V, scale_factor=up, mode="nearest")
+
+
+def _recon_grid(pca, x, dims):
+    """Rows: originals, then the projection at each d in dims (all in [0, 1] for saving)."""
+    rows = [x] + [pca.project(x, d) for d in dims]
+    return torch.cat(rows).clamp(-1, 1) * 0.5 + 0.5
+
+
+def benchmark(n=1_000_000, D=768, device=None, batch=16384):
+    """Accumulation alone vs numpy on the same random data (ISSUE: must be decode-bound)."""
+    import numpy as np
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    X = torch.randn(n, D, generator=torch.Generator().manual_seed(0))
+    acc = GramAccumulator(D, device)
+    acc.add(X[:batch])  # warm-up (BLAS threads, CUDA context)
+    acc = GramAccumulator(D, device)
+    t0 = time.time()
+    for chunk in X.split(batch):
+        acc.add(chunk)
+    mean, M = acc.moments()
+    if acc.device.type == "cuda":
+        torch.cuda.synchronize()
+    t_acc = time.time() - t0
+    t1 = time.time()
+    eig_basis(M, mean, False)
+    t_eig = time.time() - t1
+    Xn = X.numpy()
+    t2 = time.time()
+    _, sv, vt = np.linalg.svd(Xn, full_matrices=False)  # the plain approach: SVD of the sample
+    t_np = time.time() - t2
+    ev_np = np.sort(sv ** 2 / n)[::-1]
+    ev_t = eig_basis(M, mean, False)[1].cpu().numpy()
+    res = {"patches": n, "dim": D, "device": str(acc.device), "gemm_dtype": str(acc.gemm_dtype),
+           "accumulate_s": round(t_acc, 3), "accumulate_patches_per_s": round(n / t_acc),
+           "eigh_s": round(t_eig, 3), "numpy_svd_s": round(t_np, 3),
+           "speedup_vs_numpy_svd": round(t_np / (t_acc + t_eig), 2),
+           "max_rel_eigenvalue_diff": float(np.abs(ev_t - ev_np).max() / ev_np.max())}
+    print(f"accumulate {n} x {D}: {t_acc:.2f} s ({n / t_acc:,.0f} patches/s) on {acc.device}, "
+          f"+ eigh {t_eig:.2f} s; numpy SVD of the same data: {t_np:.2f} s -> "
+          f"{res['speedup_vs_numpy_svd']}x faster; eigenvalues agree to {res['max_rel_eigenvalue_diff']:.1e}")
+    return res
+
+
+def main(args):
+    import data
+    import torchvision
+    if args.benchmark:
+        res = benchmark(args.benchmark_patches, device=args.device)
+        print(json.dumps(res))
+        return res
+    if args.input_size % args.patch_size:
+        raise data.UserError(f"--input-size {args.input_size} is not a multiple of --patch-size {args.patch_size}")
+    if args.num_images <= 0 or args.patches_per_image < 0:
+        raise data.UserError("--num-images must be > 0 and --patches-per-image >= 0")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise data.UserError(f"output folder {out_dir} does not exist")
+    # The tokenizer sees the images the ablation models see: DiT center crop (RECIPE s2, s6).
+    ds = data.build_dataset(args, "train", data.build_transform("center", args.input_size))
+    t0 = time.time()
+    pca = fit_pca(ds, args.patch_size, args.num_images, args.patches_per_image, args.center,
+                  args.latent_scale, args.seed, args.device, args.batch_size, args.num_workers,
+                  meta={"dataset": args.dataset, "data_path": args.data_path or ""})
+    secs = time.time() - t0
+    pca.meta["seconds"] = round(secs, 3)
+    pca.save(args.out)
+    m = pca.meta
+    print(f"fitted on {m['num_images']} images, {m['num_patches']} patches (D = {pca.dim}) in {secs:.1f} s "
+          f"({m['num_patches'] / secs:,.0f} patches/s end to end, incl. decoding)")
+    dims = [d for d in REPORT_DIMS if d <= pca.dim]
+    expl = {d: round(100 * pca.explained(d), 3) for d in dims}
+    kind = "variance" if pca.center else "energy (uncentred)"
+    print(f"explained {kind}, cumulative %: " + ", ".join(f"d={d}: {v:.2f}" for d, v in expl.items()))
+    std = pca.eigenvalues.clamp_min(0).sqrt()
+    print("coordinate std (latent scale 1) at 1,2,4,..: " + ", ".join(
+        f"{std[i - 1]:.3g}" for i in (1, 2, 4, 8, 16, 32, 64, 128) if i <= pca.dim))
+    stem = os.path.splitext(args.out)[0]
+    comp_png, recon_png = stem + "_components.png", stem + "_recon.png"
+    torchvision.utils.save_image(_component_grid(pca), comp_png, nrow=8, padding=2, pad_value=0.5)
+    x = torch.stack([ds[i][0] for i in range(min(8, len(ds)))])
+    recon = _recon_grid(pca, x, dims)
+    if args.input_size < 128:  # upscale small images so the grid is readable
+        recon = nn.functional.interpolate(recon, scale_factor=max(1, 128 // args.input_size), mode="nearest")
+    torchvision.utils.save_image(recon, recon_png, nrow=len(x), padding=2, pad_value=1.0)
+    print(f"wrote {args.out}\ncomponents: {comp_png}\nreconstructions (rows: original, d = "
+          f"{', '.join(map(str, dims))}): {recon_png}")
+    summary = {"path": args.out, "images": m["num_images"], "patches": m["num_patches"],
+               "seconds": round(secs, 3), "explained_pct": expl,
+               "components_png": comp_png, "recon_png": recon_png}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    import data
+    data.run_cli(main, get_args_parser())
