@@ -1,0 +1,427 @@
+"""
+The DiT baseline of Chen, Liu, Xie, He 2024 (RECIPE s7): a latent diffusion transformer (DiT,
+Peebles & Xie 2023) that the paper deconstructs, one component per row, into l-DAE. The file
+holds the DiT network (official DiT parameter names, so its state dicts load), the diffusion
+objective in a few dozen lines, and `PRESETS`: one entry per row of the paper's Tables 1-3 and
+the section-5 ablations, with `PAPER_ACC` beside each.
+
+    python pretrain.py --preset t2_pca_d32 --dataset imagefolder --data-path IMNET    # a row
+    python pretrain.py --preset t3_ldae --model vit_tiny --input-size 32 --epochs 5   # row, small
+    python pretrain.py --model dit_l_2 --dit-input latents --latents-file in1k_vae.pt # own latents
+
+In Python:
+    model = build_model("dit_l_1", pca, latent_dim=32, schedule="linear_gamma2")
+    loss = model.loss(images)            # images (B, 3, 256, 256) in [-1, 1]; labels if class_cond
+    feats = model.forward_features(images)   # (B, 1024): block 12 of 24, t = 10, average-pooled
+
+The network's "image" is a latent grid (B, C, h, w):
+  input="pca"      the patch-wise PCA latent: 16x16 patches of a 256 px image -> (B, d, 16, 16)
+                   (DiT patch 1 keeps 256 tokens). latent_dim 0 = all D = 768 coordinates: the
+                   Table 2 "pixel" row. With the full basis the latent is an orthonormal rotation
+                   of the pixel patches and the noise is isotropic, so this is pixel-space
+                   diffusion up to a fixed linear map at the network's input and output.
+  input="latents"  precomputed latents of the user's tokenizer (e.g. a KL-VAE's (4, 32, 32)),
+                   read by `LatentDataset` from a .pt file {"latents": (N, C, h, w), "labels": (N,)}.
+Learned variance (DiT's learn_sigma) is not needed for representation learning: the paper
+probes features, never samples. learn_sigma=True only adds the output channels that official
+checkpoints carry (so they load); the loss ignores that half.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+from data import UserError
+from ldae import (DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, init_dit_weights,
+                  sincos_pos_embed, transformer_flops)
+from tokenizer_pca import PatchPCA
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> (B, dim). Row `num_classes` is the null class: during training a label is
+    replaced by it with probability `dropout_prob` (DiT's classifier-free-guidance dropout), and
+    the probe uses it for unconditional features. [choice] The null row always exists (official
+    DiT drops it when dropout_prob = 0, which it never trains with)."""
+
+    def __init__(self, num_classes, dim, dropout_prob=0.1):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+
+    def forward(self, labels, train):
+        if train and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise schedules (RECIPE s7). x_t = gamma_t z0 + sigma_t eps, t in {0..T-1}, T = 1000.
+# ----------------------------------------------------------------------------------------------
+SCHEDULES = ("ddpm", "linear_gamma2", "no_scaling")
+PREDICTIONS = ("eps", "x0")
+
+
+def make_schedule(name, T=1000):
+    """-> (gamma (T,), sigma (T,)) float64.
+
+    ddpm           DDPM/DiT: beta linear 1e-4..0.02, gamma_t^2 = prod_{s<=t} (1 - beta_s),
+                   sigma_t^2 = 1 - gamma_t^2 (Table 1 rows 1-4).
+    linear_gamma2  gamma_t^2 linear from 1 to 0 (Table 1 last row; Tables 2-3): index t is
+                   step t+1 of T, as in DDPM, so gamma_t^2 = 1 - (t+1)/T. That makes the last
+                   level exactly 0 (x_t pure noise), where an eps-predictor's x0 = (x_t -
+                   sigma eps)/gamma is undefined: we floor it at 0.5/T (half a grid step; DDPM's
+                   own last gamma^2 is 4e-5). sigma_t^2 = 1 - gamma_t^2 (variance preserving).
+    no_scaling     gamma = 1, sigma_t = sqrt(2) t / T: l-DAE's noise (Table 3 row 3 onward,
+                   RECIPE s3), identical to ldae.LDAE.sigma.
+    """
+    t = torch.arange(T, dtype=torch.float64)
+    if name == "ddpm":
+        beta = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+        g2 = torch.cumprod(1 - beta, 0)
+    elif name == "linear_gamma2":
+        g2 = (1 - (t + 1) / T).clamp_min(0.5 / T)
+    elif name == "no_scaling":
+        return torch.ones(T, dtype=torch.float64), math.sqrt(2) * t / T
+    else:
+        raise UserError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
+    return g2.sqrt(), (1 - g2).sqrt()
+
+
+# ----------------------------------------------------------------------------------------------
+# The DiT (official DiT module names: x_embedder.proj, t_embedder.mlp, y_embedder.embedding_table,
+# pos_embed, blocks.N.{attn.qkv, attn.proj, mlp.fc1, mlp.fc2, adaLN_modulation.1}, final_layer)
+# ----------------------------------------------------------------------------------------------
+_SIZES = dict(s=(384, 12, 6), b=(768, 12, 12), l=(1024, 24, 16), xl=(1152, 28, 16))
+MODELS = {f"dit_{s}_{p}": dict(hidden_size=w, depth=d, num_heads=h, dit_patch=p)
+          for s, (w, d, h) in _SIZES.items() for p in (1, 2, 4, 8)}
+# CPU/test sizes: 32 px, 4 px PCA patches -> an (8 x 8 x latent_dim) grid (64 or 16 tokens).
+MODELS["dit_tiny_1"] = dict(hidden_size=64, depth=4, num_heads=4, dit_patch=1, img_size=32,
+                            patch_size=4, latent_dim=4)
+MODELS["dit_tiny_2"] = dict(MODELS["dit_tiny_1"], dit_patch=2)
+
+# Overrides pretrain.py may pass (argparse dest names). dit_input is an alias of input;
+# latents_file makes build_model read (C, h, w) and the class count from the file.
+MODEL_FLAGS = ("img_size", "patch_size", "latent_dim", "latent_scale", "schedule", "prediction",
+               "class_cond", "num_classes", "class_dropout_prob", "learn_sigma", "input",
+               "dit_input", "latents_file", "latent_channels", "latent_size", "grad_checkpoint")
+
+
+class DiT(nn.Module):
+    def __init__(self, pca, img_size=256, patch_size=16, latent_dim=32, latent_scale=None,
+                 input="pca", latent_channels=4, latent_size=32, hidden_size=1024, depth=24,
+                 num_heads=16, mlp_ratio=4.0, dit_patch=1, class_cond=False, num_classes=1000,
+                 class_dropout_prob=0.1, learn_sigma=False, schedule="ddpm", prediction="eps",
+                 num_steps=1000, grad_checkpoint=False, name="custom"):
+        super().__init__()
+        if input not in ("pca", "latents"):
+            raise UserError(f"--dit-input must be pca or latents, not {input!r}")
+        if prediction not in PREDICTIONS:
+            raise UserError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
+        if input == "pca":
+            if pca.patch_size != patch_size or pca.channels != 3:
+                raise UserError(f"the PCA has {pca.patch_size}px patches but the model wants "
+                                f"{patch_size}px: refit the PCA or pass --patch-size {pca.patch_size}")
+            D = pca.dim
+            latent_dim = D if not latent_dim or latent_dim <= 0 else latent_dim  # 0: pixel row
+            if latent_dim > D:
+                raise UserError(f"latent_dim {latent_dim} exceeds D = {D} of {patch_size}x{patch_size}x3 "
+                                f"patches: use a smaller --latent-dim or a larger patch size")
+            if img_size % patch_size:
+                raise UserError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
+            latent_channels, latent_size = latent_dim, img_size // patch_size
+        if latent_scale is not None:     # RECIPE s2: the latent scale is a choice; the model owns it
+            pca.scale = float(latent_scale)   # (input="latents": multiplies the file's latents)
+        if latent_size % dit_patch:
+            raise UserError(f"the {latent_size}x{latent_size} latent grid does not tile into DiT "
+                            f"patches of {dit_patch}: pick a dit_*_{{1,2,4,8}} model that divides it")
+        self.config = dict(family="dit", name=name, img_size=img_size, patch_size=patch_size,
+                           latent_dim=latent_dim, latent_scale=float(pca.scale), input=input,
+                           latent_channels=latent_channels, latent_size=latent_size,
+                           hidden_size=hidden_size, depth=depth, num_heads=num_heads,
+                           mlp_ratio=mlp_ratio, dit_patch=dit_patch, class_cond=bool(class_cond),
+                           num_classes=num_classes, class_dropout_prob=class_dropout_prob,
+                           learn_sigma=bool(learn_sigma), schedule=schedule, prediction=prediction,
+                           num_steps=num_steps, grad_checkpoint=bool(grad_checkpoint))
+        self.pca = pca
+        self.input, self.C, self.grid, self.p = input, latent_channels, latent_size, dit_patch
+        self.depth, self.num_steps, self.prediction = depth, num_steps, prediction
+        self.class_cond, self.grad_checkpoint = bool(class_cond), bool(grad_checkpoint)
+        self.out_channels = latent_channels * (2 if learn_sigma else 1)
+        gamma, sigma = make_schedule(schedule, num_steps)
+        self.register_buffer("gamma", gamma.float(), persistent=False)   # (T,): not in state dict,
+        self.register_buffer("sigma", sigma.float(), persistent=False)   # so official keys match
+
+        # DiT conditioning width = model width; c = t_emb (+ y_emb when class-conditional).
+        self.x_embedder = PatchEmbed(dit_patch, latent_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        if self.class_cond:          # unconditional models have no y_embedder at all
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        grid = latent_size // dit_patch
+        self.register_buffer("pos_embed", sincos_pos_embed(hidden_size, grid).unsqueeze(0))  # (1, L, D)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, dit_patch, self.out_channels)
+        self.init_weights()
+
+    def init_weights(self, active=False):
+        init_dit_weights(self, active)   # xavier, zero adaLN + output (adaLN-Zero), N(0,.02) t-MLP
+        if self.class_cond:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)   # as DiT
+
+    def load_official(self, state_dict):
+        """Load a facebookresearch/DiT state dict (same size, latent, class count; learn_sigma=True
+        for theirs): every key and shape must match ours; our PCA buffers are kept."""
+        own = {k: v for k, v in self.state_dict().items() if k.startswith("pca.")}
+        return self.load_state_dict({**state_dict, **own}, strict=True)
+
+    # --- latent <-> image ---------------------------------------------------------------------
+    def encode(self, images):
+        """images (B, 3, H, W) -> clean latent z0 (B, C, h, w) in fp32. input="latents": the
+        batch already is the latent (times latent_scale, if one was given)."""
+        with torch.autocast(images.device.type, enabled=False):
+            if self.input == "latents":
+                return images.float() * self.pca.scale
+            z = self.pca.encode(images.float(), self.C)                     # (B, h*w, d), row-major
+            B = z.shape[0]
+            return z.transpose(1, 2).reshape(B, self.C, self.grid, self.grid)
+
+    def decode(self, z):
+        """latent (B, C, h, w) -> image via inverse PCA; for input="latents" (no decoder here) a
+        false-colour view: the latent's first three channels."""
+        if self.input == "latents":
+            return z[:, :3] if z.shape[1] >= 3 else z[:, :1].expand(-1, 3, -1, -1)
+        with torch.autocast(z.device.type, enabled=False):
+            return self.pca.decode(z.float().flatten(2).transpose(1, 2))   # (B, L, d) -> image
+
+    # --- the network --------------------------------------------------------------------------
+    def _labels(self, y, B, device):
+        if y is None:                                                   # unconditional: null class
+            return torch.full((B,), self.y_embedder.num_classes, device=device, dtype=torch.long)
+        if int(y.max()) >= self.y_embedder.num_classes or int(y.min()) < 0:
+            raise UserError(f"labels must be in 0..{self.y_embedder.num_classes - 1}: pass "
+                            f"num_classes = the dataset's class count to build_model")
+        return y
+
+    def _cond(self, x, t, y, train):
+        c = self.t_embedder(t)                                          # (B, D)
+        if self.class_cond:
+            c = c + self.y_embedder(self._labels(y, x.shape[0], x.device), train)
+        return self.x_embedder(x) + self.pos_embed, c                   # (B, L, D), (B, D)
+
+    def forward(self, x, t, y=None, depth=None):
+        """x (B, C, h, w) noisy latent, t (B,), y (B,) labels or None (null class) -> output
+        (B, out_channels, h, w); with depth=k the tokens after block k, (B, L, D)."""
+        x, c = self._cond(x, t, y, self.training)
+        for i, block in enumerate(self.blocks):
+            if depth is not None and i == depth:
+                return x
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)
+        if depth is not None:
+            return x
+        x = self.final_layer(x, c)                                      # (B, L, p*p*out), (p,q,c)
+        B, g, p = x.shape[0], self.grid // self.p, self.p
+        x = x.reshape(B, g, g, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(B, self.out_channels, g * p, g * p)
+
+    def add_noise(self, z0, t, eps=None):
+        eps = torch.randn_like(z0) if eps is None else eps
+        return self.gamma[t].view(-1, 1, 1, 1) * z0 + self.sigma[t].view(-1, 1, 1, 1) * eps, eps
+
+    def sample_t(self, batch, device):
+        return torch.randint(0, self.num_steps, (batch,), device=device)   # t ~ U{0..T-1} [DiT]
+
+    def loss(self, images, labels=None):
+        """The diffusion objective, a scalar (mean over latent elements, as ADM's mean_flat).
+
+        eps: ||eps - net(x_t)||^2 (DiT; Table 1, Table 2, Table 3 row 1).
+        x0:  lambda_t ||z0 - net(x_t)||^2 with lambda_t = gamma_t^2 / (gamma_t^2 + sigma_t^2):
+             = gamma_t^2 for the variance-preserving schedules (Table 3 row 2), and
+             1 / (1 + sigma_t^2) for no_scaling (row 3; l-DAE's weight). One rule: the gamma^2
+             of the equivalent variance-preserving process. (Not the SNR weight gamma^2/sigma^2,
+             which would make x0 loss identical to eps loss.) The variance half of a
+             learn_sigma output is ignored: no VLB term (not needed for representations).
+        """
+        if self.class_cond and labels is None:
+            raise UserError("a class-conditional DiT needs labels: call loss(images, labels)")
+        z0 = self.encode(images)                                        # (B, C, h, w) fp32
+        t = self.sample_t(z0.shape[0], z0.device)                       # (B,)
+        xt, eps = self.add_noise(z0, t)
+        pred = self(xt, t, labels)[:, :self.C].float()                  # drop the variance half
+        with torch.autocast(z0.device.type, enabled=False):
+            if self.prediction == "eps":
+                return (eps - pred).square().mean()
+            g2, s2 = self.gamma[t].square(), self.sigma[t].square()
+            lam = g2 / (g2 + s2)                                        # (B,)
+            return (lam * (z0 - pred).square().mean((1, 2, 3))).mean()
+
+    def predict_x0(self, xt, t, out):
+        if self.prediction == "x0":
+            return out
+        g, s = self.gamma[t].view(-1, 1, 1, 1), self.sigma[t].view(-1, 1, 1, 1)
+        return (xt - s * out) / g
+
+    # --- probe and image grids ----------------------------------------------------------------
+    def forward_features(self, images, t=10, depth=None, noisy=False):
+        """Average-pooled tokens after block `depth` (default: the first half, RECIPE s7: 12 of
+        24 for DiT-L), the network told level t. Clean input = x_t with eps = 0, i.e. gamma_t z0
+        (gamma_10^2 = 0.9985 for ddpm, 0.989 for linear_gamma2, 1 for no_scaling); noisy=True
+        draws eps. Class-conditional models get the null class, never the true label (a probe
+        must not see labels through the input). depth may be a list: one pass, a list out."""
+        depths = [depth or self.depth // 2] if not isinstance(depth, (list, tuple)) else depth
+        z0 = self.encode(images)
+        tt = torch.full((z0.shape[0],), int(t), device=z0.device, dtype=torch.long)
+        x = self.add_noise(z0, tt, None if noisy else torch.zeros_like(z0))[0]
+        x, c = self._cond(x, tt, None, False)
+        feats = {}
+        for i, block in enumerate(self.blocks[:max(depths)]):
+            x = block(x, c)
+            if i + 1 in depths:
+                feats[i + 1] = x.mean(dim=1)                            # (B, D)
+        out = [feats[k] for k in depths]
+        return out if isinstance(depth, (list, tuple)) else out[0]
+
+    @torch.no_grad()
+    def denoise(self, images, t):
+        """(noisy, denoised) images at level t, through inverse PCA: the noisy latent x_t and the
+        one-step x0 estimate decoded. Unconditional (null class) when class-conditional."""
+        z0 = self.encode(images)
+        tt = torch.as_tensor(t, device=z0.device).long().expand(z0.shape[0])
+        xt, _ = self.add_noise(z0, tt)
+        x0 = self.predict_x0(xt, tt, self(xt, tt)[:, :self.C].float())
+        return self.decode(xt), self.decode(x0)
+
+    def train_flops_per_image(self):
+        """Analytic training FLOPs per image: 3 x forward (ldae.transformer_flops)."""
+        cfg, p = self.config, self.p
+        L = (self.grid // p) ** 2
+        return 3 * transformer_flops(L, cfg["hidden_size"], cfg["depth"], cfg["mlp_ratio"],
+                                     cfg["hidden_size"], p * p * self.C, p * p * self.out_channels)
+
+
+# ----------------------------------------------------------------------------------------------
+# User latents (Table 1 and the VAE/AE rows of Table 2 need a real tokenizer's latents)
+# ----------------------------------------------------------------------------------------------
+class LatentDataset(torch.utils.data.Dataset):
+    """Precomputed latents from a .pt file {"latents": (N, C, h, w) float, "labels": (N,) long}
+    (optional "classes": list of names). Memory-mapped, so a 1.28M x 4 x 32 x 32 fp16 file
+    (10 GB) is not read into RAM. Items: (latent (C, h, w) float32, int label)."""
+
+    def __init__(self, path):
+        import os
+        if not path:
+            raise UserError("this model reads precomputed latents: pass --latents-file FILE.pt "
+                            "holding {'latents': (N, C, h, w), 'labels': (N,)}")
+        if not os.path.isfile(path):
+            raise UserError(f"latents file {path} does not exist")
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise UserError(f"cannot read latents file {path}: {e}") from None
+        if not isinstance(d, dict) or "latents" not in d or "labels" not in d:
+            raise UserError(f"{path} must hold a dict with 'latents' (N, C, h, w) and 'labels' (N,)")
+        self.latents, self.labels = d["latents"], d["labels"].long()
+        if self.latents.ndim != 4 or len(self.labels) != len(self.latents):
+            raise UserError(f"{path}: latents must be (N, C, h, w) with N labels, got "
+                            f"{tuple(self.latents.shape)} and {tuple(self.labels.shape)}")
+        n = int(self.labels.max()) + 1 if len(self.labels) else 0
+        self.classes = list(d.get("classes") or [str(i) for i in range(n)])  # data.num_classes
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __getitem__(self, i):
+        return self.latents[i].float(), int(self.labels[i])
+
+
+def make_latent_dataset(path):
+    ds = LatentDataset(path)
+    print(f"[data] latents {path}: {len(ds.classes)} classes, {len(ds)} latents of "
+          f"{tuple(ds.latents.shape[1:])}", flush=True)
+    return ds
+
+
+def build_model(name, pca=None, **overrides):
+    """Registry behind `pretrain.py --model dit_*`. None overrides are ignored; dit_input is an
+    alias of input; latents_file sets input="latents" and reads (C, h, w) and the class count
+    from the file. pca=None: an identity basis of the right shape (overwritten by a checkpoint)."""
+    if name not in MODELS:
+        raise KeyError(f"unknown DiT model {name!r}; choose from {sorted(MODELS)}")
+    cfg = {**MODELS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    for k in ("family", "name"):
+        cfg.pop(k, None)
+    if "dit_input" in cfg:
+        cfg["input"] = cfg.pop("dit_input")
+    cfg["input"] = {"latent": "latents"}.get(cfg.get("input"), cfg.get("input", "pca"))
+    path = cfg.pop("latents_file", None)
+    if path:
+        ds = LatentDataset(path)
+        cfg.update(input="latents", latent_channels=ds.latents.shape[1],
+                   latent_size=ds.latents.shape[2])
+        if ds.latents.shape[2] != ds.latents.shape[3]:
+            raise UserError(f"{path}: latents must be square, got {tuple(ds.latents.shape[2:])}")
+        cfg.setdefault("num_classes", len(ds.classes))
+    if pca is None:
+        pca = PatchPCA.empty(cfg.get("patch_size", 16), 3, cfg.get("img_size", 256))
+    return DiT(pca, name=name, **cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets: every row of RECIPE s7 + the section-5 ablations. Values are pretrain.py dest names.
+# ----------------------------------------------------------------------------------------------
+_BASE = dict(epochs=400, batch_size=2048, blr=1e-4, warmup_epochs=100, weight_decay=0.0,
+             aug="center", input_size=256)                        # RECIPE s6 / s7: all rows
+_DIT_LAT = dict(_BASE, model="dit_l_2", dit_input="latents", latents_file=None, class_cond=True,
+                schedule="ddpm", prediction="eps")                # Table 1: user latents 32x32x4
+_DIT_PCA = dict(_BASE, model="dit_l_1", dit_input="pca", class_cond=False,
+                schedule="linear_gamma2", prediction="eps")       # Table 2/3: 16x16xd, 256 tokens
+_LDAE = dict(_BASE, model="vit_half_l", latent_dim=32, noise="multi", target="original",
+             residual_weight=0.1)                                 # l-DAE, ViT-1/2L (12 + 12)
+PRESETS = {
+    # Table 1 (needs --latents-file: a KL-VAE / VQGAN's latents; see README)
+    "t1_dit_cond": _DIT_LAT,
+    "t1_no_cond": dict(_DIT_LAT, class_cond=False),
+    "t1_no_perceptual": dict(_DIT_LAT, class_cond=False),   # latents of a tokenizer w/o perceptual
+    "t1_no_adversarial": dict(_DIT_LAT, class_cond=False),  # ... and w/o adversarial loss (a VAE)
+    "t1_new_schedule": dict(_DIT_LAT, class_cond=False, schedule="linear_gamma2"),
+    # Table 2: patch-wise PCA latent dim d; pixel = all D = 768 coordinates (latent_dim 0)
+    **{f"t2_pca_d{d}": dict(_DIT_PCA, latent_dim=d) for d in (8, 16, 32, 64, 128)},
+    "t2_pixel": dict(_DIT_PCA, latent_dim=0),
+    # Table 3: from PCA d = 32 toward a classical DAE
+    "t3_pca_eps": dict(_DIT_PCA, latent_dim=32),
+    "t3_predict_x0": dict(_DIT_PCA, latent_dim=32, prediction="x0"),
+    "t3_no_input_scaling": dict(_DIT_PCA, latent_dim=32, prediction="x0", schedule="no_scaling"),
+    "t3_image_input": dict(_LDAE, target="latent"),
+    "t3_image_output": dict(_LDAE, target="projected"),
+    "t3_ldae": dict(_LDAE),
+    # Section 5 ablations and final models (random crop from here on)
+    "abl_single_level": dict(_LDAE, noise="single"),
+    "abl_random_crop": dict(_LDAE, aug="rrc"),
+    "final_vit_b": dict(_LDAE, aug="rrc", model="vit_b"),
+    "final_vit_half_l": dict(_LDAE, aug="rrc"),
+    "final_vit_l": dict(_LDAE, aug="rrc", model="vit_l"),
+    "final_vit_half_l_800ep": dict(_LDAE, aug="rrc", epochs=800),
+    "final_vit_half_l_1600ep": dict(_LDAE, aug="rrc", epochs=1600),
+    "final_vit_b_1600ep": dict(_LDAE, aug="rrc", model="vit_b", epochs=1600),
+    "final_vit_l_1600ep": dict(_LDAE, aug="rrc", model="vit_l", epochs=1600),
+}
+# ImageNet linear-probe top-1 (%) the paper reports for each preset (RECIPE s7).
+PAPER_ACC = {"t1_dit_cond": 57.5, "t1_no_cond": 62.5, "t1_no_perceptual": 58.4,
+             "t1_no_adversarial": 59.0, "t1_new_schedule": 63.4, "t2_pca_d8": 56.0,
+             "t2_pca_d16": 63.4, "t2_pca_d32": 65.1, "t2_pca_d64": 60.0, "t2_pca_d128": 53.9,
+             "t2_pixel": 23.6, "t3_pca_eps": 65.1, "t3_predict_x0": 62.4,
+             "t3_no_input_scaling": 63.6, "t3_image_input": 63.6, "t3_image_output": 63.9,
+             "t3_ldae": 64.5, "abl_single_level": 61.5, "abl_random_crop": 65.0,
+             "final_vit_b": 60.3, "final_vit_half_l": 65.0, "final_vit_l": 70.9,
+             "final_vit_half_l_800ep": 67.5, "final_vit_half_l_1600ep": 69.6,
+             "final_vit_b_1600ep": 66.6, "final_vit_l_1600ep": 75.0}
+# Stand-ins to run any row small (`--model SMALL_MODEL[preset_family(name)] --input-size 32`).
+SMALL_MODEL = {"dit": "dit_tiny_1", "ldae": "vit_tiny"}
+
+
+def preset_family(name):
+    """'dit' or 'ldae': which model file a preset's model lives in."""
+    return "dit" if PRESETS[name]["model"] in MODELS else "ldae"
