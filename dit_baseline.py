@@ -344,6 +344,10 @@ def make_latent_dataset(path):
     return ds
 
 
+_BOOL = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+         "off": False}
+
+
 def build_model(name, pca=None, **overrides):
     """Registry behind `pretrain.py --model dit_*`. None overrides are ignored; dit_input is an
     alias of input; latents_file sets input="latents" and reads (C, h, w) and the class count
@@ -353,6 +357,11 @@ def build_model(name, pca=None, **overrides):
     cfg = {**MODELS[name], **{k: v for k, v in overrides.items() if v is not None}}
     for k in ("family", "name"):
         cfg.pop(k, None)
+    for k in ("class_cond", "learn_sigma", "grad_checkpoint"):   # "--class-cond false" from argparse
+        if isinstance(cfg.get(k), str):
+            if cfg[k].lower() not in _BOOL:
+                raise UserError(f"--{k.replace('_', '-')} must be true or false, not {cfg[k]!r}")
+            cfg[k] = _BOOL[cfg[k].lower()]
     if "dit_input" in cfg:
         cfg["input"] = cfg.pop("dit_input")
     cfg["input"] = {"latent": "latents"}.get(cfg.get("input"), cfg.get("input", "pca"))
