@@ -39,10 +39,9 @@ from tokenizer_pca import PatchPCA
 
 
 class LabelEmbedder(nn.Module):
-    """Class label -> (B, dim). Row `num_classes` is the null class: during training a label is
-    replaced by it with probability `dropout_prob` (DiT's classifier-free-guidance dropout), and
-    the probe uses it for unconditional features. [choice] The null row always exists (official
-    DiT drops it when dropout_prob = 0, which it never trains with)."""
+    """Label -> (B, dim). Row `num_classes` is the null class: training swaps a label for it with
+    probability dropout_prob (DiT's classifier-free-guidance dropout); the probe uses it. [choice]
+    The null row always exists (official DiT omits it only for dropout_prob = 0)."""
 
     def __init__(self, num_classes, dim, dropout_prob=0.1):
         super().__init__()
@@ -198,7 +197,8 @@ class DiT(nn.Module):
     def _labels(self, y, B, device):
         if y is None:                                                   # unconditional: null class
             return torch.full((B,), self.y_embedder.num_classes, device=device, dtype=torch.long)
-        if int(y.max()) >= self.y_embedder.num_classes or int(y.min()) < 0:
+        # checked on CPU only: on GPU int(y.max()) would sync the host every step
+        if y.device.type == "cpu" and not 0 <= int(y.min()) <= int(y.max()) < self.y_embedder.num_classes:
             raise UserError(f"labels must be in 0..{self.y_embedder.num_classes - 1}: pass "
                             f"num_classes = the dataset's class count to build_model")
         return y
@@ -258,12 +258,6 @@ class DiT(nn.Module):
             lam = g2 / (g2 + s2)                                        # (B,)
             return (lam * (z0 - pred).square().mean((1, 2, 3))).mean()
 
-    def predict_x0(self, xt, t, out):
-        if self.prediction == "x0":
-            return out
-        g, s = self.gamma[t].view(-1, 1, 1, 1), self.sigma[t].view(-1, 1, 1, 1)
-        return (xt - s * out) / g
-
     # --- probe and image grids ----------------------------------------------------------------
     def forward_features(self, images, t=10, depth=None, noisy=False):
         """Average-pooled tokens after block `depth` (default: the first half, RECIPE s7: 12 of
@@ -291,7 +285,9 @@ class DiT(nn.Module):
         z0 = self.encode(images)
         tt = torch.as_tensor(t, device=z0.device).long().expand(z0.shape[0])
         xt, _ = self.add_noise(z0, tt)
-        x0 = self.predict_x0(xt, tt, self(xt, tt)[:, :self.C].float())
+        out = self(xt, tt)[:, :self.C].float()                          # unconditional
+        g, s = self.gamma[tt].view(-1, 1, 1, 1), self.sigma[tt].view(-1, 1, 1, 1)
+        x0 = out if self.prediction == "x0" else (xt - s * out) / g     # eps -> x0 estimate
         return self.decode(xt), self.decode(x0)
 
     def train_flops_per_image(self):
@@ -338,14 +334,14 @@ class LatentDataset(torch.utils.data.Dataset):
 
 
 def make_latent_dataset(path):
+    """What pretrain.py uses instead of data.build_dataset when the model's input is "latents"."""
     ds = LatentDataset(path)
     print(f"[data] latents {path}: {len(ds.classes)} classes, {len(ds)} latents of "
           f"{tuple(ds.latents.shape[1:])}", flush=True)
     return ds
 
 
-_BOOL = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
-         "off": False}
+_BOOL = {**dict.fromkeys(("true", "1", "yes", "on"), True), **dict.fromkeys(("false", "0", "no", "off"), False)}
 
 
 def build_model(name, pca=None, **overrides):
