@@ -272,3 +272,18 @@ def test_every_preset_takes_a_training_step(name, latents_file):
     opt.step()
     assert math.isfinite(loss.item())
     assert model.final_layer.linear.weight.abs().sum() > 0   # zero-init output moved: a real step
+
+
+def test_preset_runs_through_pretrain_and_checkpoint(tmp_path):
+    """A DiT row end to end at toy scale: pretrain.main -> checkpoint -> rebuilt model's features."""
+    import pretrain
+    out = str(tmp_path / "run")
+    args = pretrain.get_args_parser().parse_args(
+        ["--preset", "t3_no_input_scaling", "--model", "dit_tiny_1", "--input-size", "32", "--patch-size", "4",
+         "--latent-dim", "8", "--epochs", "1", "--max-steps", "1", "--batch-size", "8", "--warmup-epochs", "0",
+         "--synthetic-size", "16", "--pca-images", "16", "--num-workers", "0", "--output-dir", out])
+    assert args.prediction == "x0" and args.schedule == "no_scaling" and args.latent_dim == 8
+    pretrain.main(args)
+    m = pretrain.model_from_checkpoint(pretrain.load_checkpoint(out + "/checkpoint.pt"))
+    assert m.config["family"] == "dit" and m.config["prediction"] == "x0" and m.C == 8
+    assert m.forward_features(images(2)).shape == (2, 64)
