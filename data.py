@@ -24,7 +24,6 @@ import math
 import os
 import shutil
 import sys
-import tarfile
 
 import torch
 import torchvision
@@ -214,19 +213,6 @@ def _checked_loader(path):
                         f"remove or replace it") from None
 
 
-class _Split(Dataset):
-    """Deterministic subset (flat imagefolder root: every 10th image per class -> val)."""
-
-    def __init__(self, base, indices):
-        self.base, self.indices, self.classes = base, indices, base.classes
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.base[self.indices[i]]
-
-
 def _build_imagefolder(path, split, transform):
     if not path:
         raise UserError("--dataset imagefolder needs --data-path (a folder of class folders, "
@@ -258,7 +244,7 @@ def _build_imagefolder(path, split, transform):
             seen[y] = k + 1
             if (k % 10 == 0) == (split == "val"):
                 keep.append(i)
-        ds, where = _Split(ds, keep), f"{root} (flat root: every 10th image per class is val)"
+        ds, where = torch.utils.data.Subset(ds, keep), f"{root} (flat root: every 10th image per class is val)"
     return ds, where
 
 
@@ -331,22 +317,18 @@ def _build_torchvision(name, args, split, transform):
         if not os.path.isdir(path):
             raise UserError(f"data path {path} does not exist or is not a folder")
         root = _prepare_fashion_mnist(path)
-    else:  # cifar10: the python batches, or the tarball we unpack once into the cache
+    else:  # cifar10: a folder holding torchvision's cifar-10-batches-py (or that folder itself)
         if path is None or not os.path.isdir(path):
             raise UserError(f"--dataset cifar10 needs --data-path to an existing folder holding "
-                            f"cifar-10-batches-py or cifar-10-python.tar.gz (got {path}), or --download")
+                            f"cifar-10-batches-py/ (got {path}), or --download")
         root = path
         if os.path.basename(os.path.normpath(path)) == "cifar-10-batches-py":
             root = os.path.dirname(os.path.normpath(path))
         elif not os.path.isdir(os.path.join(path, "cifar-10-batches-py")):
-            tgz = os.path.join(path, "cifar-10-python.tar.gz")
-            if not os.path.isfile(tgz):
-                raise UserError(f"{path} holds neither cifar-10-batches-py/ nor cifar-10-python.tar.gz; "
-                                f"pass --download or point --data-path at them")
-            root = cache_dir("cifar10")
-            if not os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
-                with tarfile.open(tgz) as tf:
-                    tf.extractall(root, filter="data")
+            # With the tarball in the folder, --download unpacks it offline: torchvision checks
+            # the tarball's md5 and skips the network when it matches.
+            raise UserError(f"{path} has no cifar-10-batches-py/ folder; unpack cifar-10-python.tar.gz "
+                            f"there, or put the tarball there and pass --download")
     try:
         ds = cls(root, train=(split == "train"), transform=transform, download=args.download)
     except RuntimeError as e:  # "Dataset not found or corrupted", download failures

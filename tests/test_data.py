@@ -77,11 +77,11 @@ def test_unreadable_image_names_file_in_process_and_in_workers(tmp_path):
     root = _make_imagefolder(tmp_path / "bad", classes=("a",), per_class=1)
     (root / "a" / "broken.png").write_bytes(b"this is not a png")
     ds = data.build_dataset(_args("--dataset", "imagefolder", "--data-path", str(root)), "train", _tf())
-    bad = [i for i, (f, _) in enumerate(ds.base.samples) if f.endswith("broken.png")][0]
+    bad = [i for i, (f, _) in enumerate(ds.dataset.samples) if f.endswith("broken.png")][0]
     with pytest.raises(UserError, match="cannot read image file .*broken.png"):
-        ds.base[bad]
+        ds.dataset[bad]
     # Through a worker process torch re-raises UserError(traceback text); the message is recovered.
-    loader = torch.utils.data.DataLoader(ds.base, batch_size=2, num_workers=1)
+    loader = torch.utils.data.DataLoader(ds.dataset, batch_size=2, num_workers=1)
     with pytest.raises(UserError) as e:
         list(loader)
     msg = str(e.value)
@@ -99,10 +99,6 @@ def test_subprocess_exit_code_2_no_traceback(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "error: cannot read image file" in r.stderr
     assert "broken.jpg" in r.stderr
-    r = subprocess.run(cmd[:5] + [str(tmp_path / "nope")] + cmd[6:], capture_output=True, text=True,
-                       env=env, timeout=300)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert f"error: data path {tmp_path / 'nope'} does not exist" in r.stderr
 
 
 def test_run_cli_passes_through_success_and_other_errors():
@@ -164,7 +160,7 @@ def test_fashion_mnist_errors(tmp_path, monkeypatch):
 
 
 def test_cifar10_missing_files(tmp_path):
-    with pytest.raises(UserError, match="neither cifar-10-batches-py"):
+    with pytest.raises(UserError, match="has no cifar-10-batches-py"):
         data.build_dataset(_args("--dataset", "cifar10", "--data-path", str(tmp_path)), "train", _tf())
 
 
