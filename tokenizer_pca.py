@@ -213,14 +213,21 @@ def _image_batches(data, num_images, batch_size, num_workers, seed):
 def fit_pca(dataset, patch_size, num_images=None, patches_per_image=0, center=False, scale=1.0, seed=0,
             device=None, batch_size=64, num_workers=0, progress=True, gemm_dtype=None, meta=None):
     """Fit a PatchPCA on a random sample of images (RECIPE s2). patches_per_image=0 uses all
-    patches of each image, k > 0 a random k of them. Deterministic given seed."""
+    patches of each image, k > 0 a random k of them. Deterministic given seed (with num_workers
+    > 0 the loader's workers are seeded from it too; still, give it a dataset with a
+    deterministic transform such as data.build_transform("center", size)).
+    dataset: map-style dataset of (image, label) with images (C, H, W) in [-1, 1], an image tensor
+    (N, C, H, W), or an iterable of batches."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     total = len(dataset) if hasattr(dataset, "__len__") else None
     num_images = total if num_images is None or (total is not None and num_images > total) else num_images
     g = torch.Generator().manual_seed(seed + 1)  # patch choice; independent of the image sample
     acc, t0, n_img, shape = None, time.time(), 0, None
-    from tqdm import tqdm
-    bar = tqdm(total=num_images, unit="img", desc="pca fit", disable=not progress)
+    try:  # tqdm is optional so this file (with ldae.py) can be copied into a torch-only project
+        from tqdm import tqdm
+    except ImportError:
+        progress, tqdm = False, None
+    bar = tqdm(total=num_images, unit="img", desc="pca fit", disable=not progress) if tqdm else None
     probe = PatchPCA.empty(patch_size, 3)
     for x in _image_batches(dataset, num_images, batch_size, num_workers, seed):
         probe.channels, shape = x.shape[1], tuple(x.shape[1:])
@@ -232,8 +239,10 @@ def fit_pca(dataset, patch_size, num_images=None, patches_per_image=0, center=Fa
             acc = GramAccumulator(P.shape[2], device, gemm_dtype)
         acc.add(P.reshape(-1, P.shape[2]))
         n_img += x.shape[0]
-        bar.update(x.shape[0])
-    bar.close()
+        if bar is not None:
+            bar.update(x.shape[0])
+    if bar is not None:
+        bar.close()
     if acc is None:
         raise ValueError("fit_pca got no images")
     mean, M = acc.moments()
