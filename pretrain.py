@@ -24,6 +24,7 @@ micro-batches; rank r runs k = r*accum .. r*accum+accum-1. So any layout with th
 import argparse
 import contextlib
 import copy
+import datetime
 import json
 import math
 import os
@@ -82,11 +83,9 @@ def model_from_checkpoint(ckpt, weights="ema", device="cpu"):
     fam, name = cfg.pop("family", "ldae"), cfg.pop("name")
     if fam not in FAMILIES:
         raise UserError(f"checkpoint model family {fam!r} is unknown; have {sorted(FAMILIES)}")
-    sd = ckpt["model"]
+    sd = ckpt["ema"] if weights == "ema" and ckpt.get("ema") is not None else ckpt["model"]
     if weights == "ema" and ckpt.get("ema") is None:
         print("[ckpt] no EMA weights in this checkpoint (trained with --ema 0): using the raw weights")
-    elif weights == "ema":
-        sd = ckpt["ema"]
     model = FAMILIES[fam].build_model(name, PatchPCA.from_dict(ckpt["pca"]), **cfg)
     try:
         res = model.load_state_dict(sd, strict=False)
@@ -259,8 +258,9 @@ def setup_distributed():
         else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    if world > 1 and not dist.is_initialized():   # long timeout: rank 0 may fit the PCA while others wait
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=datetime.timedelta(minutes=60))
     return rank, world, device
 
 
@@ -312,22 +312,18 @@ class Engine:
             prec = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         self.prec, self.amp_dtype = prec, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[prec]
         self.params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in self.params if p.ndim >= 2]                # RECIPE s6: AdamW (0.9, 0.999), wd 0
-        groups = [{"params": decay, "weight_decay": args.weight_decay},
+        groups = [{"params": [p for p in self.params if p.ndim >= 2], "weight_decay": args.weight_decay},
                   {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}]
-        self.opt = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), fused=device.type == "cuda")
+        self.opt = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), fused=device.type == "cuda")  # RECIPE s6
         self.scaler = torch.amp.GradScaler(device.type) if prec == "fp16" else None
         self.ema = None                        # RECIPE s6: EMA is our choice; an fp32 copy, one foreach lerp
         if args.ema > 0:
             self.ema = copy.deepcopy(model).float().eval().requires_grad_(False)
             self.ema_params = [q for q, p in zip(self.ema.parameters(), model.parameters()) if p.requires_grad]
-        self.fn = self.ddp = None
-        self.fn = LossModule(model)
-        if world > 1:
-            self.fn = self.ddp = nn.parallel.DistributedDataParallel(
-                self.fn, device_ids=[device] if device.type == "cuda" else None)
-        if args.compile:                       # compile(DDP(...)): DDPOptimizer splits at bucket borders
-            self.fn = torch.compile(self.fn)
+        fn = LossModule(model)
+        self.ddp = nn.parallel.DistributedDataParallel(fn, device_ids=[device] if device.type == "cuda" else None) \
+            if world > 1 else None             # compile(DDP(m)): DDPOptimizer splits graphs at bucket borders
+        self.fn = torch.compile(self.ddp or fn) if args.compile else self.ddp or fn
         # On-device sums read back only at log time: [window loss, window steps, epoch loss, epoch steps];
         # and the first bad step with its grad norm (inf = none yet).
         self.acc = torch.zeros(4, device=device)
@@ -346,8 +342,7 @@ class Engine:
             # depend on which rank / accumulation step runs it (module docstring)
             torch.manual_seed(mix_seed(self.args.seed, 3, step, self.rank * accum + a))
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            last = a == accum - 1
-            with contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync():
+            with contextlib.nullcontext() if self.ddp is None or a == accum - 1 else self.ddp.no_sync():
                 with self.autocast():
                     loss = self.fn(x, y)               # scalar: mean over the micro-batch
                 scaled = loss / accum                  # DDP then averages ranks: mean over the global batch
@@ -358,9 +353,8 @@ class Engine:
         gnorm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]).float()
         if self.args.clip_grad:
             nn.utils.clip_grads_with_norm_(self.params, self.args.clip_grad, gnorm)
-        (self.scaler.step if self.scaler else lambda o: o.step())(self.opt)
-        if self.scaler:
-            self.scaler.update()
+        self.scaler.step(self.opt) if self.scaler else self.opt.step()
+        self.scaler.update() if self.scaler else None
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
             torch._foreach_lerp_(self.ema_params, [p.detach() for p in self.params], 1.0 - self.args.ema)
@@ -369,7 +363,7 @@ class Engine:
         # fp16: an inf gradient now and then is normal (GradScaler skips that step); else it is divergence
         ok = torch.isfinite(mean) & (torch.isfinite(gnorm) | (self.scaler is not None))
         first = ~ok & torch.isinf(self.bad[0])
-        self.bad = torch.where(first, torch.stack([torch.full_like(mean, step), gnorm]), self.bad)
+        self.bad = torch.where(first, torch.stack([torch.full_like(mean, step + 1), gnorm]), self.bad)
 
     def flush(self, lr_fn, epoch_too=False):
         """The only host sync: all-reduce the sums -> (window loss, epoch loss); Diverged if non-finite."""
@@ -381,7 +375,7 @@ class Engine:
         self.acc[:4 if epoch_too else 2] = 0
         if math.isfinite(bad_step) or not all(map(math.isfinite, acc)):
             s = int(bad_step) if math.isfinite(bad_step) else None
-            raise Diverged(f"non-finite loss at step {s} (lr {lr_fn(s or 0):.3g}, grad norm {self.bad[1].item():.3g})")
+            raise Diverged(f"non-finite loss at step {s} (lr {lr_fn(max(s or 1, 1) - 1):.3g}, grad norm {self.bad[1].item():.3g})")
         return (acc[0] / acc[1] if acc[1] else None), (acc[2] / acc[3] if acc[3] else None)
 
 
@@ -451,7 +445,6 @@ def main(args):
 
 def train(args, rank, world, device):
     t_start, lead = time.time(), rank == 0
-    family_of(args.model)
     if args.batch_size <= 0 or args.accum_iter <= 0 or args.batch_size % (world * args.accum_iter):
         raise UserError(f"--batch-size {args.batch_size} (the global batch) must be a positive multiple of "
                         f"world size {world} x --accum-iter {args.accum_iter}")
@@ -461,32 +454,27 @@ def train(args, rank, world, device):
     args.input_size = cfg["img_size"]
     if args.benchmark:
         return benchmark(args, rank, world, device)
-    out = args.output_dir
+    out, ckpt = args.output_dir, None
     try:
         os.makedirs(out, exist_ok=True)
-        open(os.path.join(out, f".write_test_{rank}"), "w").close()
-        os.remove(os.path.join(out, f".write_test_{rank}"))
+        open(os.path.join(out, f".write_test_{rank}"), "w").close() or os.remove(os.path.join(out, f".write_test_{rank}"))
     except OSError as e:
         raise UserError(f"output dir {out} is not writable ({e.strerror}); pass another --output-dir") from None
     ckpt_path, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl")
-    ckpt = None
     if args.resume and (args.resume != "auto" or os.path.isfile(ckpt_path)):
         ckpt = load_checkpoint(ckpt_path if args.resume == "auto" else args.resume)
         for k in ("model", "batch_size", "seed", "dataset", "epochs", "warmup_epochs"):   # data order, lr
             if ckpt["args"].get(k) != getattr(args, k):
                 raise UserError(f"--resume: the checkpoint was trained with --{k.replace('_', '-')} "
                                 f"{ckpt['args'].get(k)}, this run asks for {getattr(args, k)}; pass the same")
-    if cfg.get("input") == "latents":                        # DiT baseline on precomputed latents
-        train_base = dit_baseline.make_latent_dataset(args.latents_file)
-    else:
-        train_base = data.build_dataset(args, "train", data.build_transform(args.aug, args.input_size))
+    train_base = dit_baseline.make_latent_dataset(args.latents_file) if cfg.get("input") == "latents" else \
+        data.build_dataset(args, "train", data.build_transform(args.aug, args.input_size))
     spe = len(train_base) // args.batch_size                   # optimizer steps per epoch (drop last)
     if spe == 0:
         raise UserError(f"--batch-size {args.batch_size} exceeds the training set ({len(train_base)} images)")
     pca = PatchPCA.from_dict(ckpt["pca"]) if ckpt else get_pca(args, cfg, rank, world, device, train_base)
     torch.manual_seed(args.seed)                               # identical init on every rank
-    model = build_model(args.model, pca, **model_overrides(args, num_classes=data.num_classes(train_base)))
-    model.to(device)
+    model = build_model(args.model, pca, **model_overrides(args, num_classes=data.num_classes(train_base))).to(device)
     engine, step = Engine(model, args, rank, world, device), 0
     if ckpt is not None:
         if ckpt["model_config"] != model.config:
@@ -494,7 +482,7 @@ def train(args, rank, world, device):
                             f"{model.config}; pass the same model flags")
         model.load_state_dict(ckpt["model"])
         if engine.ema is not None:
-            engine.ema.load_state_dict(ckpt["ema"] if ckpt["ema"] is not None else ckpt["model"])
+            engine.ema.load_state_dict(ckpt["ema"] or ckpt["model"])
         engine.opt.load_state_dict(ckpt["optimizer"])
         if engine.scaler is not None and ckpt["scaler"]:
             engine.scaler.load_state_dict(ckpt["scaler"])
@@ -506,9 +494,7 @@ def train(args, rank, world, device):
     indexed = Indexed(train_base, args.seed)
     loader = torch.utils.data.DataLoader(indexed, batch_sampler=sampler, num_workers=args.num_workers,
                                          pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
-    stop = total = max(1, round(args.epochs * spe))
-    if args.max_steps:
-        stop = min(total, args.max_steps)
+    stop = min(max(1, round(args.epochs * spe)), args.max_steps or math.inf)
     base_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256      # RECIPE s6
     lr_fn = lambda s: lr_at(s, spe, base_lr, args.warmup_epochs, args.epochs, args.min_lr)  # noqa: E731
     grid_x = torch.stack([indexed[(0, i)][0] for i in range(min(8, len(train_base)))]).to(device)
@@ -517,34 +503,30 @@ def train(args, rank, world, device):
               f"{cfg['img_size']}px, {world} rank(s) x accum {args.accum_iter} = global batch {args.batch_size}, "
               f"lr {base_lr:.3g}, {engine.prec}, {spe} steps/epoch, step {step} -> {stop}", flush=True)
     bar = tqdm(total=stop, initial=step, disable=not lead, unit="step", dynamic_ncols=True)
-    st = dict(loss=None, t_log=time.time(), s_log=step, t_ep=time.time(), s_ep=step, saved=step if ckpt else None, good=None)
+    st = dict(loss=None, saved=step if ckpt else None, log=(time.time(), step), epoch=(time.time(), step))
 
-    def log(kind, loss):
-        now = time.time()
+    def log(kind, loss):   # one JSON line; img/s over the steps since the previous line of this kind
+        (t0, s0), now = st[kind], time.time()
         rec = {"kind": kind, "step": step, "epoch": round(step / spe, 4), "loss": loss, "lr": lr_fn(step - 1),
-               "img_per_s": round((step - st["s_log"]) * args.batch_size / max(now - st["t_log"], 1e-9), 2),
-               "seconds": round(now - t_start, 2),
+               "img_per_s": round((step - s0) * args.batch_size / max(now - t0, 1e-9), 2),
+               "seconds": round(now - t_start, 2), "interval_seconds": round(now - t0, 2),
                "gpu_max_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda" else None}
-        if kind == "epoch":
-            rec.update(img_per_s=round((step - st["s_ep"]) * args.batch_size / max(now - st["t_ep"], 1e-9), 2),
-                       epoch_seconds=round(now - st["t_ep"], 2))
-            st.update(t_ep=now, s_ep=step)
-        else:
-            st.update(t_log=now, s_log=step, loss=loss)
+        st[kind] = (now, step)
+        if kind == "log":
+            st["loss"] = loss
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", img_s=rec["img_per_s"])
         if lead:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    def save(by_epoch):
-        """Called right after a flush() on every rank, so the weights are known finite."""
+    def save(by_epoch):    # only ever right after a flush() on every rank: the weights are known finite
         if lead:
-            ck = {"model": model.state_dict(), "ema": engine.ema.state_dict() if engine.ema is not None else None,
-                  "optimizer": engine.opt.state_dict(), "scaler": engine.scaler.state_dict() if engine.scaler else None,
-                  "step": step, "epoch": step // spe, "model_config": model.config, "pca": model.pca.to_dict(),
-                  "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-                  "rng": rng_state(), "version": 1}
-            atomic_save(ck, ckpt_path)
+            atomic_save({"model": model.state_dict(), "ema": engine.ema.state_dict() if engine.ema else None,
+                         "optimizer": engine.opt.state_dict(),
+                         "scaler": engine.scaler.state_dict() if engine.scaler else None, "step": step,
+                         "epoch": step // spe, "model_config": model.config, "pca": model.pca.to_dict(),
+                         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+                         "rng": rng_state(), "version": 1}, ckpt_path)
             if by_epoch:                                       # older ones kept: checkpoint-{epoch:04d}.pt
                 dst = os.path.join(out, f"checkpoint-{step // spe:04d}.pt")
                 shutil.copyfile(ckpt_path, dst + ".tmp")
@@ -573,8 +555,7 @@ def train(args, rank, world, device):
                 if lead and ((step // spe) % args.grid_every == 0 or step >= stop):
                     save_grid(model, grid_x, os.path.join(out, f"grid-{step // spe:04d}.png"), engine, args.seed)
         if st["saved"] != step:                                # the end, mid-epoch (--max-steps)
-            win = engine.flush(lr_fn)[0]
-            if win is not None:
+            if (win := engine.flush(lr_fn)[0]) is not None:
                 log("log", win)
             save(by_epoch=False)
     except Diverged as e:

@@ -1,0 +1,68 @@
+"""CPU speed check of issue 3 (not collected by pytest): one l-DAE training step of --model (vit_b)
+vs one step of a plain ViT of the same depth, width, heads and tokens (torchvision's
+VisionTransformer, + its class token, MSE on its output), both through pretrain.Engine with the
+same settings (fp32, AdamW, EMA), so the ratio isolates what l-DAE adds: adaLN conditioning, the
+PCA projections of the input and the loss, and the per-token output head. Target: <= 1.15.
+
+    python tests/bench_vit_step.py                       # vit_b, 256 px, batch 2, 4 interleaved reps
+    python tests/bench_vit_step.py --img 128 --reps 6    # quicker
+Prints one JSON line: per-step seconds (median of the reps) and the ratio.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torchvision
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pretrain  # noqa: E402
+
+
+class PlainViT(nn.Module):
+    def __init__(self, cfg, img):
+        super().__init__()
+        D = cfg["hidden_size"]
+        self.vit = torchvision.models.VisionTransformer(img, cfg["patch_size"], cfg["depth"], cfg["num_heads"], D,
+                                                        int(D * cfg["mlp_ratio"]), num_classes=D)
+
+    def loss(self, x, y=None):
+        return self.vit(x).float().square().mean()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="vit_b")
+    p.add_argument("--img", type=int, default=256)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--reps", type=int, default=4)
+    a = p.parse_args()
+    args = pretrain.get_args_parser().parse_args(["--model", a.model, "--batch-size", str(a.batch)])
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    ours = pretrain.build_model(a.model, img_size=a.img)
+    engines = {"ldae": pretrain.Engine(ours, args, 0, 1, cpu),
+               "plain_vit": pretrain.Engine(PlainViT(ours.config, a.img), args, 0, 1, cpu)}
+    x, y = torch.rand(a.batch, 3, a.img, a.img) * 2 - 1, torch.zeros(a.batch, dtype=torch.long)
+    times = {k: [] for k in engines}
+    for rep in range(a.reps + 1):                 # interleaved, so load changes hit both alike
+        for k, e in engines.items():
+            t0 = time.perf_counter()
+            e.step([(x, y)], rep, 1e-4)
+            if rep:                               # rep 0 is warmup
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res = {"model": a.model, "img": a.img, "batch": a.batch, "reps": a.reps, "threads": torch.get_num_threads(),
+           "ldae_step_s": round(med["ldae"], 3), "plain_vit_step_s": round(med["plain_vit"], 3),
+           "ratio": round(med["ldae"] / med["plain_vit"], 3),
+           "ldae_params_m": round(sum(q.numel() for q in ours.parameters()) / 1e6, 2),
+           "plain_vit_params_m": round(sum(q.numel() for q in engines["plain_vit"].model.parameters()) / 1e6, 2)}
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
