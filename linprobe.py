@@ -1,0 +1,501 @@
+"""Linear probe of a frozen l-DAE (or DiT-baseline) encoder: the number every table of the paper
+reports (RECIPE s5). Only a BatchNorm1d(affine=False) + Linear head trains; the backbone never does.
+
+--protocol mae     the paper's ("follows MAE"): each epoch the frozen encoder sees fresh
+    RandomResizedCrop + flip views; LARS, wd 0, batch 16384, lr = blr * batch / 256 with blr 0.1
+    (6.4; --lr 6.4e-3 is the paper text's figure), 90 epochs, 10 warmup, per-iteration cosine; test
+    on resize + center crop. DDP under torchrun, as pretrain.py.
+--protocol cached  fast: ONE encoder pass over train (center crop; --views K adds K-1 random crops)
+    and val, then a probe optimisation cannot bias (issue 6): TRAIN-normalised features, the head
+    solved to convergence (--solver lbfgs, default) or given mae's LARS schedule (--solver lars);
+    the one free setting (L2 or lr) is chosen on a held-out 10% of TRAIN, never on val.
+--grid             (cached) one pass per t gives several depths; a head per (depth, t): DDAE's grid.
+Baselines for every table (issue 6): --random-init (same config, fresh weights, ACTIVE blocks: with
+DiT's zero adaLN gates each block is the identity) and --baseline pixels (raw pixels, flattened,
+area-downsampled to <= 32x32x3 = 3072 dims; the same probe).
+
+  python linprobe.py out/tiny/checkpoint.pt --protocol cached [--random-init | --baseline pixels]
+  python linprobe.py out/tiny/checkpoint.pt --grid --grid-depths 1,2,3 --grid-ts 0,10,100
+  python linprobe.py out/tiny/checkpoint.pt --protocol mae --batch-size 1024
+  torchrun --nproc_per_node=8 linprobe.py out/vit_b/checkpoint.pt --dataset imagefolder \
+      --data-path /data/imagenet --protocol mae                      # the paper's ImageNet probe
+Input size, depth and model come from the checkpoint. Writes --output-dir/log.jsonl (a JSON line
+per epoch or solve) and head.pt (plain dict: heads, feature normalisation, settings; no backbone).
+The last line printed is one JSON object (top1, top5, protocol, probe settings).
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+import data
+from data import UserError
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as MAE's linear probe uses it, written from its definition. Per step,
+    for each parameter p with gradient g:
+        ndim > 1 (weights):  u = g + wd p;  u <- u * eta ||p|| / ||u||  (when both norms > 0)
+        1-D (biases, BN):    u = g          (no decay, no trust ratio)
+        m <- momentum m + u;  p <- p - lr m
+    A weight matrix moves by a fixed fraction (~lr * eta) of its norm per step: stable at batch
+    16384 and lr 6.4, but slow when there are few steps (small data sets; see probe_cached)."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                u = p.grad
+                if p.ndim > 1:
+                    u = u.add(p, alpha=group["weight_decay"])
+                    pn, un = torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)
+                    ok = (pn > 0) & (un > 0)
+                    u = u * torch.where(ok, group["trust_coefficient"] * pn / un, torch.ones_like(pn))
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(group["momentum"]).add_(u)
+                p.add_(mu, alpha=-group["lr"])
+
+
+def make_head(dim, num_classes):
+    """RECIPE s5 / MAE: BN without affine (a parameter-free feature standardiser), then Linear,
+    init std 0.01, bias 0."""
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+def lr_at(epoch, base_lr, warmup, epochs):
+    """MAE's schedule, set every iteration (epoch is fractional): linear warmup, half-cycle cosine."""
+    if epoch < warmup:
+        return base_lr * epoch / warmup
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / max(epochs - warmup, 1e-8)))
+
+
+def checksum(model):
+    """(n, 2) float64 sum and sum of squares of every float tensor: proof the backbone is untouched."""
+    ts = [t for t in model.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in ts]).cpu()
+
+
+def load_backbone(args, device):
+    """Rebuild the model from the checkpoint's config, load strictly (pretrain's contract: a
+    missing/foreign file or missing/unexpected keys are UserErrors naming the problem)."""
+    import pretrain
+    model = pretrain.model_from_checkpoint(pretrain.load_checkpoint(args.ckpt), args.weights, "cpu")
+    if args.random_init:
+        # Issue 6's baseline: same network, fresh weights, every block live. The checkpoint gives
+        # only the config and the PCA tokenizer (fitted, not learned by gradient: RECIPE s2).
+        torch.manual_seed(args.seed)
+        model.init_weights(active=True)
+        print(f"[probe] --random-init: freshly initialised {model.config.get('name')} with ACTIVE "
+              f"blocks (init_weights(active=True): adaLN gates open); checkpoint weights unused", flush=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def make_featurizer(model, keys, args):
+    """-> f(images (B, 3, S, S)) -> {(depth, t): (B, D) float32}. One forward_features pass per
+    t returns every requested depth (RECIPE s5 probe depth/t ablations, DDAE grid)."""
+    if model is None:                                                   # --baseline pixels
+        def pixels(x):                      # <= 32x32x3 = 3072 dims: area average, then flatten
+            return {keys[0]: (F.adaptive_avg_pool2d(x, 32) if x.shape[-1] > 32 else x).flatten(1).float()}
+        return pixels
+    depths, ts = sorted({d for d, _ in keys}), sorted({t for _, t in keys})
+    fwd = torch.compile(model.forward_features) if args.compile else model.forward_features
+
+    def feats(x):
+        out = {}
+        with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):    # bf16: the fast path
+            for t in ts:
+                for d, f in zip(depths, fwd(x, t=t, depth=depths, noisy=args.noisy_input)):
+                    if (d, t) in keys:
+                        out[(d, t)] = f.float()
+        return out
+    return feats
+
+
+def extract(featurize, ds, args, device, rank, world, desc):
+    """One encoder pass -> ({key: (N, D)} on CPU, labels (N,)). Under torchrun rank r takes items
+    r, r+W, ...; the shards are gathered and interleaved back into dataset order."""
+    loader = DataLoader(Subset(ds, range(rank, len(ds), world)), batch_size=args.max_device_batch,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    chunks, ys = {}, []
+    with torch.inference_mode():                # no autograd state at all; faster than no_grad
+        for x, y in tqdm(loader, desc=desc, disable=rank != 0, leave=False):
+            for k, f in featurize(x.to(device, non_blocking=True)).items():
+                chunks.setdefault(k, []).append(f.cpu())
+            ys.append(y)
+    out = {k: torch.cat(v) for k, v in chunks.items()}, torch.cat(ys)
+    if world == 1:
+        return out
+    m = -(-len(ds) // world)
+
+    def gather(t):                              # (n_r, ...) -> (N, ...) in dataset order
+        pad = torch.zeros((m, *t.shape[1:]), dtype=t.dtype, device=device)
+        pad[:len(t)] = t.to(device)
+        parts = [torch.empty_like(pad) for _ in range(world)]
+        dist.all_gather(parts, pad)
+        return torch.stack(parts, 1).reshape(m * world, *t.shape[1:])[:len(ds)].cpu()
+    return {k: gather(v) for k, v in out[0].items()}, gather(out[1])
+
+
+def train_head(head, batches, n, accum, base_lr, args, log, tag, net=None):
+    """The probe schedule both protocols share (RECIPE s5 / MAE): LARS, wd 0, lr set every
+    optimizer step (linear warmup, half-cycle cosine). batches(epoch) yields n micro-batches
+    (features (b, D), labels (b,)); `accum` of them make one step of the global batch."""
+    net, opt = net or head, LARS(head.parameters(), lr=base_lr)
+    for ep in range(args.epochs):
+        head.train()
+        total, t0 = 0.0, time.time()
+        for i, (f, y) in enumerate(batches(ep)):
+            if i % accum == 0:
+                opt.param_groups[0]["lr"] = lr_at(ep + i / n, base_lr, args.warmup_epochs, args.epochs)
+            loss = F.cross_entropy(net(f), y)
+            (loss / accum).backward()           # under DDP every micro-batch all-reduces: a tiny head
+            if (i + 1) % accum == 0 or i + 1 == n:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            total += loss.item()
+        log({**tag, "epoch": ep + 1, "lr": opt.param_groups[0]["lr"], "train_loss": total / max(n, 1),
+             "seconds": round(time.time() - t0, 2)})
+    return head
+
+
+def fit_head(Xtr, ytr, Xev, yev, lr, args, C, device, seed, log=None, tag=None):
+    """The mae schedule on cached features (drop_last like MAE) -> (head, top1 %, top5 %) on
+    Xev (M, D). Xtr (V, N, D): each epoch draws one of the V views of every image."""
+    V, N, D = Xtr.shape
+    torch.manual_seed(seed)
+    head, g = make_head(D, C).to(device), torch.Generator().manual_seed(seed)
+    bs = min(args.batch_size, N)
+    Xtr, ytr = Xtr.to(device), ytr.to(device)
+
+    def batches(ep):
+        perm, view = torch.randperm(N, generator=g).to(device), torch.randint(V, (N,), generator=g).to(device)
+        for i in range(N // bs):
+            idx = perm[i * bs:(i + 1) * bs]
+            yield Xtr[view[idx], idx], ytr[idx]                         # (bs, D), (bs,)
+    train_head(head, batches, N // bs, 1, lr, args, log or (lambda rec: None), tag or {})
+    return head, *evaluate(head, Xev, yev, device)
+
+
+@torch.no_grad()
+def evaluate(head, X, y, device, chunk=65536):                          # X (M, D) -> [top1 %, top5 %]
+    head.eval()
+    hits = torch.zeros(2)
+    for i in range(0, len(X), chunk):
+        logits = head(X[i:i + chunk].to(device))                        # (b, C)
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[i:i + chunk, None].to(device)
+        hits += torch.tensor([float(hit[:, :1].any(1).sum()), float(hit.any(1).sum())])
+    return (100.0 * hits / max(1, len(X))).tolist()
+
+
+def fit_lbfgs(Xtr, ytr, Xev, yev, wd, args, C, device, seed, log=None, tag=None):
+    """The same head solved to convergence (issue 6): multinomial logistic regression, full-batch
+    L-BFGS (strong-Wolfe line search), L2 wd/2 ||W||^2. Convex: the optimum depends on neither init,
+    lr nor schedule, only on wd. BN keeps running stats (0, 1): identity on whitened inputs."""
+    V, N, D = Xtr.shape
+    X, y = Xtr.reshape(V * N, D).to(device), ytr.repeat(V).to(device)  # view-major rows
+    torch.manual_seed(seed)
+    head = make_head(D, C).to(device).eval()
+    lin = head[1]
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=args.max_iter, history_size=20,
+                            tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(lin(X), y) + 0.5 * wd * lin.weight.square().sum()
+        loss.backward()
+        return loss
+    opt.step(closure)                           # runs up to --max-iter iterations
+    if log:
+        log({**(tag or {}), "wd": wd, "train_loss": float(closure().detach()), "iterations": opt.state[lin.weight]["n_iter"]})
+    return head, *evaluate(head, Xev, yev, device)
+
+
+def feature_map(X, whiten, chunk=65536):
+    """TRAIN statistics -> mean (D,), map P (D, r): (x - mean) @ P is standardised (what BN
+    converges to) or PCA-whitened. Whitening is invertible on the data's span, so the probe's
+    function class is unchanged, only its conditioning: network features have effective rank ~1.1
+    (issue 6) and standardised L-BFGS took > 2000 iterations where whitened took ~300 (measured).
+    Zero-variance directions (grayscale's repeated channels) are dropped. Float64 sums, chunked."""
+    n, D = X.shape
+    s, ss = torch.zeros(D, dtype=torch.float64), torch.zeros(D, D, dtype=torch.float64)
+    for i in range(0, n, chunk):
+        c = X[i:i + chunk].double()
+        s += c.sum(0)
+        ss += c.T @ c
+    mu = s / n
+    cov = ss / n - torch.outer(mu, mu)                                   # (D, D)
+    if not whiten:
+        sd = cov.diagonal().clamp_min(0).sqrt()
+        return mu.float(), torch.diag(torch.where(sd > 1e-6, 1 / sd, torch.ones_like(sd))).float()
+    ev, U = torch.linalg.eigh(cov)
+    keep = ev > 1e-8 * ev.max()
+    return mu.float(), (U[:, keep] / ev[keep].sqrt()).float()
+
+
+def probe_cached(Xtr, ytr, Xva, yva, base_lr, args, C, device, log, tag):
+    """Issue 6: optimisation must not decide the ranking. (1) Normalise with TRAIN statistics
+    (whitened for lbfgs; standardised for lars, which mimics `mae`). (2) Pick the one free
+    setting (lbfgs: L2 from --wd-grid; lars: lr from --lr-grid x base lr) by top-1 on a seeded held-out part of the TRAIN split
+    (every view of a held-out image is held out), retrain on all of train, score val once. The
+    val labels are touched only by that score (and by --spread, which only reports)."""
+    V, N, D = Xtr.shape
+    lbfgs = args.solver == "lbfgs"
+    mu, P = feature_map(Xtr.reshape(V * N, D), whiten=lbfgs)            # (D,), (D, r)
+    Xtr, Xva = (Xtr - mu) @ P, (Xva - mu) @ P
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed))
+    n_hold = max(1, int(round(N * args.holdout)))
+    hold, fit = perm[:n_hold], perm[n_hold:]
+    fit_fn, name = (fit_lbfgs, "wd") if lbfgs else (fit_head, "lr")
+    grid = args.wd_grid if lbfgs else [base_lr * f for f in args.lr_grid]
+    held = {v: fit_fn(Xtr[:, fit], ytr[fit], Xtr[0, hold], ytr[hold], v, args, C, device, args.seed)[1]
+            for v in tqdm(grid, desc=f"{name} sweep {tag}", leave=False)}   # view 0 = center crop
+    best = max(grid, key=held.get)                                     # ties: the first (smaller)
+    head, top1, top5 = fit_fn(Xtr, ytr, Xva, yva, best, args, C, device, args.seed, log, tag)
+    info = {"solver": "L-BFGS to convergence" if lbfgs else "LARS, probe schedule", name: best,
+            "selection": f"best top-1 on a held-out {args.holdout:.0%} of train (seed {args.seed}) over "
+                         f"{name} {grid}, then retrained on all of train",
+            "features_normalised": "whitened" if lbfgs else "standardised", "heldout_top1": round(held[best], 2),
+            f"heldout_top1_by_{name}": {f"{k:g}": round(v, 2) for k, v in held.items()}}
+    if args.spread:                             # measurement only, never used to choose
+        info[f"val_top1_by_{name}"] = {f"{v:g}": round(fit_fn(Xtr, ytr, Xva, yva, v, args, C, device,
+                                                               args.seed)[1], 2) for v in grid}
+    state = {"head": {k: v.cpu() for k, v in head.state_dict().items()}, "feature_mean": mu, "feature_map": P}
+    return state, top1, top5, info
+
+
+class Views:
+    """A transform switched between passes: one dataset object, so a big folder is scanned once."""
+    def __init__(self, tfs):
+        self.tfs, self.i = tfs, 0
+
+    def __call__(self, img):
+        return self.tfs[self.i](img)
+
+
+def cached_features(featurize, keys, train_ds, views, val_ds, args, device, rank, world):
+    """-> {key: (V, N, D)}, ytr (N,), {key: (M, D)}, yva (M,); kept in --feature-cache if given,
+    which is reused only when made with the same checkpoint (and mtime), data and feature flags."""
+    ident = json.dumps([keys, args.ckpt and os.path.getmtime(args.ckpt)] + [
+        getattr(args, k, None) for k in ("ckpt", "weights", "random_init", "baseline", "dataset", "data_path",
+                                         "input_size", "synthetic_size", "views", "noisy_input", "seed")])
+    if args.feature_cache and os.path.isfile(args.feature_cache):
+        c = torch.load(args.feature_cache, weights_only=True)
+        if c.get("ident") != ident:
+            raise UserError(f"feature cache {args.feature_cache} was made with other settings; delete it "
+                            f"or pass another --feature-cache")
+        print(f"[probe] features read from {args.feature_cache}", flush=True)
+        return c["train"], c["ytr"], c["val"], c["yva"]
+    per_view = []
+    for v in range(args.views):                 # view 0: center crop (as val); 1..K-1: random crops
+        views.i = min(v, 1)
+        torch.manual_seed(args.seed + v)        # worker seeds derive from it: reproducible crops
+        per_view.append(extract(featurize, train_ds, args, device, rank, world, f"train view {v}"))
+    tr = {k: torch.stack([f[k] for f, _ in per_view]) for k in keys}
+    va, yva = extract(featurize, val_ds, args, device, rank, world, "val")
+    if args.feature_cache and rank == 0:
+        torch.save(dict(ident=ident, train=tr, ytr=per_view[0][1], val=va, yva=yva), args.feature_cache + ".tmp")
+        os.replace(args.feature_cache + ".tmp", args.feature_cache)
+    return tr, per_view[0][1], va, yva
+
+
+def probe_mae(featurize, key, train_ds, val_ds, base_lr, args, C, device, rank, world, log):
+    """The paper's protocol (RECIPE s5 = MAE's linear probe): the frozen encoder sees a fresh
+    RandomResizedCrop + flip of every image each epoch. Global batch --batch-size, split over
+    ranks and, when it does not fit (--max-device-batch), over accumulated micro-batches."""
+    per_rank = args.batch_size // world
+    accum = args.accum_iter or -(-per_rank // args.max_device_batch)   # micro-batches per step
+    bs = max(1, per_rank // accum)
+    sampler = torch.utils.data.DistributedSampler(train_ds, world, rank, seed=args.seed) if world > 1 else None
+    loader = DataLoader(train_ds, bs, shuffle=sampler is None, sampler=sampler, num_workers=args.num_workers,
+                        generator=torch.Generator().manual_seed(args.seed), pin_memory=device.type == "cuda",
+                        drop_last=len(train_ds) // world >= bs)         # MAE drops the last batch
+    with torch.inference_mode():
+        D = featurize(val_ds[0][0][None].to(device))[key].shape[1]
+    torch.manual_seed(args.seed)
+    head = make_head(D, C).to(device)
+
+    def batches(ep):
+        if sampler is not None:
+            sampler.set_epoch(ep)
+        for x, y in tqdm(loader, desc=f"epoch {ep + 1}", disable=rank != 0, leave=False):
+            with torch.inference_mode():        # frozen backbone: eval mode, no graph
+                f = featurize(x.to(device, non_blocking=True))[key]     # (b, D)
+            yield f.clone(), y.to(device)       # clone: a normal tensor the head's autograd may save
+    train_head(head, batches, len(loader), accum, base_lr, args, lambda rec: log(rec, echo=True), {},
+               nn.parallel.DistributedDataParallel(head) if world > 1 else None)
+    va, yva = extract(featurize, val_ds, args, device, rank, world, "val")
+    top1, top5 = evaluate(head, va[key], yva, device)
+    info = {"solver": "LARS, probe schedule", "lr": base_lr, "selection": "fixed (MAE: --blr * batch / 256, or --lr)",
+            "features_normalised": "BN only", "accum_iter": accum, "device_batch": bs}
+    return {"head": {k: v.cpu() for k, v in head.state_dict().items()}}, top1, top5, info
+
+
+def main(args):
+    t_start = time.time()
+    protocol = args.protocol or ("cached" if args.grid else "mae")
+    pixels = args.baseline == "pixels"
+    for bad, msg in [(args.grid and protocol == "mae", "--grid needs --protocol cached (features are stored once)"),
+                     (args.views > 1 and protocol == "mae", "--views is for --protocol cached; mae augments every epoch"),
+                     (pixels and (args.random_init or args.grid), "--baseline pixels has no network: drop --random-init/--grid"),
+                     (not args.ckpt and not pixels, "give the checkpoint to probe: python linprobe.py CKPT ..."),
+                     (min(args.views, args.epochs, args.batch_size) < 1, "--views, --epochs and --batch-size must be >= 1"),
+                     (not 0 <= args.warmup_epochs < args.epochs, "--warmup-epochs must be in [0, --epochs)"),
+                     (not 0 < args.holdout < 1, "--holdout must be a fraction in (0, 1)")]:
+        if bad:
+            raise UserError(msg)
+    import pretrain                             # contract: checkpoints, DDP setup
+    rank, world, device = pretrain.setup_distributed()
+    model, cfg = None, {}
+    if not pixels:
+        model = load_backbone(args, device)
+        cfg = model.config
+    elif args.ckpt:                             # pixels: the checkpoint only fixes the input size
+        cfg = pretrain.load_checkpoint(args.ckpt)["model_config"]
+    S = cfg.get("img_size")
+    if args.input_size is None:
+        args.input_size = S or 32
+    elif S and args.input_size != S:
+        raise UserError(f"the checkpoint's model takes {S}x{S} images (fixed position embedding), not "
+                        f"--input-size {args.input_size}; drop --input-size or pass {S}")
+    S = args.input_size
+    before = checksum(model) if model is not None else None
+    if pixels:
+        keys = [(None, None)]
+    elif args.grid:                             # default: depths around the encoder's end (RECIPE s5)
+        L = cfg["depth"]
+        depths = args.grid_depths or list(range(max(1, L // 4), 3 * L // 4 + 1, max(1, L // 8)))
+        keys = [(d, t) for d in depths for t in args.grid_ts]
+    else:
+        keys = [(args.probe_depth or cfg["depth"] // 2, args.probe_t)]
+    if any(not pixels and not 1 <= d <= cfg["depth"] for d, _ in keys):
+        raise UserError(f"probe depths must be in 1..{cfg['depth']} (blocks of {cfg.get('name')}), got "
+                        f"{sorted({d for d, _ in keys})}")
+    tf_eval = data.build_transform("eval", S)
+    tf_rrc = data.build_transform("rrc", S, scale=(0.08, 1.0))          # MAE's probe crop scale
+    views = Views([tf_eval, tf_rrc])
+    train_ds = data.build_dataset(args, "train", tf_rrc if protocol == "mae" else views)
+    val_ds = data.build_dataset(args, "val", tf_eval)
+    C = data.num_classes(train_ds)
+    if data.num_classes(val_ds) != C or (args.nb_classes and args.nb_classes != C):
+        raise UserError(f"class counts do not fit: train has {C}, val {data.num_classes(val_ds)}"
+                        f"{f', --nb-classes {args.nb_classes}' if args.nb_classes else ''}; fix the data")
+    shape = tuple(val_ds[0][0].shape)
+    if shape != (cfg.get("in_chans", 3), S, S):
+        raise UserError(f"images come out as {shape}, the model takes {(cfg.get('in_chans', 3), S, S)}")
+    featurize = make_featurizer(model, keys, args)
+    base_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
+    os.makedirs(args.output_dir, exist_ok=True)
+    log_f = open(os.path.join(args.output_dir, "log.jsonl"), "w") if rank == 0 else None
+
+    def log(rec, echo=False):
+        if log_f:
+            log_f.write(json.dumps(rec) + "\n")
+            log_f.flush()
+            if echo:
+                print(json.dumps(rec), flush=True)
+    t0 = time.time()
+    if protocol == "mae":
+        results = {keys[0]: probe_mae(featurize, keys[0], train_ds, val_ds, base_lr, args, C, device, rank, world, log)}
+        t_feat = None
+    else:
+        tr, ytr, va, yva = cached_features(featurize, keys, train_ds, views, val_ds, args, device, rank, world)
+        t_feat, t0 = time.time() - t0, time.time()
+        results = {k: probe_cached(tr[k], ytr, va[k], yva, base_lr, args, C, device, log,
+                                   {"depth": k[0], "t": k[1]}) for k in keys}
+    t_head = time.time() - t0
+    unchanged = before is None or torch.equal(before, checksum(model))
+    if not unchanged:                           # a bug, not a user error: never report such a number
+        raise RuntimeError("the frozen backbone's weights changed during probing")
+    # The headline pair of a grid is chosen on the held-out split (its best held-out top-1), never val.
+    best = max(keys, key=lambda k: results[k][3].get("heldout_top1", 0.0)) if len(keys) > 1 else keys[0]
+    _, top1, top5, info = results[best]
+    what = ("raw pixels (flattened, <= 32x32x3)" if pixels else
+            f"random-init {cfg.get('name')} (active blocks)" if args.random_init else
+            f"{cfg.get('name')} checkpoint ({args.weights} weights)")
+    res = {"top1": round(top1, 2), "top5": round(top5, 2), "protocol": protocol, "features": what,
+           "depth": best[0], "t": best[1], "noisy_input": args.noisy_input and not pixels, **info,
+           "checkpoint": args.ckpt, "dataset": args.dataset, "input_size": S, "num_classes": C,
+           "epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size,
+           "views": args.views, "n_train": len(train_ds), "n_val": len(val_ds), "backbone_unchanged": unchanged,
+           "seconds_features": t_feat and round(t_feat, 2), "seconds_head": round(t_head, 2),
+           "seconds_total": round(time.time() - t_start, 2)}
+    short = {k: {"top1": round(r[1], 2), "top5": round(r[2], 2), **{n: r[3][n] for n in ("lr", "wd", "heldout_top1")
+                                                                 if n in r[3]}} for k, r in results.items()}
+    if len(keys) > 1:
+        res["grid"] = [{"depth": k[0], "t": k[1], **v} for k, v in short.items()]
+    if rank == 0:
+        log_f.close()
+        path = os.path.join(args.output_dir, "head.pt")
+        torch.save({"heads": {f"depth{k[0]}_t{k[1]}": {**r[0], **short[k]} for k, r in results.items()},
+                    "settings": {k: v for k, v in res.items() if k != "grid"}}, path + ".tmp")
+        os.replace(path + ".tmp", path)         # atomic (house rule)
+        if len(keys) > 1:                       # DDAE-style table: rows depth, columns t, val top-1
+            ts = sorted({t for _, t in keys})
+            print("depth \\ t " + "".join(f"{t:>8}" for t in ts))
+            for d in sorted({d for d, _ in keys}):
+                print(f"{d:>9} " + "".join(f"{results[(d, t)][1]:8.2f}" for t in ts))
+        print(f"top-1 {top1:.2f}  top-5 {top5:.2f}  ({what}; {protocol}; depth {best[0]}, t {best[1]})")
+        print(json.dumps(res), flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+    return res
+
+
+def get_args_parser():
+    ints, floats = (lambda s: [int(v) for v in s.split(",")]), (lambda s: [float(v) for v in s.split(",")])
+    p = argparse.ArgumentParser("Linear probe of a frozen l-DAE / DiT encoder (RECIPE s5)")
+    add = p.add_argument
+    add("ckpt", nargs="?", help="checkpoint of pretrain.py (optional with --baseline pixels)")
+    add("--protocol", choices=("mae", "cached"), help="default: mae (the paper's); cached with --grid")
+    add("--epochs", type=int, default=90)
+    add("--warmup-epochs", type=int, default=10)
+    add("--batch-size", type=int, default=16384, help="global batch (all ranks and micro-batches)")
+    add("--blr", type=float, default=0.1, help="lr = blr * batch / 256 (MAE: 6.4 at 16384)")
+    add("--lr", type=float, default=None, help="absolute lr (the paper text says 6.4e-3)")
+    add("--accum-iter", type=int, default=None, help="mae: micro-batches per step (default: auto)")
+    add("--max-device-batch", type=int, default=1024, help="images per forward on one device")
+    add("--weights", choices=("ema", "raw"), default="ema")
+    add("--probe-t", type=int, default=10, help="noise level the network is told (paper: 10)")
+    add("--probe-depth", type=int, default=None, help="block to read (default: last encoder block)")
+    add("--noisy-input", action="store_true", help="add level-t noise to the input (paper Sec. 5)")
+    add("--random-init", action="store_true", help="baseline: fresh weights, active blocks")
+    add("--baseline", choices=("pixels",), default=None, help="baseline: probe raw pixels")
+    add("--views", type=int, default=1, help="cached: center crop + K-1 random crops per image")
+    add("--grid", action="store_true", help="a head per (depth, t) pair (DDAE protocol)")
+    add("--grid-depths", type=ints, default=None, help="e.g. 6,9,12 (default: around depth/2)")
+    add("--grid-ts", type=ints, default=[0, 10, 20, 40, 80], help="RECIPE s5's t values")
+    add("--solver", choices=("lbfgs", "lars"), default="lbfgs", help="cached: converge, or mae's LARS")
+    add("--wd-grid", type=floats, default=[1e-4, 1e-3, 1e-2], help="cached lbfgs: L2 values swept")
+    add("--lr-grid", type=floats, default=[0.25, 0.5, 1, 2, 4], help="cached lars: lr factors swept")
+    add("--holdout", type=float, default=0.1, help="cached: train fraction that does the choosing")
+    add("--max-iter", type=int, default=500, help="cached lbfgs: iteration cap")
+    add("--spread", action="store_true", help="cached: also report val top-1 per grid value")
+    add("--feature-cache", default=None, help="cached: file to keep the features in")
+    add("--compile", action="store_true", help="torch.compile the feature pass")
+    add("--nb-classes", type=int, default=None, help="expected class count (checked)")
+    add("--seed", type=int, default=0)
+    add("--output-dir", default="out/probe")
+    data.add_data_args(p)
+    p.set_defaults(input_size=None)             # default: the checkpoint model's img_size
+    return p
+
+
+if __name__ == "__main__":
+    data.run_cli(main, get_args_parser())
