@@ -1,27 +1,24 @@
 """Linear probe of a frozen l-DAE (or DiT-baseline) encoder: the number every table of the paper
 reports (RECIPE s5). Only a BatchNorm1d(affine=False) + Linear head trains; the backbone never does.
 
---protocol mae     the paper's ("follows MAE"): each epoch the frozen encoder sees fresh
-    RandomResizedCrop + flip views; LARS, wd 0, batch 16384, lr = blr * batch / 256 with blr 0.1
-    (6.4; --lr 6.4e-3 is the paper text's figure), 90 epochs, 10 warmup, per-iteration cosine; test
-    on resize + center crop. DDP under torchrun, as pretrain.py.
---protocol cached  fast: ONE encoder pass over train (center crop; --views K adds K-1 random crops)
-    and val, then a probe optimisation cannot bias (issue 6): TRAIN-normalised features, the head
-    solved to convergence (--solver lbfgs, default) or given mae's LARS schedule (--solver lars);
-    the one free setting (L2 or lr) is chosen on a held-out 10% of TRAIN, never on val.
+--protocol mae     the paper's ("follows MAE"): each epoch the encoder sees fresh RandomResizedCrop +
+    flip views; LARS, wd 0, batch 16384, lr = blr * batch / 256 with blr 0.1 (6.4; --lr 6.4e-3 is
+    the paper text's figure), 90 epochs, 10 warmup, per-iteration cosine; resize + center-crop test.
+--protocol cached  ONE encoder pass over train (center crop; --views K adds K-1 random crops) and
+    val, then a probe optimisation cannot bias (issue 6): TRAIN-normalised features, the head solved
+    to convergence (--solver lbfgs, default) or given mae's LARS schedule (--solver lars), its one
+    free setting (L2 or lr) chosen on a held-out 10% of TRAIN, never on val.
 --grid             (cached) one pass per t gives several depths; a head per (depth, t): DDAE's grid.
-Baselines for every table (issue 6): --random-init (same config, fresh weights, ACTIVE blocks: with
-DiT's zero adaLN gates each block is the identity) and --baseline pixels (raw pixels, flattened,
-area-downsampled to <= 32x32x3 = 3072 dims; the same probe).
+Baselines for every table: --random-init (same config, fresh weights, ACTIVE blocks: with DiT's zero
+adaLN gates each block is the identity) and --baseline pixels (raw pixels, <= 32x32x3, same probe).
 
   python linprobe.py out/tiny/checkpoint.pt --protocol cached [--random-init | --baseline pixels]
   python linprobe.py out/tiny/checkpoint.pt --grid --grid-depths 1,2,3 --grid-ts 0,10,100
-  python linprobe.py out/tiny/checkpoint.pt --protocol mae --batch-size 1024
   torchrun --nproc_per_node=8 linprobe.py out/vit_b/checkpoint.pt --dataset imagefolder \
       --data-path /data/imagenet --protocol mae                      # the paper's ImageNet probe
 Input size, depth and model come from the checkpoint. Writes --output-dir/log.jsonl (a JSON line
-per epoch or solve) and head.pt (plain dict: heads, feature normalisation, settings; no backbone).
-The last line printed is one JSON object (top1, top5, protocol, probe settings).
+per epoch or solve) and head.pt (heads, feature normalisation, settings; no backbone). The last
+line printed is one JSON object (top1, top5, protocol, probe settings). Features stay in memory.
 """
 import argparse
 import json
@@ -50,8 +47,7 @@ class LARS(torch.optim.Optimizer):
     16384 and lr 6.4, but slow when there are few steps (small data sets; see probe_cached)."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -63,33 +59,29 @@ class LARS(torch.optim.Optimizer):
                 if p.ndim > 1:
                     u = u.add(p, alpha=group["weight_decay"])
                     pn, un = torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)
-                    ok = (pn > 0) & (un > 0)
-                    u = u * torch.where(ok, group["trust_coefficient"] * pn / un, torch.ones_like(pn))
+                    u = u * torch.where((pn > 0) & (un > 0), group["trust_coefficient"] * pn / un, 1.0)
                 mu = self.state[p].setdefault("mu", torch.zeros_like(p))
                 mu.mul_(group["momentum"]).add_(u)
                 p.add_(mu, alpha=-group["lr"])
 
 
 def make_head(dim, num_classes):
-    """RECIPE s5 / MAE: BN without affine (a parameter-free feature standardiser), then Linear,
-    init std 0.01, bias 0."""
+    """RECIPE s5 / MAE: BN without affine (a parameter-free standardiser), Linear init std 0.01."""
     head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
     nn.init.trunc_normal_(head[1].weight, std=0.01)
     nn.init.zeros_(head[1].bias)
     return head
 
 
-def lr_at(epoch, base_lr, warmup, epochs):
-    """MAE's schedule, set every iteration (epoch is fractional): linear warmup, half-cycle cosine."""
-    if epoch < warmup:
+def lr_at(epoch, base_lr, warmup, epochs):   # MAE's, set every iteration (fractional epoch)
+    if epoch < warmup:                          # linear warmup, then half-cycle cosine to 0
         return base_lr * epoch / warmup
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / max(epochs - warmup, 1e-8)))
 
 
-def checksum(model):
-    """(n, 2) float64 sum and sum of squares of every float tensor: proof the backbone is untouched."""
-    ts = [t for t in model.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    return torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in ts]).cpu()
+def checksum(model):                # (n, 2) float64 sum and sum of squares of every float tensor
+    return torch.tensor([[t.double().sum(), t.double().square().sum()] for t in model.state_dict().values()
+                         if isinstance(t, torch.Tensor) and t.is_floating_point()], dtype=torch.float64)
 
 
 def load_backbone(args, device):
@@ -110,21 +102,16 @@ def load_backbone(args, device):
 def make_featurizer(model, keys, args):
     """-> f(images (B, 3, S, S)) -> {(depth, t): (B, D) float32}. One forward_features pass per
     t returns every requested depth (RECIPE s5 probe depth/t ablations, DDAE grid)."""
-    if model is None:                                                   # --baseline pixels
-        def pixels(x):                      # <= 32x32x3 = 3072 dims: area average, then flatten
-            return {keys[0]: (F.adaptive_avg_pool2d(x, 32) if x.shape[-1] > 32 else x).flatten(1).float()}
-        return pixels
+    if model is None:                           # --baseline pixels: <= 32x32x3 = 3072 dims, area-averaged
+        return lambda x: {keys[0]: (F.adaptive_avg_pool2d(x, 32) if x.shape[-1] > 32 else x).flatten(1).float()}
     depths, ts = sorted({d for d, _ in keys}), sorted({t for _, t in keys})
     fwd = torch.compile(model.forward_features) if args.compile else model.forward_features
 
     def feats(x):
-        out = {}
         with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):    # bf16: the fast path
-            for t in ts:
-                for d, f in zip(depths, fwd(x, t=t, depth=depths, noisy=args.noisy_input)):
-                    if (d, t) in keys:
-                        out[(d, t)] = f.float()
-        return out
+            out = {(d, t): f.float() for t in ts for d, f in zip(depths, fwd(x, t=t, depth=depths,
+                                                                          noisy=args.noisy_input))}
+        return {k: out[k] for k in keys}
     return feats
 
 
@@ -139,18 +126,17 @@ def extract(featurize, ds, args, device, rank, world, desc):
             for k, f in featurize(x.to(device, non_blocking=True)).items():
                 chunks.setdefault(k, []).append(f.cpu())
             ys.append(y)
-    out = {k: torch.cat(v) for k, v in chunks.items()}, torch.cat(ys)
-    if world == 1:
-        return out
     m = -(-len(ds) // world)
 
     def gather(t):                              # (n_r, ...) -> (N, ...) in dataset order
+        if world == 1:
+            return t
         pad = torch.zeros((m, *t.shape[1:]), dtype=t.dtype, device=device)
         pad[:len(t)] = t.to(device)
         parts = [torch.empty_like(pad) for _ in range(world)]
         dist.all_gather(parts, pad)
         return torch.stack(parts, 1).reshape(m * world, *t.shape[1:])[:len(ds)].cpu()
-    return {k: gather(v) for k, v in out[0].items()}, gather(out[1])
+    return {k: gather(torch.cat(v)) for k, v in chunks.items()}, gather(torch.cat(ys))
 
 
 def train_head(head, batches, n, accum, base_lr, args, log, tag, net=None):
@@ -200,7 +186,7 @@ def evaluate(head, X, y, device, chunk=65536):                          # X (M, 
     for i in range(0, len(X), chunk):
         logits = head(X[i:i + chunk].to(device))                        # (b, C)
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[i:i + chunk, None].to(device)
-        hits += torch.tensor([float(hit[:, :1].any(1).sum()), float(hit.any(1).sum())])
+        hits += torch.stack([hit[:, 0].sum(), hit.any(1).sum()]).cpu()  # top-1, top-5 hits
     return (100.0 * hits / max(1, len(X))).tolist()
 
 
@@ -213,8 +199,8 @@ def fit_lbfgs(Xtr, ytr, Xev, yev, wd, args, C, device, seed, log=None, tag=None)
     torch.manual_seed(seed)
     head = make_head(D, C).to(device).eval()
     lin = head[1]
-    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=args.max_iter, history_size=20,
-                            tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=args.max_iter, history_size=20, tolerance_grad=1e-6,
+                            tolerance_change=1e-9, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad(set_to_none=True)
@@ -223,7 +209,8 @@ def fit_lbfgs(Xtr, ytr, Xev, yev, wd, args, C, device, seed, log=None, tag=None)
         return loss
     opt.step(closure)                           # runs up to --max-iter iterations
     if log:
-        log({**(tag or {}), "wd": wd, "train_loss": float(closure().detach()), "iterations": opt.state[lin.weight]["n_iter"]})
+        log({**(tag or {}), "wd": wd, "train_loss": float(closure().detach()),
+             "iterations": opt.state[lin.weight]["n_iter"]})
     return head, *evaluate(head, Xev, yev, device)
 
 
@@ -234,13 +221,8 @@ def feature_map(X, whiten, chunk=65536):
     (issue 6) and standardised L-BFGS took > 2000 iterations where whitened took ~300 (measured).
     Zero-variance directions (grayscale's repeated channels) are dropped. Float64 sums, chunked."""
     n, D = X.shape
-    s, ss = torch.zeros(D, dtype=torch.float64), torch.zeros(D, D, dtype=torch.float64)
-    for i in range(0, n, chunk):
-        c = X[i:i + chunk].double()
-        s += c.sum(0)
-        ss += c.T @ c
-    mu = s / n
-    cov = ss / n - torch.outer(mu, mu)                                   # (D, D)
+    mu = sum(X[i:i + chunk].double().sum(0) for i in range(0, n, chunk)) / n                     # (D,)
+    cov = sum((c := X[i:i + chunk].double() - mu).T @ c for i in range(0, n, chunk)) / n          # (D, D)
     if not whiten:
         sd = cov.diagonal().clamp_min(0).sqrt()
         return mu.float(), torch.diag(torch.where(sd > 1e-6, 1 / sd, torch.ones_like(sd))).float()
@@ -251,17 +233,16 @@ def feature_map(X, whiten, chunk=65536):
 
 def probe_cached(Xtr, ytr, Xva, yva, base_lr, args, C, device, log, tag):
     """Issue 6: optimisation must not decide the ranking. (1) Normalise with TRAIN statistics
-    (whitened for lbfgs; standardised for lars, which mimics `mae`). (2) Pick the one free
-    setting (lbfgs: L2 from --wd-grid; lars: lr from --lr-grid x base lr) by top-1 on a seeded held-out part of the TRAIN split
-    (every view of a held-out image is held out), retrain on all of train, score val once. The
-    val labels are touched only by that score (and by --spread, which only reports)."""
+    (whitened for lbfgs; standardised for lars, which mimics `mae`). (2) Choose the one free setting
+    (lbfgs: L2 from --wd-grid; lars: lr from --lr-grid x base lr) by top-1 on a seeded held-out part
+    of TRAIN (all views of a held-out image held out), retrain on all of train, score val once: val
+    labels reach nothing else (--spread only reports)."""
     V, N, D = Xtr.shape
     lbfgs = args.solver == "lbfgs"
     mu, P = feature_map(Xtr.reshape(V * N, D), whiten=lbfgs)            # (D,), (D, r)
     Xtr, Xva = (Xtr - mu) @ P, (Xva - mu) @ P
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed))
-    n_hold = max(1, int(round(N * args.holdout)))
-    hold, fit = perm[:n_hold], perm[n_hold:]
+    hold, fit = perm[:max(1, round(N * args.holdout))], perm[max(1, round(N * args.holdout)):]
     fit_fn, name = (fit_lbfgs, "wd") if lbfgs else (fit_head, "lr")
     grid = args.wd_grid if lbfgs else [base_lr * f for f in args.lr_grid]
     held = {v: fit_fn(Xtr[:, fit], ytr[fit], Xtr[0, hold], ytr[hold], v, args, C, device, args.seed)[1]
@@ -280,39 +261,14 @@ def probe_cached(Xtr, ytr, Xva, yva, base_lr, args, C, device, log, tag):
     return state, top1, top5, info
 
 
-class Views:
-    """A transform switched between passes: one dataset object, so a big folder is scanned once."""
-    def __init__(self, tfs):
-        self.tfs, self.i = tfs, 0
-
-    def __call__(self, img):
-        return self.tfs[self.i](img)
-
-
-def cached_features(featurize, keys, train_ds, views, val_ds, args, device, rank, world):
-    """-> {key: (V, N, D)}, ytr (N,), {key: (M, D)}, yva (M,); kept in --feature-cache if given,
-    which is reused only when made with the same checkpoint (and mtime), data and feature flags."""
-    ident = json.dumps([keys, args.ckpt and os.path.getmtime(args.ckpt)] + [
-        getattr(args, k, None) for k in ("ckpt", "weights", "random_init", "baseline", "dataset", "data_path",
-                                         "input_size", "synthetic_size", "views", "noisy_input", "seed")])
-    if args.feature_cache and os.path.isfile(args.feature_cache):
-        c = torch.load(args.feature_cache, weights_only=True)
-        if c.get("ident") != ident:
-            raise UserError(f"feature cache {args.feature_cache} was made with other settings; delete it "
-                            f"or pass another --feature-cache")
-        print(f"[probe] features read from {args.feature_cache}", flush=True)
-        return c["train"], c["ytr"], c["val"], c["yva"]
+def cached_features(featurize, keys, train_sets, val_ds, args, device, rank, world):
+    """-> {key: (V, N, D)}, ytr (N,), {key: (M, D)}, yva (M,), all in memory (CPU)."""
     per_view = []
     for v in range(args.views):                 # view 0: center crop (as val); 1..K-1: random crops
-        views.i = min(v, 1)
         torch.manual_seed(args.seed + v)        # worker seeds derive from it: reproducible crops
-        per_view.append(extract(featurize, train_ds, args, device, rank, world, f"train view {v}"))
-    tr = {k: torch.stack([f[k] for f, _ in per_view]) for k in keys}
+        per_view.append(extract(featurize, train_sets[min(v, 1)], args, device, rank, world, f"train view {v}"))
     va, yva = extract(featurize, val_ds, args, device, rank, world, "val")
-    if args.feature_cache and rank == 0:
-        torch.save(dict(ident=ident, train=tr, ytr=per_view[0][1], val=va, yva=yva), args.feature_cache + ".tmp")
-        os.replace(args.feature_cache + ".tmp", args.feature_cache)
-    return tr, per_view[0][1], va, yva
+    return {k: torch.stack([f[k] for f, _ in per_view]) for k in keys}, per_view[0][1], va, yva
 
 
 def probe_mae(featurize, key, train_ds, val_ds, base_lr, args, C, device, rank, world, log):
@@ -362,12 +318,8 @@ def main(args):
             raise UserError(msg)
     import pretrain                             # contract: checkpoints, DDP setup
     rank, world, device = pretrain.setup_distributed()
-    model, cfg = None, {}
-    if not pixels:
-        model = load_backbone(args, device)
-        cfg = model.config
-    elif args.ckpt:                             # pixels: the checkpoint only fixes the input size
-        cfg = pretrain.load_checkpoint(args.ckpt)["model_config"]
+    model = None if pixels else load_backbone(args, device)   # pixels: a checkpoint only fixes the size
+    cfg = model.config if model else pretrain.load_checkpoint(args.ckpt)["model_config"] if args.ckpt else {}
     S = cfg.get("img_size")
     if args.input_size is None:
         args.input_size = S or 32
@@ -376,28 +328,22 @@ def main(args):
                         f"--input-size {args.input_size}; drop --input-size or pass {S}")
     S = args.input_size
     before = checksum(model) if model is not None else None
-    if pixels:
-        keys = [(None, None)]
-    elif args.grid:                             # default: depths around the encoder's end (RECIPE s5)
-        L = cfg["depth"]
-        depths = args.grid_depths or list(range(max(1, L // 4), 3 * L // 4 + 1, max(1, L // 8)))
-        keys = [(d, t) for d in depths for t in args.grid_ts]
-    else:
-        keys = [(args.probe_depth or cfg["depth"] // 2, args.probe_t)]
-    if any(not pixels and not 1 <= d <= cfg["depth"] for d, _ in keys):
-        raise UserError(f"probe depths must be in 1..{cfg['depth']} (blocks of {cfg.get('name')}), got "
-                        f"{sorted({d for d, _ in keys})}")
+    L = cfg.get("depth", 0)                     # grid default: depths around the encoder's end (RECIPE s5)
+    depths = (args.grid_depths or list(range(max(1, L // 4), 3 * L // 4 + 1, max(1, L // 8)))) if args.grid else \
+        [args.probe_depth or L // 2]
+    keys = [(None, None)] if pixels else [(d, t) for d in depths for t in (args.grid_ts if args.grid else [args.probe_t])]
+    if not pixels and not all(1 <= d <= L for d in depths):
+        raise UserError(f"probe depths must be in 1..{L} (the blocks of {cfg.get('name')}), got {depths}")
     tf_eval = data.build_transform("eval", S)
     tf_rrc = data.build_transform("rrc", S, scale=(0.08, 1.0))          # MAE's probe crop scale
-    views = Views([tf_eval, tf_rrc])
-    train_ds = data.build_dataset(args, "train", tf_rrc if protocol == "mae" else views)
+    train_ds = data.build_dataset(args, "train", tf_rrc if protocol == "mae" else tf_eval)
+    train_sets = [train_ds] + [data.build_dataset(args, "train", tf_rrc)] * (protocol == "cached" and args.views > 1)
     val_ds = data.build_dataset(args, "val", tf_eval)
     C = data.num_classes(train_ds)
-    if data.num_classes(val_ds) != C or (args.nb_classes and args.nb_classes != C):
-        raise UserError(f"class counts do not fit: train has {C}, val {data.num_classes(val_ds)}"
-                        f"{f', --nb-classes {args.nb_classes}' if args.nb_classes else ''}; fix the data")
-    shape = tuple(val_ds[0][0].shape)
-    if shape != (cfg.get("in_chans", 3), S, S):
+    if data.num_classes(val_ds) != C or (args.nb_classes or C) != C:
+        raise UserError(f"class counts do not fit: train has {C}, val {data.num_classes(val_ds)}, "
+                        f"--nb-classes {args.nb_classes}; point --data-path at matching splits")
+    if (shape := tuple(val_ds[0][0].shape)) != (cfg.get("in_chans", 3), S, S):
         raise UserError(f"images come out as {shape}, the model takes {(cfg.get('in_chans', 3), S, S)}")
     featurize = make_featurizer(model, keys, args)
     base_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
@@ -406,36 +352,33 @@ def main(args):
 
     def log(rec, echo=False):
         if log_f:
-            log_f.write(json.dumps(rec) + "\n")
-            log_f.flush()
+            print(json.dumps(rec), file=log_f, flush=True)
             if echo:
                 print(json.dumps(rec), flush=True)
     t0 = time.time()
     if protocol == "mae":
-        results = {keys[0]: probe_mae(featurize, keys[0], train_ds, val_ds, base_lr, args, C, device, rank, world, log)}
-        t_feat = None
+        results, t_feat = {keys[0]: probe_mae(featurize, keys[0], train_ds, val_ds, base_lr, args, C, device,
+                                              rank, world, log)}, None
     else:
-        tr, ytr, va, yva = cached_features(featurize, keys, train_ds, views, val_ds, args, device, rank, world)
+        tr, ytr, va, yva = cached_features(featurize, keys, train_sets, val_ds, args, device, rank, world)
         t_feat, t0 = time.time() - t0, time.time()
         results = {k: probe_cached(tr[k], ytr, va[k], yva, base_lr, args, C, device, log,
                                    {"depth": k[0], "t": k[1]}) for k in keys}
     t_head = time.time() - t0
-    unchanged = before is None or torch.equal(before, checksum(model))
-    if not unchanged:                           # a bug, not a user error: never report such a number
-        raise RuntimeError("the frozen backbone's weights changed during probing")
+    if not (unchanged := before is None or torch.equal(before, checksum(model))):
+        raise RuntimeError("the frozen backbone's weights changed during probing")   # a bug: no number
     # The headline pair of a grid is chosen on the held-out split (its best held-out top-1), never val.
     best = max(keys, key=lambda k: results[k][3].get("heldout_top1", 0.0)) if len(keys) > 1 else keys[0]
     _, top1, top5, info = results[best]
     what = ("raw pixels (flattened, <= 32x32x3)" if pixels else
             f"random-init {cfg.get('name')} (active blocks)" if args.random_init else
             f"{cfg.get('name')} checkpoint ({args.weights} weights)")
-    res = {"top1": round(top1, 2), "top5": round(top5, 2), "protocol": protocol, "features": what,
-           "depth": best[0], "t": best[1], "noisy_input": args.noisy_input and not pixels, **info,
-           "checkpoint": args.ckpt, "dataset": args.dataset, "input_size": S, "num_classes": C,
-           "epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size,
-           "views": args.views, "n_train": len(train_ds), "n_val": len(val_ds), "backbone_unchanged": unchanged,
-           "seconds_features": t_feat and round(t_feat, 2), "seconds_head": round(t_head, 2),
-           "seconds_total": round(time.time() - t_start, 2)}
+    res = {"top1": round(top1, 2), "top5": round(top5, 2), "protocol": protocol, "features": what, "depth": best[0],
+           "t": best[1], "noisy_input": args.noisy_input and not pixels, **info, "checkpoint": args.ckpt,
+           "dataset": args.dataset, "input_size": S, "num_classes": C, "n_train": len(train_ds), "n_val": len(val_ds),
+           **{k: getattr(args, k) for k in ("epochs", "warmup_epochs", "batch_size", "views", "seed")},
+           "backbone_unchanged": unchanged, "seconds_features": t_feat and round(t_feat, 2),
+           "seconds_head": round(t_head, 2), "seconds_total": round(time.time() - t_start, 2)}
     short = {k: {"top1": round(r[1], 2), "top5": round(r[2], 2), **{n: r[3][n] for n in ("lr", "wd", "heldout_top1")
                                                                  if n in r[3]}} for k, r in results.items()}
     if len(keys) > 1:
@@ -487,7 +430,6 @@ def get_args_parser():
     add("--holdout", type=float, default=0.1, help="cached: train fraction that does the choosing")
     add("--max-iter", type=int, default=500, help="cached lbfgs: iteration cap")
     add("--spread", action="store_true", help="cached: also report val top-1 per grid value")
-    add("--feature-cache", default=None, help="cached: file to keep the features in")
     add("--compile", action="store_true", help="torch.compile the feature pass")
     add("--nb-classes", type=int, default=None, help="expected class count (checked)")
     add("--seed", type=int, default=0)
