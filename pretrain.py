@@ -1,8 +1,8 @@
 """Pre-train an l-DAE (RECIPE s3, s4, s6) -- or a DiT baseline row -- on a CPU, one GPU, or many under torchrun.
 
-Quick start (CPU, synthetic shapes, ~3 min; writes out/tiny/{checkpoint.pt,log.jsonl,grid.png,pca.pt}):
-  python pretrain.py --model vit_tiny --synthetic-size 1024 --epochs 10 --warmup-epochs 1 --batch-size 64 \
-      --lr 2e-3 --ema 0.999 --pca-images 500 --num-workers 1 --log-every 4 --save-every 5 --grid-every 5 \
+Quick start (CPU, synthetic shapes, 1-3 min; writes out/tiny/{checkpoint.pt,log.jsonl,grid.png,pca.pt}):
+  python pretrain.py --model vit_tiny --synthetic-size 1024 --epochs 8 --warmup-epochs 1 --batch-size 64 \
+      --lr 2e-3 --ema 0.999 --pca-images 500 --num-workers 1 --log-every 4 --save-every 4 --grid-every 4 \
       --output-dir out/tiny
 Same with DDP (2 CPU processes over gloo; same losses as one process with --accum-iter 2):
   torchrun --nproc_per_node=2 pretrain.py --model vit_tiny ...same flags... --output-dir out/tiny_ddp
@@ -178,9 +178,6 @@ class Indexed(torch.utils.data.Dataset):
     def __init__(self, base, seed):
         self.base, self.seed = base, seed
 
-    def __len__(self):
-        return len(self.base)
-
     def __getitem__(self, key):
         with torch.random.fork_rng(devices=[]):   # torchvision transforms use the global CPU RNG
             torch.manual_seed(mix_seed(self.seed, 1, *key))
@@ -199,9 +196,6 @@ class GlobalBatchSampler:
 
     def set_epoch(self, epoch, start_step=0):
         self.epoch, self.start = epoch, start_step
-
-    def __len__(self):
-        return (self.n // self.G - self.start) * self.accum
 
     def __iter__(self):
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed(self.seed, 2, self.epoch)))
@@ -283,12 +277,14 @@ def get_pca(args, cfg, rank, world, device, train_base):
             raise UserError(f"cannot read --pca file {args.pca} ({type(e).__name__}: {str(e)[:200]})") from None
     else:
         path = os.path.join(args.output_dir, "pca.pt")
-        if rank == 0:
+        if rank == 0:   # RECIPE s2: fit on DiT center crops (as tokenizer_pca.py), never on random crops
+            fit_ds = train_base if args.aug == "center" else \
+                data.build_dataset(args, "train", data.build_transform("center", cfg["img_size"]))
             print(f"[pca] fitting on {args.pca_images} train images (RECIPE s2) -> {path}", flush=True)
-            fit_pca(train_base, cfg["patch_size"], args.pca_images, center=args.pca_center, seed=args.seed,
+            fit_pca(fit_ds, cfg["patch_size"], args.pca_images, center=args.pca_center, seed=args.seed,
                     device=device, num_workers=args.num_workers, meta={"dataset": args.dataset}).save(path)
         if world > 1:
-            dist.barrier()
+            dist.barrier()                                # (one node, or a shared OUTPUT_DIR)
         pca = PatchPCA.load(path)
     if pca.patch_size != cfg["patch_size"] or pca.channels != cfg.get("in_chans", 3):
         raise UserError(f"the PCA {args.pca or ''} has {pca.patch_size}px x {pca.channels}ch patches but --model "
@@ -415,7 +411,7 @@ def benchmark(args, rank, world, device):
     C = cfg.get("latent_channels", 3) if cfg.get("input") == "latents" else 3
     S = cfg.get("latent_size") if cfg.get("input") == "latents" else cfg["img_size"]
     x, y = torch.rand(m, C, S, S, device=device) * 2 - 1, torch.zeros(m, dtype=torch.long, device=device)
-    secs = time_steps(engine, x, y, args.benchmark)
+    secs = time_steps(engine, x, y, args.benchmark, warmup=10 if args.compile else 3)   # compile: 2 graphs
     ips, flops = args.benchmark * args.batch_size / secs, model.train_flops_per_image()
     tflops = ips * flops / world / 1e12                         # achieved, per device
     peak, name = args.peak_tflops, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
