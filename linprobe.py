@@ -425,7 +425,7 @@ def get_args_parser():
     add("--grid-depths", type=ints, default=None, help="e.g. 6,9,12 (default: around depth/2)")
     add("--grid-ts", type=ints, default=[0, 10, 20, 40, 80], help="RECIPE s5's t values")
     add("--solver", choices=("lbfgs", "lars"), default="lbfgs", help="cached: converge, or mae's LARS")
-    add("--wd-grid", type=floats, default=[1e-4, 1e-3, 1e-2], help="cached lbfgs: L2 values swept")
+    add("--wd-grid", type=floats, default=[1e-5, 1e-4, 1e-3, 1e-2, 1e-1], help="cached lbfgs: L2 values swept")
     add("--lr-grid", type=floats, default=[0.25, 0.5, 1, 2, 4], help="cached lars: lr factors swept")
     add("--holdout", type=float, default=0.1, help="cached: train fraction that does the choosing")
     add("--max-iter", type=int, default=500, help="cached lbfgs: iteration cap")

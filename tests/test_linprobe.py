@@ -1,0 +1,287 @@
+"""linprobe.py on tiny CPU configs (issues 4 and 6): LARS against its definition, the probe on
+separable features, selection that never sees the test split, the frozen backbone, both protocols
+end to end on checkpoints made by pretrain.main, the baselines, and every user error."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import ldae
+import linprobe
+import pretrain
+from data import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pretrain_ckpt(out, *extra):
+    """A vit_tiny checkpoint written by pretrain.main (32 px synthetic shapes, 4 px patches)."""
+    argv = ["--model", "vit_tiny", "--synthetic-size", "48", "--batch-size", "8", "--epochs", "1",
+            "--warmup-epochs", "0.5", "--lr", "1e-3", "--ema", "0", "--num-workers", "0", "--pca-images", "48",
+            "--output-dir", str(out), "--log-every", "100", "--save-every", "100", "--grid-every", "100", *extra]
+    pretrain.main(pretrain.get_args_parser().parse_args(argv))
+    return str(out / "checkpoint.pt")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return pretrain_ckpt(tmp_path_factory.mktemp("tiny"))
+
+
+def probe_args(*argv):
+    return linprobe.get_args_parser().parse_args(list(argv))
+
+
+def probe(ckpt, out, *extra):
+    """Small, fast probe settings: 120 train / 60 val synthetic images, 4 epochs."""
+    return linprobe.main(probe_args(*([ckpt] if ckpt else []), "--synthetic-size", "120", "--synthetic-val-size",
+                                    "60", "--epochs", "4", "--warmup-epochs", "1", "--batch-size", "32",
+                                    "--num-workers", "0", "--output-dir", str(out), *extra))
+
+
+def blobs(n, d=16, c=4, seed=0, sep=4.0):
+    """Linearly separable Gaussian blobs: (n, d) features, labels (n,); one dominant nuisance
+    direction (scale 100) makes them badly conditioned, as network features are (issue 6)."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(c, d, generator=torch.Generator().manual_seed(123)) * sep
+    y = torch.arange(n) % c
+    x = means[y] + torch.randn(n, d, generator=g)
+    x[:, 0] += 100 * torch.randn(n, generator=g)
+    return x, y
+
+
+# ---------------------------------------------------------------------------------------------
+# LARS, schedule, head
+# ---------------------------------------------------------------------------------------------
+def test_lars_matches_its_definition_step_by_step():
+    torch.manual_seed(0)
+    W, b, Z = torch.randn(3, 4), torch.randn(3), torch.zeros(2, 2)     # matrix, 1-D, zero matrix
+    params = [p.clone().requires_grad_() for p in (W, b, Z)]
+    lr, wd, mom, eta = 0.5, 0.1, 0.9, 0.001
+    opt = linprobe.LARS(params, lr=lr, weight_decay=wd, momentum=mom, trust_coefficient=eta)
+    ref = [W.clone(), b.clone(), Z.clone()]
+    bufs = [torch.zeros_like(p) for p in ref]
+    for step in range(4):
+        grads = [torch.randn(p.shape) for p in ref]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, (p, g) in enumerate(zip(ref, grads)):             # the definition, by hand
+            if p.ndim > 1:
+                u = g + wd * p
+                ratio = eta * p.norm() / u.norm() if p.norm() > 0 and u.norm() > 0 else 1.0
+                u = u * ratio
+            else:
+                u = g                                              # no decay, no trust ratio
+            bufs[i] = mom * bufs[i] + u
+            ref[i] = p - lr * bufs[i]
+        for p, r in zip(params, ref):
+            assert torch.allclose(p.detach(), r, atol=1e-6), step
+    # the 1-D parameter moved by exactly lr * (momentum sum of raw gradients): a big step, while
+    # the weight matrix moved by ~ lr * eta * ||W|| per step only
+    assert (params[1].detach() - b).abs().max() > 0.3
+    assert (params[0].detach() - W).norm() < 4 * 10 * lr * eta * W.norm()
+
+
+def test_lr_schedule_and_head_init():
+    f = lambda e: linprobe.lr_at(e, 6.4, 10, 90)  # noqa: E731
+    assert f(0) == 0 and f(5) == pytest.approx(3.2) and f(10) == pytest.approx(6.4)
+    assert f(50) == pytest.approx(3.2) and f(90) == pytest.approx(0, abs=1e-12)
+    torch.manual_seed(0)
+    head = linprobe.make_head(768, 1000)
+    bn, lin = head
+    assert isinstance(bn, torch.nn.BatchNorm1d) and not bn.affine and bn.eps == 1e-6
+    assert lin.weight.std().item() == pytest.approx(0.01, rel=0.05) and lin.bias.abs().max() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The cached probe: accuracy, conditioning, selection
+# ---------------------------------------------------------------------------------------------
+def cached_args(*extra):
+    return probe_args("--epochs", "30", "--warmup-epochs", "3", "--batch-size", "64", *extra)
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "lars"])
+def test_probe_reaches_high_accuracy_on_separable_features(solver):
+    Xtr, ytr = blobs(400)
+    Xva, yva = blobs(200, seed=1)
+    args = cached_args("--solver", solver)
+    state, top1, top5, info = linprobe.probe_cached(Xtr[None], ytr, Xva, yva, 1.0, args, 4, torch.device("cpu"),
+                                                    lambda rec: None, {})
+    assert top1 > 97 and top5 == 100 and info["heldout_top1"] > 95
+    assert info["features_normalised"] == ("whitened" if solver == "lbfgs" else "standardised")
+    # the saved head reproduces the score on raw features: (x - mean) @ map, then BN + Linear
+    head = linprobe.make_head(state["feature_map"].shape[1], 4)
+    head.load_state_dict(state["head"])
+    head.eval()
+    pred = head((Xva - state["feature_mean"]) @ state["feature_map"]).argmax(1)
+    assert (pred == yva).float().mean().item() * 100 == pytest.approx(top1)
+
+
+def test_selection_never_touches_the_test_split():
+    Xtr, ytr = blobs(300, sep=0.8)                                      # overlapping: choices matter
+    Xva, yva = blobs(150, seed=1, sep=0.8)
+    args = cached_args("--solver", "lars", "--lr-grid", "0.01,0.1,1,10")
+    run = lambda y: linprobe.probe_cached(Xtr[None], ytr, Xva, y, 1.0, args, 4, torch.device("cpu"),  # noqa: E731
+                                          lambda rec: None, {})
+    s1, top1, _, info1 = run(yva)
+    s2, top1_garbage, _, info2 = run(yva[torch.randperm(len(yva), generator=torch.Generator().manual_seed(5))])
+    assert info1["lr"] == info2["lr"] and info1["heldout_top1_by_lr"] == info2["heldout_top1_by_lr"]
+    assert all(torch.equal(s1["head"][k], s2["head"][k]) for k in s1["head"])
+    assert len(set(info1["heldout_top1_by_lr"].values())) > 1          # the grid did discriminate
+    assert top1_garbage < top1 - 20                                      # the val labels were indeed garbage
+
+
+def test_whitening_makes_lbfgs_converge_on_badly_conditioned_features():
+    Xtr, ytr = blobs(400)
+    mu, P = linprobe.feature_map(Xtr, whiten=True)
+    Z = (Xtr - mu) @ P
+    assert torch.allclose(Z.T @ Z / len(Z), torch.eye(P.shape[1]), atol=1e-3)
+    dup = torch.cat([Xtr, Xtr], 1)                                       # repeated channels: rank 16 of 32
+    assert linprobe.feature_map(dup, whiten=True)[1].shape == (32, 16)
+    mu, P = linprobe.feature_map(Xtr, whiten=False)
+    assert torch.allclose(((Xtr - mu) @ P).std(0), torch.ones(16), atol=0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on pretrain.main checkpoints
+# ---------------------------------------------------------------------------------------------
+def test_cached_run_outputs_and_unchanged_backbone(ckpt, tmp_path, capsys):
+    res = probe(ckpt, tmp_path, "--protocol", "cached", "--solver", "lars")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1]) == json.loads(json.dumps(res))           # the LAST line is the JSON
+    assert out[-2].startswith("top-1 ") and "top-5" in out[-2]
+    assert res["protocol"] == "cached" and res["depth"] == 2 and res["t"] == 10 and res["backbone_unchanged"]
+    assert res["selection"].startswith("best top-1 on a held-out 10% of train")
+    logs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["epoch"] for r in logs] == [1, 2, 3, 4]                    # a JSON line per epoch
+    saved = torch.load(tmp_path / "head.pt", weights_only=True)
+    assert set(saved["heads"]) == {"depth2_t10"} and saved["settings"]["top1"] == res["top1"]
+    assert saved["heads"]["depth2_t10"]["head"]["1.weight"].shape == (10, 64)
+    assert not any(k.startswith("blocks") for k in saved["heads"]["depth2_t10"]["head"])
+
+
+def test_a_backbone_that_changes_is_caught(ckpt, tmp_path, monkeypatch):
+    orig = ldae.LDAE.forward_features
+
+    def sneaky(self, *a, **k):                                           # a bug that updates a weight
+        self.blocks[0].attn.qkv.weight.data.add_(1e-3)
+        return orig(self, *a, **k)
+    monkeypatch.setattr(ldae.LDAE, "forward_features", sneaky)
+    with pytest.raises(RuntimeError, match="frozen backbone"):
+        probe(ckpt, tmp_path, "--protocol", "cached", "--lr-grid", "1")
+
+
+def test_cached_and_mae_protocols_agree(ckpt, tmp_path):
+    # Same model, data, head, LARS, lr and schedule (30 epochs x 11 steps: near convergence); the
+    # differences are the protocols' own: mae sees random crops and BN batch statistics, cached the
+    # center crop and standardised features. Overlapping classes (~80%), so agreement means something.
+    root = write_colour_folder(tmp_path / "colours", jitter=0.2)
+    common = ("--random-init", "--dataset", "imagefolder", "--data-path", root, "--input-size", "32",
+              "--epochs", "30", "--warmup-epochs", "3", "--batch-size", "16", "--lr", "2.0")
+    mae = probe(ckpt, tmp_path / "mae", "--protocol", "mae", *common)
+    cached = probe(ckpt, tmp_path / "cached", "--protocol", "cached", "--solver", "lars", "--lr-grid", "1", *common)
+    assert mae["lr"] == cached["lr"] == 2.0 and mae["solver"] == cached["solver"]
+    assert 60 < mae["top1"] < 97 and 60 < cached["top1"] < 97            # measured: 82.5 and 82.5
+    assert abs(mae["top1"] - cached["top1"]) <= 8                         # 120 val images
+
+
+def test_grid_one_pass_per_t_and_a_table(ckpt, tmp_path, monkeypatch, capsys):
+    calls = []
+    orig = ldae.LDAE.forward_features
+    monkeypatch.setattr(ldae.LDAE, "forward_features", lambda self, x, t=10, depth=None, noisy=False: (
+        calls.append((t, tuple(depth))) or orig(self, x, t, depth, noisy)))
+    res = probe(ckpt, tmp_path, "--grid", "--grid-depths", "1,2", "--grid-ts", "0,50", "--wd-grid", "1e-3")
+    assert sorted(set(calls)) == [(0, (1, 2)), (50, (1, 2))]             # all depths in each pass
+    assert len(calls) == 2 * 2                                            # one pass per t, train + val
+    assert {(r["depth"], r["t"]) for r in res["grid"]} == {(1, 0), (1, 50), (2, 0), (2, 50)}
+    best = max(res["grid"], key=lambda r: r["heldout_top1"])              # headline: chosen on held-out
+    assert (res["depth"], res["t"]) == (best["depth"], best["t"])
+    out = capsys.readouterr().out
+    assert "depth \\ t" in out and len(torch.load(tmp_path / "head.pt", weights_only=True)["heads"]) == 4
+
+
+@pytest.mark.skipif(not os.environ.get("LDAE_SLOW_TESTS"), reason="opt-in (LDAE_SLOW_TESTS=1): 3-7 min on "
+                    "2 CPU cores, and on synthetic shapes the margin is small (measured 19.0 vs 15.4 top-1 on 500 "
+                    "val images), too small to be reliable in CI")
+def test_briefly_pretrained_ldae_beats_random_init(tmp_path):
+    # The README quick start: vit_tiny, 10 epochs of 2048 synthetic shapes, then the cached probe.
+    ck = pretrain_ckpt(tmp_path / "run", "--synthetic-size", "2048", "--epochs", "10", "--warmup-epochs", "1",
+                       "--batch-size", "64", "--ema", "0.999", "--pca-images", "500")
+    common = ("--protocol", "cached", "--synthetic-size", "2000", "--num-workers", "0")
+    trained = linprobe.main(probe_args(ck, "--output-dir", str(tmp_path / "a"), *common))
+    rand = linprobe.main(probe_args(ck, "--random-init", "--output-dir", str(tmp_path / "b"), *common))
+    assert trained["top1"] > rand["top1"], (trained["top1"], rand["top1"])
+
+
+def test_random_init_has_active_blocks_not_pooled_embeddings(ckpt):
+    args = probe_args(ckpt, "--random-init")
+    model = linprobe.load_backbone(args, torch.device("cpu"))
+    x = torch.stack([data.SyntheticShapes(4, 32, transform=data.build_transform("center", 32))[i][0]
+                     for i in range(4)])
+    with torch.no_grad():
+        xp = model.add_noise(x, torch.zeros(4, dtype=torch.long))       # the clean input the probe uses
+        pooled = (model.x_embedder(xp) + model.pos_embed).mean(1)       # (B, D) what zero gates give
+        feats = model.forward_features(x)
+        assert (feats - pooled).abs().max() > 0.1 * pooled.abs().max()
+        model.init_weights(active=False)                                 # DiT init: blocks are identity
+        xp_pooled = (model.x_embedder(xp) + model.pos_embed).mean(1)
+        assert torch.allclose(model.forward_features(x), xp_pooled, atol=1e-5)
+
+
+def write_colour_folder(root, jitter, n_train=60, n_val=40, size=32):
+    """Three classes (reddish / greenish / bluish flat images + pixel noise) in root/{train,val}.
+    jitter: per-image colour noise; small -> linearly separable, 0.2 -> classes overlap."""
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, name in enumerate(("red", "green", "blue")):
+            os.makedirs(root / split / name)
+            for i in range(n):
+                colour = 0.35 + jitter * torch.randn(3, 1, 1, generator=g)
+                colour[c] += 0.3
+                img = (colour + 0.1 * torch.rand(3, size, size, generator=g)).clamp(0, 1)
+                Image.fromarray((img.permute(1, 2, 0).numpy() * 255).astype("uint8")).save(root / split / name / f"{i}.png")
+    return str(root)
+
+
+def test_pixel_baseline_separates_a_separable_toy_set(tmp_path):
+    root = write_colour_folder(tmp_path / "colours", jitter=0.03)
+    res = probe(None, tmp_path / "out", "--baseline", "pixels", "--dataset", "imagefolder", "--data-path", root,
+                "--input-size", "32", "--protocol", "cached")
+    assert res["features"].startswith("raw pixels") and res["top1"] == 100 and res["n_val"] == 120
+
+
+def test_every_bad_input_has_its_message(ckpt, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        probe(str(tmp_path / "nope.pt"), tmp_path)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="other.pt is not a.*checkpoint"):
+        probe(str(tmp_path / "other.pt"), tmp_path)
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(UserError, match="text.pt"):
+        probe(str(tmp_path / "text.pt"), tmp_path)
+    with pytest.raises(UserError, match="takes 32x32 images.*--input-size 64"):
+        probe(ckpt, tmp_path, "--input-size", "64")
+    with pytest.raises(UserError, match="class counts do not fit: train has 10.*--nb-classes 5"):
+        probe(ckpt, tmp_path, "--nb-classes", "5")
+    with pytest.raises(UserError, match="probe depths must be in 1..4"):
+        probe(ckpt, tmp_path, "--probe-depth", "7")
+    for flags, msg in [(("--grid", "--protocol", "mae"), "--grid needs --protocol cached"),
+                       (("--baseline", "pixels", "--random-init"), "--baseline pixels has no network"),
+                       (("--views", "0", "--protocol", "cached"), "must be >= 1"),
+                       (("--warmup-epochs", "9"), "--warmup-epochs must be in")]:
+        with pytest.raises(UserError, match=msg):
+            probe(ckpt, tmp_path, *flags)
+    with pytest.raises(UserError, match="give the checkpoint"):
+        probe(None, tmp_path)
+
+
+def test_cli_error_exits_2_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "linprobe.py"), str(tmp_path / "missing.pt")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: checkpoint") and "Traceback" not in r.stderr
