@@ -124,7 +124,7 @@ def get_args_parser():
     a("--min-lr", type=float, default=0.0)
     a("--warmup-epochs", type=float, default=100)
     a("--weight-decay", type=float, default=0.0, help="paper: 0 (if > 0: matrices only, as MAE)")
-    a("--ema", type=float, default=0.9999, help="EMA decay, 0 = off (EMA kept in fp32)")
+    a("--ema", type=float, default=0.9999, help="EMA decay (warmed up as (1+step)/(10+step)), 0 = off")
     a("--clip-grad", type=float, default=None, help="max grad norm (default: no clipping)")
     a("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
       help="auto: bf16 on CUDA if supported, else fp16 + GradScaler; fp32 on CPU")
@@ -353,7 +353,10 @@ class Engine:
         self.scaler.update() if self.scaler else None
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
-            torch._foreach_lerp_(self.ema_params, [p.detach() for p in self.params], 1.0 - self.args.ema)
+            # decay warms up as (1 + s) / (10 + s) -> --ema: early EMA weights are not mostly the
+            # random init, which matters for short runs; a pure function of the step (exact resume)
+            decay = min(self.args.ema, (1 + step) / (10 + step))
+            torch._foreach_lerp_(self.ema_params, [p.detach() for p in self.params], 1.0 - decay)
         mean = total / accum
         self.acc += torch.stack([mean, torch.ones_like(mean)]).repeat(2)
         # fp16: an inf gradient now and then is normal (GradScaler skips that step); else it is divergence
