@@ -8,6 +8,30 @@ Every script (tokenizer_pca.py, pretrain.py, linprobe.py) gets its data from her
   fashion-mnist torchvision's FashionMNIST; offline from a folder of the original gz files, e.g.
                 Debian's `apt-get install dataset-fashion-mnist` -> /usr/share/datasets/fashion-mnist
   cifar10       torchvision's CIFAR10 (--download, or a folder holding cifar-10-batches-py)
+  packed        a uint8 file written once by `python data.py pack` (below): no JPEG decoding in training
+
+Feeding a GPU (issue 7). PIL decoding + RandomResizedCrop of an ImageNet JPEG costs ~5-10 ms of one
+CPU core (`python data.py bench` measures it), while vit_b trains at ~1,790 img/s per H100 at 50% MFU,
+i.e. ~10-20 cores per GPU. Two ways out, both same transforms and [-1, 1] output:
+  --dataset packed    decode once: `pack` stores every image resized (shorter side) + center-cropped to
+                      S x S as one uint8 .npy memmap (N, 3, S, S) plus FILE.meta.pt (labels, classes).
+                      Training only crops/resizes uint8 tensors. Pick S = --input-size for the "center"
+                      ablations (then bit-identical to the imagefolder path) and S = 288-320 for rrc
+                      (crops of 20% of the area still come from >= 256 x 0.45 px; 256 would upsample
+                      them more). ImageNet train: N x 3 x S^2 bytes = 252 GB at 256, 318 GB at 288.
+                      Note the square crop drops the sides of non-square photos before rrc.
+                      `{split}` in --data-path is replaced by train/val; without it one file serves
+                      both splits (every 10th image per class is val, as for a flat imagefolder).
+  --decode gpu        (imagefolder) workers only read the encoded bytes; data.batch_to_images decodes
+                      them with torchvision.io.decode_jpeg(device="cuda") (nvJPEG, batched) and
+                      crops/resizes/flips on the GPU (decode_batch). The training loop needs
+                      collate_fn=data.collate and x = data.batch_to_images(x, device).
+
+Commands (this file):
+  python data.py pack --dataset imagefolder --data-path /data/imagenet --split train --input-size 288 \
+      --out /data/in1k_train_288.u8 --num-workers 16          # then: --dataset packed --data-path FILE
+  python data.py bench --data-path /tmp/jpegs --make 1000 --input-size 256 --workers 0,1,2
+      (--make N writes N synthetic 500x375 q90 JPEGs first if the folder does not exist)
 
 Examples (through any script that calls add_data_args):
   python tokenizer_pca.py --dataset synthetic --input-size 32 --patch-size 4 --out /tmp/pca.pt
@@ -19,18 +43,25 @@ Convention (contract): images are float (3, H, W) in [-1, 1] (DiT normalisation,
 grayscale is repeated to 3 channels. Bad user input raises UserError; run_cli turns it into
 `error: <msg>` on stderr and exit status 2, without a traceback.
 """
+import argparse
+import collections
+import contextlib
 import gzip
 import math
 import os
+import resource
 import shutil
 import sys
+import time
 
+import numpy as np
 import torch
 import torchvision
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
-DATASETS = ("synthetic", "imagefolder", "fashion-mnist", "cifar10")
+DATASETS = ("synthetic", "imagefolder", "fashion-mnist", "cifar10", "packed")
+BICUBIC = T.InterpolationMode.BICUBIC
 
 
 class UserError(Exception):
@@ -66,7 +97,11 @@ def add_data_args(parser):
                    help="synthetic needs no files; the others read --data-path")
     g.add_argument("--data-path", default=None,
                    help="imagefolder: root/ (class folders) or root/{train,val}; fashion-mnist: folder "
-                        "with the original *-ubyte(.gz) files; cifar10: folder with cifar-10-batches-py")
+                        "with the original *-ubyte(.gz) files; cifar10: folder with cifar-10-batches-py; "
+                        "packed: the file from `python data.py pack` ({split} -> train/val)")
+    g.add_argument("--decode", default="pil", choices=["pil", "gpu"],
+                   help="imagefolder: pil = decode + augment in the DataLoader workers; gpu = workers read "
+                        "JPEG bytes, data.batch_to_images decodes + augments on the training device")
     g.add_argument("--download", action="store_true",
                    help="fashion-mnist/cifar10: let torchvision download into --data-path (needs internet)")
     g.add_argument("--input-size", type=int, default=256, help="image side in pixels (paper: 256)")
@@ -81,17 +116,32 @@ def add_data_args(parser):
 
 # ---------------------------------------------------------------------------------------------
 # Transforms. All start by forcing RGB (grayscale Fashion-MNIST -> 3 equal channels, contract)
-# and end in [-1, 1] = Normalize(0.5, 0.5) as in DiT.
+# and end in [-1, 1] = Normalize(0.5, 0.5) as in DiT. They take a PIL image or a uint8 (C, H, W)
+# tensor (packed format): torchvision's geometric ops run on both, with the same random draws.
 # ---------------------------------------------------------------------------------------------
 class ToRGB:
     """A class, not a lambda, so transforms pickle for spawn-started DataLoader workers."""
 
     def __call__(self, img):
+        if isinstance(img, torch.Tensor):                     # uint8 (C, H, W)
+            return img.expand(3, -1, -1) if img.shape[0] == 1 else img
         return img.convert("RGB") if img.mode != "RGB" else img
 
 
+class ToFloat:
+    """T.ToTensor for PIL; uint8 tensor -> the same float / 255 (bit-identical values)."""
+
+    def __call__(self, img):
+        return img.float().div(255) if isinstance(img, torch.Tensor) else T.functional.to_tensor(img)
+
+
+def eval_resize(input_size):
+    """Shorter side before the eval center crop: x256/224 (MAE), except below 64 px (see below)."""
+    return int(round(input_size * 256 / 224)) if input_size >= 64 else input_size
+
+
 def build_transform(kind, input_size, scale=(0.2, 1.0)):
-    """kind: "center" | "rrc" | "eval"; returns PIL image -> (3, input_size, input_size) in [-1, 1].
+    """kind: "center" | "rrc" | "eval"; PIL image or uint8 tensor -> (3, input_size, input_size) in [-1, 1].
 
     center: DiT's ablation setting (RECIPE s6): shorter side resized to input_size, center crop.
             Bicubic with antialias approximates DiT's box-then-bicubic downscaling.
@@ -100,19 +150,20 @@ def build_transform(kind, input_size, scale=(0.2, 1.0)):
     eval:   probe evaluation (RECIPE s5, MAE): resize to input_size * 256/224, center crop. Below
             64 px the 256/224 margin would crop away real content of tiny images (28-32 px
             datasets are already object-centred), so there we only resize + center crop.
+    The result carries .kind/.size/.scale, which --decode gpu re-does on the device (decode_batch).
     """
-    bicubic = T.InterpolationMode.BICUBIC
     if kind == "center":
-        geo = [T.Resize(input_size, interpolation=bicubic, antialias=True), T.CenterCrop(input_size)]
+        geo = [T.Resize(input_size, interpolation=BICUBIC, antialias=True), T.CenterCrop(input_size)]
     elif kind == "rrc":
-        geo = [T.RandomResizedCrop(input_size, scale=tuple(scale), interpolation=bicubic, antialias=True),
+        geo = [T.RandomResizedCrop(input_size, scale=tuple(scale), interpolation=BICUBIC, antialias=True),
                T.RandomHorizontalFlip()]
     elif kind == "eval":
-        resize = int(round(input_size * 256 / 224)) if input_size >= 64 else input_size
-        geo = [T.Resize(resize, interpolation=bicubic, antialias=True), T.CenterCrop(input_size)]
+        geo = [T.Resize(eval_resize(input_size), interpolation=BICUBIC, antialias=True), T.CenterCrop(input_size)]
     else:
         raise UserError(f"unknown transform kind {kind!r}; use center, rrc or eval")
-    return T.Compose([ToRGB(), *geo, T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    tf = T.Compose([ToRGB(), *geo, ToFloat(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    tf.kind, tf.size, tf.scale = kind, input_size, tuple(scale)
+    return tf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,16 +287,187 @@ def _build_imagefolder(path, split, transform):
                         f"(extensions {', '.join(torchvision.datasets.folder.IMG_EXTENSIONS)})")
     where = root
     if not has_splits:
-        # One flat folder serves both splits: hold out every 10th image per class for val so
-        # the probe is never scored on its own training images.
-        seen, keep = {}, []
-        for i, (_, y) in enumerate(ds.samples):
-            k = seen.get(y, 0)
-            seen[y] = k + 1
-            if (k % 10 == 0) == (split == "val"):
-                keep.append(i)
-        ds, where = torch.utils.data.Subset(ds, keep), f"{root} (flat root: every 10th image per class is val)"
+        ds, where = Subset(ds, _holdout(ds.targets, split)), f"{root} (flat root: every 10th image per class is val)"
     return ds, where
+
+
+def _holdout(labels, split):
+    """One flat folder / packed file serves both splits: every 10th image per class is val, so
+    the probe is never scored on its own training images. -> indices of `split`."""
+    seen, keep = {}, []
+    for i, y in enumerate(labels):
+        k = seen.get(int(y), 0)
+        seen[int(y)] = k + 1
+        if (k % 10 == 0) == (split == "val"):
+            keep.append(i)
+    return keep
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed format (`python data.py pack`): FILE is a .npy of uint8 (N, 3, S, S), every image decoded
+# once, shorter side resized to S (bicubic, antialias: the "center" transform's PIL ops) and
+# center-cropped; FILE.meta.pt is {"version", "shape", "size", "labels" (N,) int64, "classes",
+# "source"} (torch.load weights_only). Channels-first so an item is a zero-copy (3, S, S) view.
+# ---------------------------------------------------------------------------------------------
+PACK_CMD = "python data.py pack --dataset imagefolder --data-path DIR --split train --input-size 288 --out"
+
+
+class Packed(Dataset):
+    def __init__(self, path, transform=None):
+        meta_path = path + ".meta.pt"
+        if not os.path.isfile(path):
+            raise UserError(f"packed file {path} does not exist; write it once with `{PACK_CMD} {path}`")
+        if not os.path.isfile(meta_path):
+            raise UserError(f"{meta_path} (labels, classes) is missing, so {path} was not written to the "
+                            f"end; re-run `{PACK_CMD} {path}`")
+        try:
+            meta = torch.load(meta_path, weights_only=True)
+            arr = np.load(path, mmap_mode="r")                # reads the header only
+        except Exception as e:
+            raise UserError(f"{path} is not a packed uint8 file ({type(e).__name__}: {str(e)[:200]}); "
+                            f"re-write it with `{PACK_CMD} {path}`") from None
+        if not (isinstance(meta, dict) and meta.get("version") == 1 and arr.dtype == np.uint8
+                and list(arr.shape) == meta.get("shape") and arr.ndim == 4 and arr.shape[1] == 3
+                and arr.shape[2] == arr.shape[3] and len(meta["labels"]) == len(arr)):
+            raise UserError(f"{path} (shape {tuple(arr.shape)}, {arr.dtype}) does not match {meta_path} "
+                            f"(shape {meta.get('shape') if isinstance(meta, dict) else '?'}); re-write both "
+                            f"with `{PACK_CMD} {path}`")
+        self.path, self.transform, self.size = path, transform, arr.shape[2]
+        self.labels, self.classes = meta["labels"].tolist(), list(meta["classes"])
+        self._arr = None
+
+    def __getstate__(self):   # a memmap pickles as a full in-memory copy: re-open it in each worker
+        return {**self.__dict__, "_arr": None}
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        if self._arr is None:  # "c" = copy-on-write: writable for torch.from_numpy, never written back
+            self._arr = np.load(self.path, mmap_mode="c")
+        x = torch.from_numpy(self._arr[i])                        # (3, S, S) uint8, pages of the file
+        return (self.transform(x) if self.transform is not None else x), self.labels[i]
+
+
+def _build_packed(path, split, transform):
+    if not path:
+        raise UserError(f"--dataset packed needs --data-path FILE, written once by `{PACK_CMD} FILE`")
+    ds = Packed(path.replace("{split}", split), transform)
+    want = getattr(transform, "size", 0)
+    if ds.size < want:
+        raise UserError(f"{ds.path} holds {ds.size}x{ds.size} images, smaller than --input-size {want}; "
+                        f"re-pack at --input-size {want} (center) or 288-320 (rrc)")
+    if getattr(transform, "kind", None) == "center" and ds.size != want:
+        print(f"[data] note: {ds.path} is {ds.size}px; center crops at {want}px resize a second time "
+              f"(pack at --input-size {want} for the exact DiT ablation input)")
+    if "{split}" in path:
+        return ds, ds.path
+    return Subset(ds, _holdout(ds.labels, split)), f"{ds.path} (one file: every 10th image per class is val)"
+
+
+# ---------------------------------------------------------------------------------------------
+# --decode gpu: DataLoader workers only read the encoded files; the training process decodes a
+# whole batch with torchvision.io.decode_jpeg(list, device="cuda") (nvJPEG) and does the crop /
+# resize / flip on the GPU. The rrc draws come from a per-image seed taken from the torch RNG in
+# __getitem__, so they stay a pure function of (seed, epoch, index) under pretrain.Indexed.
+# ---------------------------------------------------------------------------------------------
+RawImages = collections.namedtuple("RawImages", "jpegs seeds names kind size scale")
+RawImages.__doc__ = """An item (B = 1) or batch of encoded images: jpegs = B uint8 1-D tensors (file
+bytes), seeds = B ints (rrc draws), names = B paths (errors), and the transform to apply."""
+
+
+class JpegFolder(Dataset):
+    """Items: (RawImages of one, label). `decoded()` gives the same images through PIL (PCA fit, grids)."""
+
+    def __init__(self, base, transform):
+        if getattr(transform, "kind", None) is None:
+            raise UserError("--decode gpu re-does the center/rrc/eval transforms of data.build_transform on "
+                            "the device; this script passes another transform, so use --decode pil")
+        self.base, self.kind, self.size, self.scale = base, transform.kind, transform.size, transform.scale
+        idx, folder = range(len(base)), base
+        while isinstance(folder, Subset):                             # flat-root split, bench subsets
+            idx, folder = [folder.indices[i] for i in idx], folder.dataset
+        self.samples, self.classes = [folder.samples[i] for i in idx], folder.classes
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, y = self.samples[i]
+        try:
+            # (nbytes,) uint8. clone(): read_file's storage is a file mapping that claims to be shared
+            # memory but has no fd, so sending it from a worker failed (EBADF) and the loader hung.
+            raw = torchvision.io.read_file(path).clone()
+        except RuntimeError as e:
+            raise UserError(f"cannot read image file {path} ({e}); remove or replace it") from None
+        seed = int(torch.randint(2**62, ()))
+        return RawImages([raw], [seed], [path], self.kind, self.size, self.scale), y
+
+    def decoded(self):
+        return self.base
+
+
+def decoded(ds):
+    """The dataset with images as tensors: for code that reads items itself (PCA fit, grids)."""
+    return ds.decoded() if isinstance(ds, JpegFolder) else ds
+
+
+def collate(batch):
+    """collate_fn for every mode: tensor items -> default_collate; RawImages items -> one RawImages."""
+    if not isinstance(batch[0][0], RawImages):
+        return torch.utils.data.default_collate(batch)
+    r = batch[0][0]
+    return (RawImages([x.jpegs[0] for x, _ in batch], [x.seeds[0] for x, _ in batch],
+                      [x.names[0] for x, _ in batch], r.kind, r.size, r.scale), torch.tensor([y for _, y in batch]))
+
+
+def batch_to_images(x, device):
+    """The training loop's `x.to(device)`: tensors move (non_blocking; pinned by the DataLoader),
+    a RawImages batch is decoded + augmented on `device` -> (B, 3, S, S) float in [-1, 1]."""
+    if isinstance(x, RawImages):
+        return decode_batch(x.jpegs, x.size, x.kind, device, seeds=x.seeds, scale=x.scale, names=x.names)
+    return x.to(device, non_blocking=True)
+
+
+def decode_batch(jpegs, size, kind, device, seeds=None, scale=(0.2, 1.0), names=None):
+    """B encoded JPEGs (uint8 1-D tensors) -> (B, 3, size, size) float in [-1, 1] on `device`.
+
+    The same torchvision ops as build_transform, on uint8 tensors instead of PIL images: seeded alike
+    (torch.manual_seed(s) before the PIL transform == seeds=[s]) they pick the same crop and flip.
+    Outputs still differ a little: PIL's bicubic uses a = -0.5, torch's a = -0.75 (slightly sharper),
+    and nvJPEG's IDCT / chroma upsampling is not libjpeg-turbo's (CPU decode_jpeg matches PIL's
+    decoder). Measured on CPU: mean |diff| ~0.01, max ~0.1-0.3 at sharp edges (tests/test_pipeline.py).
+    """
+    device, B = torch.device(device), len(jpegs)
+    if kind not in ("center", "rrc", "eval"):
+        raise UserError(f"unknown transform kind {kind!r}; use center, rrc or eval")
+    names = names or [f"image {b} of the batch" for b in range(B)]
+    if kind == "rrc" and seeds is None:
+        seeds = torch.randint(2**62, (B,)).tolist()
+    try:   # one batched call: on CUDA nvJPEG decodes the batch together
+        imgs = torchvision.io.decode_jpeg(list(jpegs), mode=torchvision.io.ImageReadMode.RGB, device=device)
+    except RuntimeError:   # a non-JPEG / odd file in the batch (ImageNet has a PNG and CMYK JPEGs)
+        imgs = [_decode_any(j, n).to(device) for j, n in zip(jpegs, names)]
+    F, out = T.functional, []
+    for b, img in enumerate(imgs):                                  # (3, H, W) uint8, sizes differ
+        if kind == "rrc":
+            with torch.random.fork_rng(devices=[]):                 # the caller's RNG stream is untouched
+                torch.manual_seed(seeds[b])                         # the draws of T.RandomResizedCrop + flip
+                i, j, h, w = T.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
+                flip = bool(torch.rand(1) < 0.5)
+            img = F.resized_crop(img, i, j, h, w, [size, size], BICUBIC, antialias=True)
+            out.append(img.flip(-1) if flip else img)
+        else:
+            side = size if kind == "center" else eval_resize(size)
+            out.append(F.center_crop(F.resize(img, side, BICUBIC, antialias=True), size))
+    return torch.stack(out).float().div_(127.5).sub_(1)             # (B, 3, S, S): x/255 normalised (0.5, 0.5)
+
+
+def _decode_any(raw, name):
+    try:
+        return torchvision.io.decode_image(raw, mode=torchvision.io.ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise UserError(f"cannot decode image file {name} ({str(e)[:200]}); remove or replace it") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,6 +566,8 @@ def build_dataset(args, split, transform):
     if split not in ("train", "val"):
         raise ValueError(f"split must be train or val, not {split!r}")
     name = args.dataset
+    if getattr(args, "decode", "pil") == "gpu" and name != "imagefolder":
+        raise UserError(f"--decode gpu decodes JPEG files: use it with --dataset imagefolder, not {name}")
     if name == "synthetic":
         val = getattr(args, "synthetic_val_size", None) or max(1, args.synthetic_size // 4)
         n = args.synthetic_size if split == "train" else val
@@ -353,6 +577,10 @@ def build_dataset(args, split, transform):
         where = f"generated, seed {ds.seed}"
     elif name == "imagefolder":
         ds, where = _build_imagefolder(args.data_path, split, transform)
+        if getattr(args, "decode", "pil") == "gpu":
+            ds, where = JpegFolder(ds, transform), where + "; --decode gpu: items are encoded bytes"
+    elif name == "packed":
+        ds, where = _build_packed(args.data_path, split, transform)
     elif name in ("fashion-mnist", "cifar10"):
         ds, where = _build_torchvision(name, args, split, transform)
     else:
@@ -361,7 +589,182 @@ def build_dataset(args, split, transform):
     return ds
 
 
-def num_classes(dataset):
+def classes(dataset):
     while not hasattr(dataset, "classes") and hasattr(dataset, "dataset"):  # torch Subset chains
         dataset = dataset.dataset
-    return len(dataset.classes)
+    return list(dataset.classes)
+
+
+def num_classes(dataset):
+    return len(classes(dataset))
+
+
+# =============================================================================================
+# CLI: `python data.py pack ...` (write the packed format) and `python data.py bench ...`
+# (decoded + augmented img/s of each input path; see the module docstring).
+# =============================================================================================
+@contextlib.contextmanager
+def _threads(n):
+    """Temporarily n intra-op threads (restored after). Measured here: with the 2 cores shared, a
+    2-thread pool made SyntheticShapes.render 200x slower than 1 thread (spinning OpenMP waits)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def pack(args):
+    if args.dataset == "packed":
+        raise UserError("--dataset packed is already packed; pack the imagefolder (or other dataset) it came from")
+    args.decode, S = "pil", args.input_size
+    # The "center" transform's PIL ops, kept in uint8: packed at S == --input-size, the center path
+    # gives bit-identical tensors to the imagefolder path.
+    tf = T.Compose([ToRGB(), T.Resize(S, interpolation=BICUBIC, antialias=True), T.CenterCrop(S), T.PILToTensor()])
+    ds = build_dataset(args, args.split, tf)
+    src = {"dataset": args.dataset, "data_path": os.path.abspath(args.data_path or ""), "split": args.split}
+    return pack_dataset(ds, args.out, S, args.num_workers, args.batch_size, src)
+
+
+def pack_dataset(ds, out, S, num_workers=0, batch_size=64, source=None):
+    """ds items: (uint8 (3, S, S), label). Writes out (.npy memmap) + out.meta.pt, each atomically."""
+    from tqdm import tqdm
+    folder, N = os.path.dirname(os.path.abspath(out)), len(ds)
+    if not os.path.isdir(folder):
+        raise UserError(f"output folder {folder} does not exist; create it or pass another --out")
+    if N * 3 * S * S > shutil.disk_usage(folder).free:
+        raise UserError(f"{out} needs {N * 3 * S * S / 1e9:.1f} GB but {folder} has "
+                        f"{shutil.disk_usage(folder).free / 1e9:.1f} GB free; pass another --out or a smaller size")
+    try:
+        arr = np.lib.format.open_memmap(out + ".tmp", mode="w+", dtype=np.uint8, shape=(N, 3, S, S))
+    except OSError as e:
+        raise UserError(f"cannot write {out}.tmp ({e.strerror}); pass another --out") from None
+    labels, i, t0 = torch.empty(N, dtype=torch.int64), 0, time.time()
+    # Workers decode in parallel; no shuffling, so batches arrive in order and labels line up.
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    with tqdm(total=N, unit="img", desc=f"pack {S}px", dynamic_ncols=True) as bar:
+        for x, y in loader:                                          # (B, 3, S, S) uint8, (B,)
+            arr[i:i + len(x)], labels[i:i + len(x)] = x.numpy(), y
+            i += len(x)
+            bar.update(len(x))
+    arr.flush()
+    del arr
+    torch.save({"version": 1, "shape": [N, 3, S, S], "size": S, "labels": labels, "classes": classes(ds),
+                "source": source or {}}, out + ".meta.pt.tmp")
+    if os.path.exists(out + ".meta.pt"):   # a crash between the two replaces leaves no stale pair behind
+        os.remove(out + ".meta.pt")
+    os.replace(out + ".tmp", out)
+    os.replace(out + ".meta.pt.tmp", out + ".meta.pt")
+    print(f"[pack] {N} images -> {out} ({N * 3 * S * S / 1e9:.2f} GB, {N / (time.time() - t0):.0f} img/s)")
+    return out
+
+
+def write_jpeg_folder(root, n, size=(500, 375), quality=90, seed=0):
+    """n SyntheticShapes JPEGs in root/<class>/ at ImageNet-typical size and quality (bench, tests):
+    drawn at the long side, cropped, plus noise (sd 8) so they do not compress trivially (~70 KB)."""
+    from PIL import Image
+    (W, H), L = size, max(size)
+    ds, g = SyntheticShapes(n, L, seed=seed), torch.Generator().manual_seed(seed)
+    with _threads(1):
+        for i in range(n):
+            img, y = ds.render(i)                                     # (3, L, L) uint8
+            img = img[:, (L - H) // 2:(L - H) // 2 + H, (L - W) // 2:(L - W) // 2 + W].float()
+            img = (img + 8 * torch.randn(img.shape, generator=g)).clamp(0, 255).round().to(torch.uint8)
+            os.makedirs(os.path.join(root, SYNTHETIC_CLASSES[y]), exist_ok=True)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(
+                os.path.join(root, SYNTHETIC_CLASSES[y], f"{i:05d}.jpg"), quality=quality)
+    return root
+
+
+def _count(batch):
+    return len(batch)
+
+
+def bench(args):
+    """Decoded + augmented img/s of each input path on this machine's CPU (issue 7)."""
+    if args.make and not os.path.isdir(args.data_path):
+        print(f"[bench] writing {args.make} synthetic JPEGs to {args.data_path}", flush=True)
+        write_jpeg_folder(args.data_path, args.make)
+    S, n, B = args.input_size, args.images, args.batch_size
+    workers = [int(w) for w in args.workers.split(",")]
+    fargs = argparse.Namespace(dataset="imagefolder", data_path=args.data_path, decode="pil")
+    folder = lambda tf: Subset(build_dataset(fargs, "train", tf), range(n))  # noqa: E731
+    rows = []
+
+    def cpu_seconds():   # this process + its reaped children (DataLoader workers are joined at the end)
+        r = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        return sum(x.ru_utime + x.ru_stime for x in r)
+
+    def run(name, ds, w, collate_fn=None):
+        next(iter(DataLoader(Subset(ds, range(B)), batch_size=B, collate_fn=collate_fn)))  # warm caches
+        with _threads(1) if w == 0 else contextlib.nullcontext():     # w = 0: the main process, 1 core
+            t, c, ts = time.perf_counter(), cpu_seconds(), []
+            for _ in DataLoader(ds, batch_size=B, num_workers=w, collate_fn=collate_fn):
+                ts.append(time.perf_counter() - t)
+            cpu = cpu_seconds() - c
+        # Wall img/s in steady state: skip worker start-up and the 2*w batches prefetched meanwhile.
+        # img per CPU-second (all processes, start-up and IPC included) does not depend on how much
+        # of the shared cores we got: it is the "img/s per core" to size a machine with.
+        rate = B * (len(ts) - 1 - 2 * w) / (ts[-1] - ts[2 * w])
+        rows.append((name, w, rate, len(ds) / cpu, os.getloadavg()[0]))
+        print(f"  {name:<48} {w} workers: {rate:7.1f} img/s, {rows[-1][3]:6.1f} img per CPU-second "
+              f"(load avg {rows[-1][-1]:.2f})", flush=True)
+
+    print(f"[bench] {args.data_path}, first {n} images, {S}px, batch {B}, load avg {os.getloadavg()[0]:.2f}")
+    run("PIL decode only (RGB)", folder(T.PILToTensor()), 0, _count)
+    for w in workers:
+        run("PIL decode + rrc + flip + ToTensor + Normalize", folder(build_transform("rrc", S)), w)
+    out = os.path.join(args.pack_dir, f"bench_{args.pack_size}.u8")
+    pack_dataset(folder(T.Compose([ToRGB(), T.Resize(args.pack_size, interpolation=BICUBIC, antialias=True),
+                                   T.CenterCrop(args.pack_size), T.PILToTensor()])), out, args.pack_size, max(workers))
+    for w in workers:
+        run(f"packed {args.pack_size}px + rrc + flip + Normalize", Packed(out, build_transform("rrc", S)), w)
+    # The same, shipping uint8 out of the workers (4x fewer bytes through shared memory; the float
+    # conversion would then run on the GPU): shows what the float IPC costs.
+    u8 = T.Compose(build_transform("rrc", S).transforms[:3])
+    run(f"packed {args.pack_size}px + rrc + flip, uint8 out", Packed(out, u8), max(workers))
+    raw = JpegFolder(folder(build_transform("rrc", S)), build_transform("rrc", S))
+    run("read JPEG bytes only (--decode gpu workers)", raw, 0, _count)
+    batches = [collate([raw[i] for i in range(j, min(j + B, n))])[0] for j in range(0, n, B)]
+    with _threads(1):
+        t, c = time.perf_counter(), cpu_seconds()
+        for x in batches:
+            batch_to_images(x, "cpu")
+        rows.append(("decode_batch on CPU (decode_jpeg + rrc + flip)", 0, n / (time.perf_counter() - t),
+                     n / (cpu_seconds() - c), os.getloadavg()[0]))
+    print(f"\n| path | workers | img/s (wall) | img per CPU-second | cores per GPU at {args.target:.0f} img/s "
+          f"| load avg |\n|---|---|---|---|---|---|")
+    for name, w, rate, per, load in rows:
+        print(f"| {name} | {w} | {rate:.0f} | {per:.0f} | {args.target / per:.1f} | {load:.2f} |")
+    os.remove(out), os.remove(out + ".meta.pt")
+    return rows
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Pack a dataset into the uint8 format, or benchmark the input "
+                                "paths (see the module docstring for the commands).")
+    sub = p.add_subparsers(dest="command", required=True)
+    pk = add_data_args(sub.add_parser("pack", help="decode + resize + center-crop every image once into FILE"))
+    pk.add_argument("--split", default="train", choices=["train", "val"])
+    pk.add_argument("--out", required=True, help="the packed file (.npy memmap) to write; FILE.meta.pt beside it")
+    pk.add_argument("--batch-size", type=int, default=64)
+    b = sub.add_parser("bench", help="img/s of the PIL, packed and decode_batch paths on a JPEG folder")
+    b.add_argument("--data-path", required=True, help="a folder of class folders of JPEGs")
+    b.add_argument("--make", type=int, default=0, help="first write this many synthetic JPEGs if the folder is absent")
+    b.add_argument("--input-size", type=int, default=256)
+    b.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
+    b.add_argument("--images", type=int, default=512, help="images timed per row")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--pack-size", type=int, default=288, help="stored size for the packed row")
+    b.add_argument("--pack-dir", default="/tmp", help="where the packed row's temporary file goes")
+    b.add_argument("--target", type=float, default=1790, help="img/s one GPU consumes (vit_b, H100, 50%% MFU)")
+    return p
+
+
+def main(args):
+    return pack(args) if args.command == "pack" else bench(args)
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
