@@ -10,28 +10,24 @@ Every script (tokenizer_pca.py, pretrain.py, linprobe.py) gets its data from her
   cifar10       torchvision's CIFAR10 (--download, or a folder holding cifar-10-batches-py)
   packed        a uint8 file written once by `python data.py pack` (below): no JPEG decoding in training
 
-Feeding a GPU (issue 7). PIL decoding + RandomResizedCrop of an ImageNet JPEG costs ~5-10 ms of one
-CPU core (`python data.py bench` measures it), while vit_b trains at ~1,790 img/s per H100 at 50% MFU,
-i.e. ~10-20 cores per GPU. Two ways out, both same transforms and [-1, 1] output:
-  --dataset packed    decode once: `pack` stores every image resized (shorter side) + center-cropped to
-                      S x S as one uint8 .npy memmap (N, 3, S, S) plus FILE.meta.pt (labels, classes).
-                      Training only crops/resizes uint8 tensors. Pick S = --input-size for the "center"
-                      ablations (then bit-identical to the imagefolder path) and S = 288-320 for rrc
-                      (crops of 20% of the area still come from >= 256 x 0.45 px; 256 would upsample
-                      them more). ImageNet train: N x 3 x S^2 bytes = 252 GB at 256, 318 GB at 288.
-                      Note the square crop drops the sides of non-square photos before rrc.
-                      `{split}` in --data-path is replaced by train/val; without it one file serves
-                      both splits (every 10th image per class is val, as for a flat imagefolder).
-  --decode gpu        (imagefolder) workers only read the encoded bytes; data.batch_to_images decodes
-                      them with torchvision.io.decode_jpeg(device="cuda") (nvJPEG, batched) and
-                      crops/resizes/flips on the GPU (decode_batch). The training loop needs
-                      collate_fn=data.collate and x = data.batch_to_images(x, device).
-
-Commands (this file):
+Feeding a GPU (issue 7): vit_b trains at ~1,790 img/s per H100 at 50% MFU; PIL decode + rrc costs
+~3-4 ms per 500x375 JPEG on one core (`bench`), i.e. >= 6-8 cores per GPU. Two faster paths, same
+transforms, same [-1, 1] output:
+  --dataset packed  decode once: `pack` resizes (shorter side, bicubic) + center-crops every image to
+                    S x S into one uint8 .npy memmap (N, 3, S, S) + FILE.meta.pt (labels, classes).
+                    S = --input-size for "center" ablations (bit-identical to imagefolder); S = 288-320
+                    for rrc, so large crops keep detail (from 256 every crop is upsampled). ImageNet
+                    train: 252 GB at 256, 318 GB at 288. The square crop drops the sides of wide
+                    photos before rrc. `{split}` in --data-path becomes train/val; without it one
+                    file serves both splits (every 10th image per class is val).
+  --decode gpu      imagefolder: workers only read bytes; batch_to_images decodes the batch with
+                    torchvision.io.decode_jpeg(device="cuda") and crops/flips on the GPU. The loop
+                    needs DataLoader(collate_fn=data.collate) and x = data.batch_to_images(x, device).
+Commands:
   python data.py pack --dataset imagefolder --data-path /data/imagenet --split train --input-size 288 \
-      --out /data/in1k_train_288.u8 --num-workers 16          # then: --dataset packed --data-path FILE
+      --out /data/in1k_train_288.u8 --num-workers 16     # train with --dataset packed --data-path FILE
   python data.py bench --data-path /tmp/jpegs --make 1000 --input-size 256 --workers 0,1,2
-      (--make N writes N synthetic 500x375 q90 JPEGs first if the folder does not exist)
+      (--make N: first write N synthetic 500x375 q90 JPEGs there; prints a markdown table)
 
 Examples (through any script that calls add_data_args):
   python tokenizer_pca.py --dataset synthetic --input-size 32 --patch-size 4 --out /tmp/pca.pt
@@ -328,7 +324,7 @@ class Packed(Dataset):
                             f"re-write it with `{PACK_CMD} {path}`") from None
         if not (isinstance(meta, dict) and meta.get("version") == 1 and arr.dtype == np.uint8
                 and list(arr.shape) == meta.get("shape") and arr.ndim == 4 and arr.shape[1] == 3
-                and arr.shape[2] == arr.shape[3] and len(meta["labels"]) == len(arr)):
+                and arr.shape[2] == arr.shape[3] and len(meta.get("labels", ())) == len(arr)):
             raise UserError(f"{path} (shape {tuple(arr.shape)}, {arr.dtype}) does not match {meta_path} "
                             f"(shape {meta.get('shape') if isinstance(meta, dict) else '?'}); re-write both "
                             f"with `{PACK_CMD} {path}`")
@@ -432,11 +428,11 @@ def batch_to_images(x, device):
 def decode_batch(jpegs, size, kind, device, seeds=None, scale=(0.2, 1.0), names=None):
     """B encoded JPEGs (uint8 1-D tensors) -> (B, 3, size, size) float in [-1, 1] on `device`.
 
-    The same torchvision ops as build_transform, on uint8 tensors instead of PIL images: seeded alike
-    (torch.manual_seed(s) before the PIL transform == seeds=[s]) they pick the same crop and flip.
-    Outputs still differ a little: PIL's bicubic uses a = -0.5, torch's a = -0.75 (slightly sharper),
-    and nvJPEG's IDCT / chroma upsampling is not libjpeg-turbo's (CPU decode_jpeg matches PIL's
-    decoder). Measured on CPU: mean |diff| ~0.01, max ~0.1-0.3 at sharp edges (tests/test_pipeline.py).
+    The same torchvision ops as build_transform on uint8 tensors: seeded alike (torch.manual_seed(s)
+    before the PIL transform, seeds=[s] here) they draw the same crop and flip. On CPU decode_jpeg
+    and PIL decode identically (libjpeg-turbo); the resamplers use the same antialiased bicubic
+    (a = -0.5) but PIL rounds in 8-bit fixed point: mean |diff| ~0.002, max ~0.05 (tests). nvJPEG's
+    IDCT / chroma upsampling differs by a few more grey levels (to be measured on the GPU).
     """
     device, B = torch.device(device), len(jpegs)
     if kind not in ("center", "rrc", "eval"):
@@ -605,8 +601,8 @@ def num_classes(dataset):
 # =============================================================================================
 @contextlib.contextmanager
 def _threads(n):
-    """Temporarily n intra-op threads (restored after). Measured here: with the 2 cores shared, a
-    2-thread pool made SyntheticShapes.render 200x slower than 1 thread (spinning OpenMP waits)."""
+    """n intra-op threads for a while. On this shared 2-core box a 2-thread pool made
+    SyntheticShapes.render 200x slower than 1 thread (measured; OpenMP waits under load)."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -689,7 +685,7 @@ def bench(args):
     S, n, B = args.input_size, args.images, args.batch_size
     workers = [int(w) for w in args.workers.split(",")]
     fargs = argparse.Namespace(dataset="imagefolder", data_path=args.data_path, decode="pil")
-    folder = lambda tf: Subset(build_dataset(fargs, "train", tf), range(n))  # noqa: E731
+    folder = lambda tf: (lambda ds: Subset(ds, range(min(n, len(ds)))))(build_dataset(fargs, "train", tf))  # noqa: E731
     rows = []
 
     def cpu_seconds():   # this process + its reaped children (DataLoader workers are joined at the end)
@@ -706,7 +702,8 @@ def bench(args):
         # Wall img/s in steady state: skip worker start-up and the 2*w batches prefetched meanwhile.
         # img per CPU-second (all processes, start-up and IPC included) does not depend on how much
         # of the shared cores we got: it is the "img/s per core" to size a machine with.
-        rate = B * (len(ts) - 1 - 2 * w) / (ts[-1] - ts[2 * w])
+        k = max(0, min(2 * w, len(ts) - 2))
+        rate = B * (len(ts) - 1 - k) / (ts[-1] - ts[k]) if len(ts) > 1 else len(ds) / ts[-1]
         rows.append((name, w, rate, len(ds) / cpu, os.getloadavg()[0]))
         print(f"  {name:<48} {w} workers: {rate:7.1f} img/s, {rows[-1][3]:6.1f} img per CPU-second "
               f"(load avg {rows[-1][-1]:.2f})", flush=True)
@@ -726,6 +723,7 @@ def bench(args):
     run(f"packed {args.pack_size}px + rrc + flip, uint8 out", Packed(out, u8), max(workers))
     raw = JpegFolder(folder(build_transform("rrc", S)), build_transform("rrc", S))
     run("read JPEG bytes only (--decode gpu workers)", raw, 0, _count)
+    n = len(raw)
     batches = [collate([raw[i] for i in range(j, min(j + B, n))])[0] for j in range(0, n, B)]
     with _threads(1):
         t, c = time.perf_counter(), cpu_seconds()
