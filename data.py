@@ -557,11 +557,15 @@ def _build_torchvision(name, args, split, transform):
 
 
 # ---------------------------------------------------------------------------------------------
-def build_dataset(args, split, transform):
-    """-> Dataset of (image tensor, int label). Checks paths first; prints a one-line summary."""
+def build_dataset(args, split, transform, decode_gpu_ok=False):
+    """-> Dataset of (image tensor, int label). Checks paths first; prints a one-line summary.
+    decode_gpu_ok: the caller handles --decode gpu items (collate + batch_to_images: pretrain.py)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be train or val, not {split!r}")
     name = args.dataset
+    if getattr(args, "decode", "pil") == "gpu" and not decode_gpu_ok:
+        raise UserError("--decode gpu is only for pretrain.py (this script decodes in its DataLoader "
+                        "workers); drop --decode gpu")
     if getattr(args, "decode", "pil") == "gpu" and name != "imagefolder":
         raise UserError(f"--decode gpu decodes JPEG files: use it with --dataset imagefolder, not {name}")
     if name == "synthetic":

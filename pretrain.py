@@ -278,10 +278,10 @@ def get_pca(args, cfg, rank, world, device, train_base):
     else:
         path = os.path.join(args.output_dir, "pca.pt")
         if rank == 0:   # RECIPE s2: fit on DiT center crops (as tokenizer_pca.py), never on random crops
-            fit_ds = train_base if args.aug == "center" else \
-                data.build_dataset(args, "train", data.build_transform("center", cfg["img_size"]))
+            fit_ds = train_base if args.aug == "center" else data.build_dataset(
+                args, "train", data.build_transform("center", cfg["img_size"]), decode_gpu_ok=True)
             print(f"[pca] fitting on {args.pca_images} train images (RECIPE s2) -> {path}", flush=True)
-            fit_pca(fit_ds, cfg["patch_size"], args.pca_images, center=args.pca_center, seed=args.seed,
+            fit_pca(data.decoded(fit_ds), cfg["patch_size"], args.pca_images, center=args.pca_center, seed=args.seed,
                     device=device, num_workers=args.num_workers, meta={"dataset": args.dataset}).save(path)
         if world > 1:
             dist.barrier()                                # (one node, or a shared OUTPUT_DIR)
@@ -337,7 +337,7 @@ class Engine:
             # noise (t, eps) of global micro-batch k of step s: seeded by (seed, s, k), so it does not
             # depend on which rank / accumulation step runs it (module docstring)
             torch.manual_seed(mix_seed(self.args.seed, 3, step, self.rank * accum + a))
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = data.batch_to_images(x, self.device), y.to(self.device, non_blocking=True)   # --decode gpu
             with contextlib.nullcontext() if self.ddp is None or a == accum - 1 else self.ddp.no_sync():
                 with self.autocast():
                     loss = self.fn(x, y)               # scalar: mean over the micro-batch
@@ -462,12 +462,15 @@ def train(args, rank, world, device):
     ckpt_path, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl")
     if args.resume and (args.resume != "auto" or os.path.isfile(ckpt_path)):
         ckpt = load_checkpoint(ckpt_path if args.resume == "auto" else args.resume)
-        for k in ("model", "batch_size", "seed", "dataset", "epochs", "warmup_epochs"):   # data order, lr
-            if ckpt["args"].get(k) != getattr(args, k):
+        saved = {"decode": "pil", **ckpt["args"]}              # checkpoints from before --decode: pil
+        for k in ("model", "batch_size", "seed", "dataset", "decode", "epochs", "warmup_epochs"):  # data, lr
+            if saved.get(k) != getattr(args, k):
                 raise UserError(f"--resume: the checkpoint was trained with --{k.replace('_', '-')} "
-                                f"{ckpt['args'].get(k)}, this run asks for {getattr(args, k)}; pass the same")
+                                f"{saved.get(k)}, this run asks for {getattr(args, k)}; pass the same")
+    if cfg.get("input") == "latents" and args.decode == "gpu":
+        raise UserError("--decode gpu decodes JPEG files, but this model reads --latents-file; drop --decode gpu")
     train_base = dit_baseline.make_latent_dataset(args.latents_file) if cfg.get("input") == "latents" else \
-        data.build_dataset(args, "train", data.build_transform(args.aug, args.input_size))
+        data.build_dataset(args, "train", data.build_transform(args.aug, args.input_size), decode_gpu_ok=True)
     spe = len(train_base) // args.batch_size                   # optimizer steps per epoch (drop last)
     if spe == 0:
         raise UserError(f"--batch-size {args.batch_size} exceeds the training set ({len(train_base)} images)")
@@ -492,11 +495,12 @@ def train(args, rank, world, device):
     sampler = GlobalBatchSampler(len(train_base), args.batch_size, world, rank, args.accum_iter, args.seed)
     indexed = Indexed(train_base, args.seed)
     loader = torch.utils.data.DataLoader(indexed, batch_sampler=sampler, num_workers=args.num_workers,
+                                         collate_fn=data.collate,   # --decode gpu: a batch of JPEG bytes
                                          pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
     stop = min(max(1, round(args.epochs * spe)), args.max_steps or math.inf)
     base_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256      # RECIPE s6
     lr_fn = lambda s: lr_at(s, spe, base_lr, args.warmup_epochs, args.epochs, args.min_lr)  # noqa: E731
-    grid_x = torch.stack([indexed[(0, i)][0] for i in range(min(8, len(train_base)))]).to(device)
+    grid_x = data.batch_to_images(data.collate([indexed[(0, i)] for i in range(min(8, len(train_base)))])[0], device)
     if lead:
         print(f"[pretrain] {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
               f"{cfg['img_size']}px, {world} rank(s) x accum {args.accum_iter} = global batch {args.batch_size}, "

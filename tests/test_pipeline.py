@@ -139,7 +139,9 @@ def test_decode_batch_on_cpu_matches_the_pil_transform(jpegs, kind):
 def test_decode_gpu_dataset_collate_and_batch_to_images(jpegs, tmp_path):
     a = _args("--dataset", "imagefolder", "--data-path", jpegs, "--decode", "gpu")
     tf = data.build_transform("rrc", 32)
-    ds = data.build_dataset(a, "train", tf)
+    with pytest.raises(UserError, match="--decode gpu is only for pretrain.py"):     # linprobe, tokenizer_pca
+        data.build_dataset(a, "train", tf)
+    ds = data.build_dataset(a, "train", tf, decode_gpu_ok=True)
     item, y = ds[0]
     assert isinstance(item, data.RawImages) and item.jpegs[0].dtype == torch.uint8 and item.kind == "rrc"
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, collate_fn=data.collate, timeout=60)
@@ -156,9 +158,9 @@ def test_decode_gpu_dataset_collate_and_batch_to_images(jpegs, tmp_path):
     assert torch.equal(data.batch_to_images(xt, "cpu"), xt)
     # errors: other datasets, foreign transforms, broken files (named)
     with pytest.raises(UserError, match="--decode gpu decodes JPEG files"):
-        data.build_dataset(_args("--decode", "gpu"), "train", tf)
+        data.build_dataset(_args("--decode", "gpu"), "train", tf, decode_gpu_ok=True)
     with pytest.raises(UserError, match="use --decode pil"):
-        data.build_dataset(a, "train", lambda im: im)
+        data.build_dataset(a, "train", lambda im: im, decode_gpu_ok=True)
     bad = tmp_path / "bad"
     data.write_jpeg_folder(bad, 2, size=(20, 16))
     broken = os.path.join(bad, "disc", "broken.jpg")

@@ -128,6 +128,24 @@ def test_resume_is_bit_identical_mid_epoch_and_across_workers(tmp_path, pca_file
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg_sq"], b["optimizer"]["state"][0]["exp_avg_sq"])
 
 
+def test_decode_gpu_decodes_batches_on_the_device_cpu_here(tmp_path, monkeypatch):
+    # --decode gpu: workers ship JPEG bytes, Engine.step decodes them with data.decode_batch on the
+    # training device (CPU here: the same code path as CUDA, only decode_jpeg's device differs)
+    jpegs = data.write_jpeg_folder(tmp_path / "jpegs", 40, size=(48, 36))   # flat root: 30 train images
+    calls, real = [], data.decode_batch
+    monkeypatch.setattr(data, "decode_batch", lambda jp, *a, **k: calls.append(len(jp)) or real(jp, *a, **k))
+    argv = ["--model", "vit_tiny", "--dataset", "imagefolder", "--data-path", str(jpegs), "--aug", "rrc",
+            "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0.5", "--lr", "1e-3", "--num-workers", "1",
+            "--pca-images", "16", "--log-every", "1", "--output-dir", str(tmp_path / "out")]
+    res = pretrain.main(pretrain.get_args_parser().parse_args(argv + ["--decode", "gpu", "--max-steps", "2"]))
+    assert res["steps"] == 2 and math.isfinite(res["final_loss"]) and len(logged(tmp_path / "out")) == 2
+    ck = pretrain.load_checkpoint(res["checkpoint"])
+    assert ck["step"] == 2 and ck["args"]["decode"] == "gpu"
+    assert calls == [8, 8, 8]                    # the grid's 8 images, then one batch of 8 per step
+    with pytest.raises(UserError, match="trained with --decode gpu, this run asks for pil"):
+        pretrain.main(pretrain.get_args_parser().parse_args(argv + ["--max-steps", "3", "--resume", "auto"]))
+
+
 def test_two_processes_under_torchrun_match_one_process(tmp_path, pca_file):
     # the noise of micro-batch k of step s is seeded by (seed, s, k): 2 ranks x accum 1 must see the
     # same examples and noise as 1 process x accum 2 with the same global batch
@@ -196,6 +214,7 @@ def test_benchmark_prints_speed_and_flops(capsys):
     (["--pca", "/nonexistent/pca.pt"], "--pca file /nonexistent/pca.pt does not exist"),
     (["--resume", "/nonexistent/ck.pt"], "checkpoint /nonexistent/ck.pt does not exist"),
     (["--patch-size", "8"], "has 4px x 3ch patches but --model vit_tiny uses 8px"),
+    (["--model", "dit_tiny_1", "--dit-input", "latents", "--decode", "gpu"], "reads --latents-file; drop --decode"),
 ])
 def test_bad_flags_and_paths(tmp_path, pca_file, extra, msg):
     with pytest.raises(UserError, match=msg):
