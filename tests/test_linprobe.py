@@ -191,6 +191,12 @@ def test_cached_and_mae_protocols_agree(ckpt, tmp_path):
     assert abs(mae["top1"] - cached["top1"]) <= 8                         # 120 val images
 
 
+def test_dit_baseline_checkpoint_probes_too(tmp_path):
+    ck = pretrain_ckpt(tmp_path / "dit", "--model", "dit_tiny_1")
+    res = probe(ck, tmp_path / "out", "--protocol", "cached", "--wd-grid", "1e-3")
+    assert res["features"].startswith("dit_tiny_1 checkpoint") and res["depth"] == 2 and res["backbone_unchanged"]
+
+
 def test_grid_one_pass_per_t_and_a_table(ckpt, tmp_path, monkeypatch, capsys):
     calls = []
     orig = ldae.LDAE.forward_features
