@@ -9,17 +9,15 @@ Same with DDP (2 CPU processes over gloo; same losses as one process with --accu
 ImageNet, final ViT-B l-DAE (RECIPE s6: batch 2048, blr 1e-4, 100 warmup of 400 epochs, random crops):
   torchrun --nproc_per_node=8 pretrain.py --model vit_b --dataset imagefolder --data-path IMNET \
       --batch-size 2048 --epochs 400 --warmup-epochs 100 --aug rrc --pca-images 10000 --output-dir out/vit_b
-  (add --resume auto to continue a killed run from out/vit_b/checkpoint.pt, bit-identically)
+  (add --resume auto to continue a killed run from out/vit_b/checkpoint.pt, bit-identically; add
+  --decode gpu to decode the JPEGs on the GPU when the CPUs cannot keep up: data.py, issue 7)
 A paper row: python pretrain.py --preset t3_ldae ...   (dit_baseline.PRESETS; explicit flags win)
 Speed:       python pretrain.py --model vit_b --benchmark 20 --batch-size 256 [--compile]   (img/s, MFU)
              python tests/bench_vit_step.py   (CPU: our vit_b step vs a plain torchvision ViT)
 
-Determinism, which makes resume exact and N processes equal to one: the data order is a pure function
-of (seed, epoch), each image's augmentation of (seed, epoch, index), and the noise (t, eps) of micro-
-batch k of optimizer step s of (seed, s, k). Every global batch is cut into world*accum contiguous
-micro-batches; rank r runs k = r*accum .. r*accum+accum-1. So any layout with the same world*accum
-(8 GPUs, or 1 GPU with --accum-iter 8) sees the same examples with the same noise; rank-offset seeds
-(seed + rank) are left for python/numpy only. --input-size defaults to the model's img_size.
+Determinism: data order, augmentation and noise are pure functions of (seed, epoch, index) and (seed,
+step, micro-batch) (GlobalBatchSampler, Indexed, Engine.step), so resume is exact and any layout with the
+same world*accum (8 GPUs, or 1 GPU with --accum-iter 8) sees the same examples and noise.
 """
 import argparse
 import contextlib
@@ -29,7 +27,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 
 import numpy as np
@@ -47,19 +44,15 @@ from tokenizer_pca import PatchPCA, fit_pca
 
 FAMILIES = {"ldae": ldae, "dit": dit_baseline}
 ALL_MODELS = {**ldae.MODELS, **dit_baseline.MODELS}
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}   # bf16 dense, per GPU
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # bf16 dense
 GRID_T = (100, 300, 500, 700, 900)
-
-
-def family_of(name):
-    if name not in ALL_MODELS:
-        raise UserError(f"unknown --model {name!r}; choose from {', '.join(sorted(ALL_MODELS))}")
-    return ldae if name in ldae.MODELS else dit_baseline
 
 
 def build_model(name, pca=None, **overrides):
     """Contract: the family's build_model with only the flags it lists in MODEL_FLAGS (None = default)."""
-    fam = family_of(name)
+    if name not in ALL_MODELS:
+        raise UserError(f"unknown --model {name!r}; choose from {', '.join(sorted(ALL_MODELS))}")
+    fam = ldae if name in ldae.MODELS else dit_baseline
     return fam.build_model(name, pca, **{k: v for k, v in overrides.items() if k in fam.MODEL_FLAGS and v is not None})
 
 
@@ -83,12 +76,12 @@ def model_from_checkpoint(ckpt, weights="ema", device="cpu"):
     fam, name = cfg.pop("family", "ldae"), cfg.pop("name")
     if fam not in FAMILIES:
         raise UserError(f"checkpoint model family {fam!r} is unknown; have {sorted(FAMILIES)}")
-    sd = ckpt["ema"] if weights == "ema" and ckpt.get("ema") is not None else ckpt["model"]
-    if weights == "ema" and ckpt.get("ema") is None:
+    sd = ckpt.get("ema") if weights == "ema" else ckpt["model"]
+    if sd is None:
         print("[ckpt] no EMA weights in this checkpoint (trained with --ema 0): using the raw weights")
     model = FAMILIES[fam].build_model(name, PatchPCA.from_dict(ckpt["pca"]), **cfg)
     try:
-        res = model.load_state_dict(sd, strict=False)
+        res = model.load_state_dict(sd if sd is not None else ckpt["model"], strict=False)
     except RuntimeError as e:  # shape mismatches
         raise UserError(f"checkpoint weights do not fit its model config: {str(e)[:300]}") from None
     if res.missing_keys or res.unexpected_keys:
@@ -153,7 +146,6 @@ def get_args_parser():
     return p
 
 
-# ---- pure functions of (seed, epoch, step): exact resume, layout-independent noise ----
 def lr_at(step, steps_per_epoch, base_lr, warmup_epochs, epochs, min_lr=0.0):
     """RECIPE s6: linear warmup then half-cycle cosine, per iteration on the fractional epoch (as MAE)."""
     e = step / steps_per_epoch
@@ -216,34 +208,6 @@ class LossModule(nn.Module):
         return self.model.loss(x, y)
 
 
-def rng_state():
-    """Every RNG state as tensors/primitives, so weights_only=True loads it (numpy/python too)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    version, py_state, gauss = random.getstate()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                      "cached": float(cached)}, "python": {"version": version, "state": list(py_state), "gauss": gauss}}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    n, py = s["numpy"], s["python"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-
-
-def atomic_save(obj, path):
-    """tmp file + os.replace: a crash mid-write never leaves a truncated checkpoint behind."""
-    try:
-        torch.save(obj, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    finally:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-
-
 def setup_distributed():
     """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: NCCL on GPUs, gloo on CPU; otherwise one plain process."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -268,24 +232,21 @@ def get_pca(args, cfg, rank, world, device, train_base):
     """--pca FILE, or a fit on a sample of the train set by rank 0 (the others wait, then load it)."""
     if cfg.get("input") == "latents":
         return None                                       # DiT on user latents: no PCA involved
-    if args.pca:
-        if not os.path.isfile(args.pca):
-            raise UserError(f"--pca file {args.pca} does not exist; fit one with tokenizer_pca.py or drop --pca")
-        try:
-            pca = PatchPCA.load(args.pca)
-        except Exception as e:
-            raise UserError(f"cannot read --pca file {args.pca} ({type(e).__name__}: {str(e)[:200]})") from None
-    else:
-        path = os.path.join(args.output_dir, "pca.pt")
-        if rank == 0:   # RECIPE s2: fit on DiT center crops (as tokenizer_pca.py), never on random crops
-            fit_ds = train_base if args.aug == "center" else data.build_dataset(
-                args, "train", data.build_transform("center", cfg["img_size"]), decode_gpu_ok=True)
-            print(f"[pca] fitting on {args.pca_images} train images (RECIPE s2) -> {path}", flush=True)
-            fit_pca(data.decoded(fit_ds), cfg["patch_size"], args.pca_images, center=args.pca_center, seed=args.seed,
-                    device=device, num_workers=args.num_workers, meta={"dataset": args.dataset}).save(path)
-        if world > 1:
-            dist.barrier()                                # (one node, or a shared OUTPUT_DIR)
+    path = args.pca or os.path.join(args.output_dir, "pca.pt")
+    if args.pca and not os.path.isfile(path):
+        raise UserError(f"--pca file {path} does not exist; fit one with tokenizer_pca.py or drop --pca")
+    if not args.pca and rank == 0:   # RECIPE s2: fit on DiT center crops (as tokenizer_pca.py), not rrc
+        fit_ds = train_base if args.aug == "center" else data.build_dataset(
+            args, "train", data.build_transform("center", cfg["img_size"]), decode_gpu_ok=True)
+        print(f"[pca] fitting on {args.pca_images} train images (RECIPE s2) -> {path}", flush=True)
+        fit_pca(data.decoded(fit_ds), cfg["patch_size"], args.pca_images, center=args.pca_center, seed=args.seed,
+                device=device, num_workers=args.num_workers, meta={"dataset": args.dataset}).save(path)
+    if not args.pca and world > 1:
+        dist.barrier()                                    # (one node, or a shared OUTPUT_DIR)
+    try:
         pca = PatchPCA.load(path)
+    except Exception as e:
+        raise UserError(f"cannot read --pca file {path} ({type(e).__name__}: {str(e)[:200]})") from None
     if pca.patch_size != cfg["patch_size"] or pca.channels != cfg.get("in_chans", 3):
         raise UserError(f"the PCA {args.pca or ''} has {pca.patch_size}px x {pca.channels}ch patches but --model "
                         f"{args.model} uses {cfg['patch_size']}px x {cfg.get('in_chans', 3)}ch; refit it")
@@ -299,31 +260,28 @@ class Diverged(UserError):
 
 
 class Engine:
-    """Model + EMA + AdamW + precision + DDP. step() = one optimizer step, with no host sync inside."""
+    """Model + EMA (RECIPE s6: our choice) + AdamW + precision + DDP. step() = one optimizer step with no
+    host sync inside: losses and the first bad step stay on the device until flush()."""
 
     def __init__(self, model, args, rank, world, device):
         self.model, self.args, self.rank, self.world, self.device = model, args, rank, world, device
-        prec = args.precision
-        if prec == "auto":
-            prec = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        prec = args.precision if args.precision != "auto" else "fp32" if device.type != "cuda" \
+            else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         self.prec, self.amp_dtype = prec, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[prec]
         self.params = [p for p in model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in self.params if p.ndim >= 2], "weight_decay": args.weight_decay},
                   {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}]
         self.opt = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), fused=device.type == "cuda")  # RECIPE s6
         self.scaler = torch.amp.GradScaler(device.type) if prec == "fp16" else None
-        self.ema = None                        # RECIPE s6: EMA is our choice; an fp32 copy, one foreach lerp
-        if args.ema > 0:
-            self.ema = copy.deepcopy(model).float().eval().requires_grad_(False)
-            self.ema_params = [q for q, p in zip(self.ema.parameters(), model.parameters()) if p.requires_grad]
+        self.ema = copy.deepcopy(model).float().eval().requires_grad_(False) if args.ema > 0 else None  # fp32
+        self.ema_params = [q for q, p in zip(self.ema.parameters(), model.parameters()) if p.requires_grad] \
+            if self.ema else None
         fn = LossModule(model)
         self.ddp = nn.parallel.DistributedDataParallel(fn, device_ids=[device] if device.type == "cuda" else None) \
             if world > 1 else None             # compile(DDP(m)): DDPOptimizer splits graphs at bucket borders
         self.fn = torch.compile(self.ddp or fn) if args.compile else self.ddp or fn
-        # On-device sums read back only at log time: [window loss, window steps, epoch loss, epoch steps];
-        # and the first bad step with its grad norm (inf = none yet).
-        self.acc = torch.zeros(4, device=device)
-        self.bad = torch.tensor([math.inf, 0.0], device=device)
+        self.acc = torch.zeros(4, device=device)   # sums: window loss, window steps, epoch loss, epoch steps
+        self.bad = torch.tensor([math.inf, 0.0], device=device)   # first bad step (inf: none), its grad norm
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -334,8 +292,8 @@ class Engine:
             g["lr"] = lr                       # set every step from the pure schedule: exact on resume
         accum, total = len(micro), 0.0
         for a, (x, y) in enumerate(micro):
-            # noise (t, eps) of global micro-batch k of step s: seeded by (seed, s, k), so it does not
-            # depend on which rank / accumulation step runs it (module docstring)
+            # the noise (t, eps) of global micro-batch k = rank * accum + a of step s is seeded by
+            # (seed, s, k): the same whichever rank / accumulation step runs it
             torch.manual_seed(mix_seed(self.args.seed, 3, step, self.rank * accum + a))
             x, y = data.batch_to_images(x, self.device), y.to(self.device, non_blocking=True)   # --decode gpu
             with contextlib.nullcontext() if self.ddp is None or a == accum - 1 else self.ddp.no_sync():
@@ -352,10 +310,8 @@ class Engine:
         self.scaler.step(self.opt) if self.scaler else self.opt.step()
         self.scaler.update() if self.scaler else None
         self.opt.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            # decay warms up as (1 + s) / (10 + s) -> --ema: early EMA weights are not mostly the
-            # random init, which matters for short runs; a pure function of the step (exact resume)
-            decay = min(self.args.ema, (1 + step) / (10 + step))
+        if self.ema is not None:   # decay warms up as (1 + s) / (10 + s) -> --ema, so a short run's EMA
+            decay = min(self.args.ema, (1 + step) / (10 + step))      # is not mostly the random init
             torch._foreach_lerp_(self.ema_params, [p.detach() for p in self.params], 1.0 - decay)
         mean = total / accum
         self.acc += torch.stack([mean, torch.ones_like(mean)]).repeat(2)
@@ -374,7 +330,8 @@ class Engine:
         self.acc[:4 if epoch_too else 2] = 0
         if math.isfinite(bad_step) or not all(map(math.isfinite, acc)):
             s = int(bad_step) if math.isfinite(bad_step) else None
-            raise Diverged(f"non-finite loss at step {s} (lr {lr_fn(max(s or 1, 1) - 1):.3g}, grad norm {self.bad[1].item():.3g})")
+            raise Diverged(f"non-finite loss at step {s} (lr {lr_fn(max(s or 1, 1) - 1):.3g}, "
+                           f"grad norm {self.bad[1].item():.3g})")
         return (acc[0] / acc[1] if acc[1] else None), (acc[2] / acc[3] if acc[3] else None)
 
 
@@ -393,39 +350,31 @@ def save_grid(model, x, path, engine, seed):
     return path
 
 
-def time_steps(engine, x, y, n, warmup=3):
-    """Seconds for n optimizer steps on in-memory data, after `warmup` steps; synced at both ends."""
-    micro = [(x, y)] * engine.args.accum_iter
-    for i in range(warmup + n):
-        if i == warmup:
-            torch.cuda.synchronize() if x.is_cuda else None
-            t0 = time.perf_counter()
-        engine.step(micro, i, 1e-4)
-    torch.cuda.synchronize() if x.is_cuda else None
-    return time.perf_counter() - t0
-
-
 def benchmark(args, rank, world, device):
     """--benchmark N: the real training step (same Engine) on random data: img/s, FLOPs, MFU, memory."""
     torch.manual_seed(args.seed)
     model = build_model(args.model, None, **model_overrides(args)).to(device)
-    cfg, m = model.config, args.batch_size // (world * args.accum_iter)
-    engine = Engine(model, args, rank, world, device)
-    C = cfg.get("latent_channels", 3) if cfg.get("input") == "latents" else 3
-    S = cfg.get("latent_size") if cfg.get("input") == "latents" else cfg["img_size"]
-    x, y = torch.rand(m, C, S, S, device=device) * 2 - 1, torch.zeros(m, dtype=torch.long, device=device)
-    secs = time_steps(engine, x, y, args.benchmark, warmup=10 if args.compile else 3)   # compile: 2 graphs
+    cfg, m, cuda = model.config, args.batch_size // (world * args.accum_iter), device.type == "cuda"
+    engine, lat = Engine(model, args, rank, world, device), cfg.get("input") == "latents"
+    C, S = (cfg.get("latent_channels", 3), cfg.get("latent_size")) if lat else (3, cfg["img_size"])
+    micro = [(torch.rand(m, C, S, S, device=device) * 2 - 1, torch.zeros(m, dtype=torch.long, device=device))]
+    warmup = 10 if args.compile else 3                 # compile: 2 graphs
+    for i in range(warmup + args.benchmark):
+        if i == warmup:                                # synced at both ends of the timed steps
+            torch.cuda.synchronize() if cuda else None
+            t0 = time.perf_counter()
+        engine.step(micro * args.accum_iter, i, 1e-4)
+    torch.cuda.synchronize() if cuda else None
+    secs = time.perf_counter() - t0
     ips, flops = args.benchmark * args.batch_size / secs, model.train_flops_per_image()
-    tflops = ips * flops / world / 1e12                         # achieved, per device
-    peak, name = args.peak_tflops, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    if peak is None and device.type == "cuda":
-        peak = 756.0 if "H100" in name and "PCIe" in name else next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    tflops, name = ips * flops / world / 1e12, torch.cuda.get_device_name(device) if cuda else "cpu"  # per device
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if cuda and k in name), None)
     res = {"kind": "benchmark", "model": args.model, "img_size": cfg["img_size"], "precision": engine.prec,
            "compile": bool(args.compile), "world": world, "global_batch": args.batch_size, "steps": args.benchmark,
            "step_s": round(secs / args.benchmark, 4), "img_per_s": round(ips, 2),
            "train_gflops_per_img": round(flops / 1e9, 2), "tflops_per_device": round(tflops, 3),
            "peak_tflops": peak, "mfu": round(tflops / peak, 4) if peak else None, "device": name,
-           "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None}
+           "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None}
     if rank == 0:
         print(f"[benchmark] {res['img_per_s']} img/s, {res['train_gflops_per_img']} GFLOPs/img, {res['tflops_per_device']} "
               f"TFLOP/s per device, MFU {res['mfu'] if peak else 'n/a (give --peak-tflops)'}")
@@ -438,8 +387,7 @@ def main(args):
     try:
         return train(args, rank, world, device)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        dist.destroy_process_group() if dist.is_initialized() else None
 
 
 def train(args, rank, world, device):
@@ -454,12 +402,12 @@ def train(args, rank, world, device):
     if args.benchmark:
         return benchmark(args, rank, world, device)
     out, ckpt = args.output_dir, None
+    ckpt_path, log_path, probe = (os.path.join(out, f) for f in ("checkpoint.pt", "log.jsonl", f".write_test_{rank}"))
     try:
         os.makedirs(out, exist_ok=True)
-        open(os.path.join(out, f".write_test_{rank}"), "w").close() or os.remove(os.path.join(out, f".write_test_{rank}"))
+        open(probe, "w").close() or os.remove(probe)
     except OSError as e:
         raise UserError(f"output dir {out} is not writable ({e.strerror}); pass another --output-dir") from None
-    ckpt_path, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl")
     if args.resume and (args.resume != "auto" or os.path.isfile(ckpt_path)):
         ckpt = load_checkpoint(ckpt_path if args.resume == "auto" else args.resume)
         saved = {"decode": "pil", **ckpt["args"]}              # checkpoints from before --decode: pil
@@ -488,10 +436,10 @@ def train(args, rank, world, device):
         engine.opt.load_state_dict(ckpt["optimizer"])
         if engine.scaler is not None and ckpt["scaler"]:
             engine.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
         step = ckpt["step"]
-    random.seed(args.seed + rank)                              # seeds offset by rank (python/numpy only;
-    np.random.seed((args.seed + rank) % 2**32)                 # torch draws are seeded per step, above)
+    random.seed(args.seed + rank)     # python/numpy: offset by rank; torch is re-seeded per step / item
+    np.random.seed((args.seed + rank) % 2**32)
     sampler = GlobalBatchSampler(len(train_base), args.batch_size, world, rank, args.accum_iter, args.seed)
     indexed = Indexed(train_base, args.seed)
     loader = torch.utils.data.DataLoader(indexed, batch_sampler=sampler, num_workers=args.num_workers,
@@ -523,44 +471,45 @@ def train(args, rank, world, device):
                 f.write(json.dumps(rec) + "\n")
 
     def save(by_epoch):    # only ever right after a flush() on every rank: the weights are known finite
-        if lead:
-            atomic_save({"model": model.state_dict(), "ema": engine.ema.state_dict() if engine.ema else None,
-                         "optimizer": engine.opt.state_dict(),
-                         "scaler": engine.scaler.state_dict() if engine.scaler else None, "step": step,
-                         "epoch": step // spe, "model_config": model.config, "pca": model.pca.to_dict(),
-                         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-                         "rng": rng_state(), "version": 1}, ckpt_path)
-            if by_epoch:                                       # older ones kept: checkpoint-{epoch:04d}.pt
-                dst = os.path.join(out, f"checkpoint-{step // spe:04d}.pt")
-                shutil.copyfile(ckpt_path, dst + ".tmp")
-                os.replace(dst + ".tmp", dst)
         st["saved"] = step
+        if not lead:
+            return
+        ck = {"model": model.state_dict(), "ema": engine.ema.state_dict() if engine.ema else None,
+              "optimizer": engine.opt.state_dict(), "scaler": engine.scaler.state_dict() if engine.scaler else None,
+              "step": step, "epoch": step // spe, "model_config": model.config, "pca": model.pca.to_dict(),
+              "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+              "rng": {"torch": torch.get_rng_state()}, "version": 1}
+        # epoch ends also keep checkpoint-{epoch:04d}.pt; tmp file + os.replace: a crash mid-write never
+        # leaves a truncated checkpoint behind
+        for path in [ckpt_path] + [os.path.join(out, f"checkpoint-{step // spe:04d}.pt")] * by_epoch:
+            try:
+                torch.save(ck, path + ".tmp")
+                os.replace(path + ".tmp", path)
+            finally:
+                if os.path.exists(path + ".tmp"):
+                    os.remove(path + ".tmp")
 
     try:
         while step < stop:
-            epoch, first = divmod(step, spe)                   # mid-epoch resume: skip consumed batches
-            sampler.set_epoch(epoch, first)
+            sampler.set_epoch(step // spe, step % spe)         # mid-epoch resume: skip consumed batches
             it = iter(loader)
-            for _ in range(first, min(spe, first + stop - step)):
+            for _ in range(min(spe - step % spe, stop - step)):
                 engine.step([next(it) for _ in range(args.accum_iter)], step, lr_fn(step))
                 step += 1
                 bar.update(1)
                 if step % args.log_every == 0:
                     log("log", engine.flush(lr_fn)[0])
             del it
-            if step % spe == 0:                                # an epoch completed
-                win, ep_loss = engine.flush(lr_fn, epoch_too=True)
-                if win is not None:
-                    log("log", win)
-                log("epoch", ep_loss)
-                if (step // spe) % args.save_every == 0 or step >= stop:
-                    save(by_epoch=True)
-                if lead and ((step // spe) % args.grid_every == 0 or step >= stop):
-                    save_grid(model, grid_x, os.path.join(out, f"grid-{step // spe:04d}.png"), engine, args.seed)
-        if st["saved"] != step:                                # the end, mid-epoch (--max-steps)
-            if (win := engine.flush(lr_fn)[0]) is not None:
+            ep_end = step % spe == 0                           # else: the end, mid-epoch (--max-steps)
+            win, ep_loss = engine.flush(lr_fn, epoch_too=ep_end)
+            if win is not None:
                 log("log", win)
-            save(by_epoch=False)
+            if ep_end:
+                log("epoch", ep_loss)
+            if not ep_end or (step // spe) % args.save_every == 0 or step >= stop:
+                save(by_epoch=ep_end)
+            if lead and ep_end and ((step // spe) % args.grid_every == 0 or step >= stop):
+                save_grid(model, grid_x, os.path.join(out, f"grid-{step // spe:04d}.png"), engine, args.seed)
     except Diverged as e:
         kept = f"{ckpt_path} (step {st['saved']}) is untouched" if st["saved"] is not None else "no checkpoint was written"
         raise Diverged(f"{e}; stopped without saving: {kept}. Lower --lr/--blr or set --clip-grad") from None
