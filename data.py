@@ -1,8 +1,6 @@
 """Datasets, transforms and the CLI error convention shared by every l-DAE script.
 
-Every script (tokenizer_pca.py, pretrain.py, linprobe.py) gets its data from here, so that
-`--dataset` / `--data-path` mean the same thing everywhere. Datasets:
-
+`--dataset` / `--data-path` mean the same in tokenizer_pca.py, pretrain.py and linprobe.py:
   synthetic     procedurally drawn shapes/textures (default; offline, deterministic, 10 classes)
   imagefolder   ImageNet layout: --data-path root/ with class folders, or root/train + root/val
   fashion-mnist torchvision's FashionMNIST; offline from a folder of the original gz files, e.g.
@@ -14,30 +12,22 @@ Feeding a GPU (issue 7): vit_b trains at ~1,790 img/s per H100 at 50% MFU; PIL d
 ~3-4 ms per 500x375 JPEG on one core (`bench`), i.e. >= 6-8 cores per GPU. Two faster paths, same
 transforms, same [-1, 1] output:
   --dataset packed  decode once: `pack` resizes (shorter side, bicubic) + center-crops every image to
-                    S x S into one uint8 .npy memmap (N, 3, S, S) + FILE.meta.pt (labels, classes).
-                    S = --input-size for "center" ablations (bit-identical to imagefolder); S = 288-320
-                    for rrc, so large crops keep detail (from 256 every crop is upsampled). ImageNet
-                    train: 252 GB at 256, 318 GB at 288. The square crop drops the sides of wide
-                    photos before rrc. `{split}` in --data-path becomes train/val; without it one
-                    file serves both splits (every 10th image per class is val).
-  --decode gpu      imagefolder: workers only read bytes; batch_to_images decodes the batch with
-                    torchvision.io.decode_jpeg(device="cuda") and crops/flips on the GPU. The loop
-                    needs DataLoader(collate_fn=data.collate) and x = data.batch_to_images(x, device).
+                    S x S in one uint8 .npy memmap + FILE.meta.pt. S = --input-size for "center"
+                    ablations (bit-identical to imagefolder); S = 288-320 for rrc, so large crops keep
+                    detail (the square crop drops the sides of wide photos). ImageNet train: 252 GB at
+                    256, 318 GB at 288. `{split}` in --data-path -> train/val; else one file, 10% val.
+  --decode gpu      imagefolder, pretrain.py only: workers only read bytes; batch_to_images decodes the
+                    batch with torchvision.io.decode_jpeg(device="cuda") and crops/flips on the GPU.
 Commands:
   python data.py pack --dataset imagefolder --data-path /data/imagenet --split train --input-size 288 \
       --out /data/in1k_train_288.u8 --num-workers 16     # train with --dataset packed --data-path FILE
   python data.py bench --data-path /tmp/jpegs --make 1000 --input-size 256 --workers 0,1,2
       (--make N: first write N synthetic 500x375 q90 JPEGs there; prints a markdown table)
-
-Examples (through any script that calls add_data_args):
-  python tokenizer_pca.py --dataset synthetic --input-size 32 --patch-size 4 --out /tmp/pca.pt
   python tokenizer_pca.py --dataset fashion-mnist --data-path /usr/share/datasets/fashion-mnist \
-      --input-size 32 --patch-size 4 --out /tmp/pca_fm.pt
-  python tokenizer_pca.py --dataset imagefolder --data-path /data/imagenet --out /tmp/pca_in.pt
+      --input-size 32 --patch-size 4 --out /tmp/pca_fm.pt      (any script that calls add_data_args)
 
-Convention (contract): images are float (3, H, W) in [-1, 1] (DiT normalisation, RECIPE s2);
-grayscale is repeated to 3 channels. Bad user input raises UserError; run_cli turns it into
-`error: <msg>` on stderr and exit status 2, without a traceback.
+Contract: images are float (3, H, W) in [-1, 1] (DiT normalisation, RECIPE s2), grayscale repeated to
+3 channels. Bad user input raises UserError; run_cli prints `error: <msg>` and exits 2 (no traceback).
 """
 import argparse
 import collections
@@ -62,13 +52,8 @@ BICUBIC = T.InterpolationMode.BICUBIC
 
 class UserError(Exception):
     """A problem the user can fix (bad path, missing files, bad flag): printed without traceback.
-
-    DataLoader workers ship exceptions back to the main process by re-building them as
-    `type(msg)` where msg is "Caught UserError in DataLoader worker process 0.\\nOriginal
-    Traceback ... data.UserError: <our message>" (torch/_utils.py ExceptionWrapper.reraise).
-    We recover the original one-line message here, so `run_cli` shows the same clean error
-    whether the image was decoded in the main process or in a worker.
-    """
+    A DataLoader worker's exception is re-raised as type("Caught UserError in DataLoader worker ...
+    Original Traceback ... UserError: <msg>") (torch/_utils.py ExceptionWrapper): we recover <msg>."""
 
     def __init__(self, msg=""):
         msg = str(msg)
@@ -91,30 +76,23 @@ def add_data_args(parser):
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="synthetic", choices=DATASETS,
                    help="synthetic needs no files; the others read --data-path")
-    g.add_argument("--data-path", default=None,
-                   help="imagefolder: root/ (class folders) or root/{train,val}; fashion-mnist: folder "
-                        "with the original *-ubyte(.gz) files; cifar10: folder with cifar-10-batches-py; "
-                        "packed: the file from `python data.py pack` ({split} -> train/val)")
-    g.add_argument("--decode", default="pil", choices=["pil", "gpu"],
-                   help="imagefolder: pil = decode + augment in the DataLoader workers; gpu = workers read "
-                        "JPEG bytes, data.batch_to_images decodes + augments on the training device")
+    g.add_argument("--data-path", default=None, help="imagefolder: root/ (class folders) or root/{train,val};"
+                   " fashion-mnist: folder of *-ubyte(.gz) files; cifar10: folder with cifar-10-batches-py; "
+                   "packed: the file from `python data.py pack` ({split} -> train/val)")
+    g.add_argument("--decode", default="pil", choices=["pil", "gpu"], help="imagefolder: pil = decode + "
+                   "augment in DataLoader workers; gpu (pretrain.py) = on the training device")
     g.add_argument("--download", action="store_true",
                    help="fashion-mnist/cifar10: let torchvision download into --data-path (needs internet)")
     g.add_argument("--input-size", type=int, default=256, help="image side in pixels (paper: 256)")
     g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
     g.add_argument("--synthetic-size", type=int, default=2000, help="synthetic: train images")
-    g.add_argument("--synthetic-val-size", type=int, default=None,
-                   help="synthetic: val images (default: synthetic-size // 4)")
-    g.add_argument("--synthetic-seed", type=int, default=0,
-                   help="synthetic: generator seed (train and val use different streams)")
+    g.add_argument("--synthetic-val-size", type=int, default=None, help="synthetic: val images (default: 1/4)")
+    g.add_argument("--synthetic-seed", type=int, default=0, help="synthetic: seed (train/val: other streams)")
     return parser
 
 
-# ---------------------------------------------------------------------------------------------
-# Transforms. All start by forcing RGB (grayscale Fashion-MNIST -> 3 equal channels, contract)
-# and end in [-1, 1] = Normalize(0.5, 0.5) as in DiT. They take a PIL image or a uint8 (C, H, W)
-# tensor (packed format): torchvision's geometric ops run on both, with the same random draws.
-# ---------------------------------------------------------------------------------------------
+# ---- Transforms: RGB first (grayscale -> 3 equal channels), [-1, 1] = Normalize(0.5, 0.5) last (DiT).
+# Input: a PIL image or a uint8 (C, H, W) tensor (packed): the geometric ops draw alike on both.
 class ToRGB:
     """A class, not a lambda, so transforms pickle for spawn-started DataLoader workers."""
 
@@ -139,14 +117,12 @@ def eval_resize(input_size):
 def build_transform(kind, input_size, scale=(0.2, 1.0)):
     """kind: "center" | "rrc" | "eval"; PIL image or uint8 tensor -> (3, input_size, input_size) in [-1, 1].
 
-    center: DiT's ablation setting (RECIPE s6): shorter side resized to input_size, center crop.
-            Bicubic with antialias approximates DiT's box-then-bicubic downscaling.
-    rrc:    final models (RECIPE s6): RandomResizedCrop + horizontal flip. scale=(0.2, 1) is
-            MAE's pre-training crop, which the paper follows; pass (0.08, 1) for MAE's probe.
-    eval:   probe evaluation (RECIPE s5, MAE): resize to input_size * 256/224, center crop. Below
-            64 px the 256/224 margin would crop away real content of tiny images (28-32 px
-            datasets are already object-centred), so there we only resize + center crop.
-    The result carries .kind/.size/.scale, which --decode gpu re-does on the device (decode_batch).
+    center: DiT's ablation setting (RECIPE s6): shorter side to input_size (bicubic + antialias, close
+            to DiT's box-then-bicubic), center crop.
+    rrc:    final models (RECIPE s6): RandomResizedCrop + flip; scale (0.2, 1) is MAE's pre-training
+            crop, which the paper follows; pass (0.08, 1) for MAE's probe.
+    eval:   probe (RECIPE s5, MAE): resize to input_size * 256/224, center crop; below 64 px only resize
+            + crop (tiny object-centred images would lose content). .kind/.size/.scale: for decode_batch.
     """
     if kind == "center":
         geo = [T.Resize(input_size, interpolation=BICUBIC, antialias=True), T.CenterCrop(input_size)]
@@ -162,14 +138,10 @@ def build_transform(kind, input_size, scale=(0.2, 1.0)):
     return tf
 
 
-# ---------------------------------------------------------------------------------------------
-# Synthetic shapes: the offline default. Ten classes that differ only in shape/texture/layout;
-# colour, position, size, rotation, background gradient and noise are random and shared by all
-# classes, so no single pixel (nor a linear map of the raw pixels) identifies the class well,
-# while a network that learns shape features can. Each image is drawn from its own generator
-# seeded by (seed, split stream, index): deterministic, independent of batching and workers,
-# and it works at any resolution without holding the set in memory.
-# ---------------------------------------------------------------------------------------------
+# ---- Synthetic shapes (offline default): ten classes that differ only in shape/texture/layout; colour,
+# position, size, rotation, background and noise are random for all, so no pixel (nor a linear map of
+# the pixels) gives the class away, while shape features do. Image i has its own generator seeded by
+# (seed, split stream, i): deterministic, independent of batching/workers, any resolution, no memory.
 SYNTHETIC_CLASSES = ("disc", "ring", "square", "triangle", "cross",
                      "h-stripes", "v-stripes", "checkerboard", "two-blobs", "polka-dots")
 
@@ -201,29 +173,18 @@ class SyntheticShapes(Dataset):
         pv = (-(xx - cx) * s + (yy - cy) * c) / r
         rad, box = (pu ** 2 + pv ** 2).sqrt(), torch.maximum(pu.abs(), pv.abs())
         freq, ph = (2.5 + 2.5 * u(1)) * math.pi, u(1) * 2 * math.pi        # texture frequency / phase
-        name = SYNTHETIC_CLASSES[label]
-        if name == "disc":
-            m = rad <= 1
-        elif name == "ring":
-            m = (rad <= 1) & (rad >= 0.6)
-        elif name == "square":
-            m = box <= 0.85
-        elif name == "triangle":
-            m = (pv <= 0.75) & (pv >= -0.95 + 1.9 * pu.abs())
-        elif name == "cross":
-            m = ((pu.abs() <= 0.3) | (pv.abs() <= 0.3)) & (box <= 0.95)
-        elif name == "h-stripes":
-            m = (box <= 0.95) & (torch.sin(freq * pv + ph) > 0)
-        elif name == "v-stripes":
-            m = (box <= 0.95) & (torch.sin(freq * pu + ph) > 0)
-        elif name == "checkerboard":
-            m = (box <= 0.95) & (torch.sin(freq * pu + ph) * torch.sin(freq * pv + ph) > 0)
-        elif name == "two-blobs":
-            m = ((pu - 0.55) ** 2 + pv ** 2 <= 0.2) | ((pu + 0.55) ** 2 + pv ** 2 <= 0.2)
-        else:  # polka-dots
-            m = (box <= 0.95) & (torch.cos(freq * pu + ph) + torch.cos(freq * pv + ph) > 1.0)
-        # Colours: random background with a random linear gradient; foreground colour redrawn until
-        # it differs clearly from the background (the shape must stay visible; at most a few draws).
+        m = {"disc": lambda: rad <= 1,
+             "ring": lambda: (rad <= 1) & (rad >= 0.6),
+             "square": lambda: box <= 0.85,
+             "triangle": lambda: (pv <= 0.75) & (pv >= -0.95 + 1.9 * pu.abs()),
+             "cross": lambda: ((pu.abs() <= 0.3) | (pv.abs() <= 0.3)) & (box <= 0.95),
+             "h-stripes": lambda: (box <= 0.95) & (torch.sin(freq * pv + ph) > 0),
+             "v-stripes": lambda: (box <= 0.95) & (torch.sin(freq * pu + ph) > 0),
+             "checkerboard": lambda: (box <= 0.95) & (torch.sin(freq * pu + ph) * torch.sin(freq * pv + ph) > 0),
+             "two-blobs": lambda: ((pu - 0.55) ** 2 + pv ** 2 <= 0.2) | ((pu + 0.55) ** 2 + pv ** 2 <= 0.2),
+             "polka-dots": lambda: (box <= 0.95) & (torch.cos(freq * pu + ph) + torch.cos(freq * pv + ph) > 1.0),
+             }[SYNTHETIC_CLASSES[label]]()                                      # (S, S) bool
+        # background: random colour + linear gradient; foreground redrawn until clearly different (visible)
         bg = u(3)
         for _ in range(20):
             fg = u(3)
@@ -244,20 +205,17 @@ class SyntheticShapes(Dataset):
         return (self.transform(pil) if self.transform is not None else pil), label
 
 
-# ---------------------------------------------------------------------------------------------
-# ImageFolder with checks up front and a loader that names the bad file.
-# ---------------------------------------------------------------------------------------------
+# ---- ImageFolder: checks up front, and a loader that names the bad file.
 def _checked_loader(path):
-    """PIL loader that turns any decoding failure into a UserError naming the file. Checking
-    every file before training would cost a full pass over ImageNet, so we check lazily."""
+    """PIL loader: a decoding failure becomes a UserError naming the file (checked lazily: checking
+    every file up front would cost a full pass over ImageNet)."""
     from PIL import Image
     try:
         with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")
+            return Image.open(f).convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
         raise UserError(f"cannot read image file {path} ({type(e).__name__}: {e}); "
-                        f"remove or replace it") from None
+                        "remove or replace it") from None
 
 
 def _build_imagefolder(path, split, transform):
@@ -266,8 +224,7 @@ def _build_imagefolder(path, split, transform):
                         "or one with train/ and val/)")
     if not os.path.isdir(path):
         raise UserError(f"data path {path} does not exist or is not a folder")
-    entries = os.listdir(path)
-    if not entries:
+    if not os.listdir(path):
         raise UserError(f"data path {path} is empty; expected class folders or train/ and val/")
     has_splits = os.path.isdir(os.path.join(path, "train"))
     root = os.path.join(path, split) if has_splits else path
@@ -276,35 +233,29 @@ def _build_imagefolder(path, split, transform):
     classes = [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))]
     if not classes:
         raise UserError(f"{root} has no class sub-folders; put images in {root}/<class>/")
-    ds = torchvision.datasets.ImageFolder(root, transform=transform, loader=_checked_loader,
-                                          allow_empty=True)
+    ds = torchvision.datasets.ImageFolder(root, transform=transform, loader=_checked_loader, allow_empty=True)
     if len(ds) == 0:
         raise UserError(f"no images found in the class folders of {root} "
                         f"(extensions {', '.join(torchvision.datasets.folder.IMG_EXTENSIONS)})")
-    where = root
-    if not has_splits:
-        ds, where = Subset(ds, _holdout(ds.targets, split)), f"{root} (flat root: every 10th image per class is val)"
-    return ds, where
+    if has_splits:
+        return ds, root
+    return Subset(ds, _holdout(ds.targets, split)), f"{root} (flat root: every 10th image per class is val)"
 
 
 def _holdout(labels, split):
     """One flat folder / packed file serves both splits: every 10th image per class is val, so
     the probe is never scored on its own training images. -> indices of `split`."""
-    seen, keep = {}, []
+    seen, keep = collections.Counter(), []
     for i, y in enumerate(labels):
-        k = seen.get(int(y), 0)
-        seen[int(y)] = k + 1
-        if (k % 10 == 0) == (split == "val"):
+        if (seen[int(y)] % 10 == 0) == (split == "val"):
             keep.append(i)
+        seen[int(y)] += 1
     return keep
 
 
-# ---------------------------------------------------------------------------------------------
-# Packed format (`python data.py pack`): FILE is a .npy of uint8 (N, 3, S, S), every image decoded
-# once, shorter side resized to S (bicubic, antialias: the "center" transform's PIL ops) and
-# center-cropped; FILE.meta.pt is {"version", "shape", "size", "labels" (N,) int64, "classes",
-# "source"} (torch.load weights_only). Channels-first so an item is a zero-copy (3, S, S) view.
-# ---------------------------------------------------------------------------------------------
+# ---- Packed format (`python data.py pack`): FILE = .npy uint8 (N, 3, S, S), each image decoded once,
+# shorter side to S and center-cropped (the "center" transform's PIL ops); FILE.meta.pt = {"version",
+# "shape", "size", "labels" (N,) int64, "classes", "source"}. Channels-first: an item is a zero-copy view.
 PACK_CMD = "python data.py pack --dataset imagefolder --data-path DIR --split train --input-size 288 --out"
 
 
@@ -361,19 +312,16 @@ def _build_packed(path, split, transform):
     return Subset(ds, _holdout(ds.labels, split)), f"{ds.path} (one file: every 10th image per class is val)"
 
 
-# ---------------------------------------------------------------------------------------------
-# --decode gpu: DataLoader workers only read the encoded files; the training process decodes a
-# whole batch with torchvision.io.decode_jpeg(list, device="cuda") (nvJPEG) and does the crop /
-# resize / flip on the GPU. The rrc draws come from a per-image seed taken from the torch RNG in
-# __getitem__, so they stay a pure function of (seed, epoch, index) under pretrain.Indexed.
-# ---------------------------------------------------------------------------------------------
+# ---- --decode gpu: workers only read the files; the training process decodes a whole batch with
+# decode_jpeg(list, device="cuda") (nvJPEG) and crops / resizes / flips on the GPU. The rrc draws use
+# a per-image seed taken from the torch RNG in __getitem__: a function of (seed, epoch, index) under
+# pretrain.Indexed. RawImages: an item (B = 1) or batch: B uint8 1-D tensors (file bytes), B seeds,
+# B paths (for errors), and the transform to apply.
 RawImages = collections.namedtuple("RawImages", "jpegs seeds names kind size scale")
-RawImages.__doc__ = """An item (B = 1) or batch of encoded images: jpegs = B uint8 1-D tensors (file
-bytes), seeds = B ints (rrc draws), names = B paths (errors), and the transform to apply."""
 
 
 class JpegFolder(Dataset):
-    """Items: (RawImages of one, label). `decoded()` gives the same images through PIL (PCA fit, grids)."""
+    """Items: (RawImages of one, label); decoded(ds) gives the same images through PIL (PCA fit)."""
 
     def __init__(self, base, transform):
         if getattr(transform, "kind", None) is None:
@@ -390,22 +338,17 @@ class JpegFolder(Dataset):
 
     def __getitem__(self, i):
         path, y = self.samples[i]
-        try:
-            # (nbytes,) uint8. clone(): read_file's storage is a file mapping that claims to be shared
-            # memory but has no fd, so sending it from a worker failed (EBADF) and the loader hung.
-            raw = torchvision.io.read_file(path).clone()
+        try:   # clone(): read_file's storage is a file mapping that claims to be shared memory but has
+            raw = torchvision.io.read_file(path).clone()   # no fd: sent from a worker, EBADF and a hang
         except RuntimeError as e:
             raise UserError(f"cannot read image file {path} ({e}); remove or replace it") from None
         seed = int(torch.randint(2**62, ()))
         return RawImages([raw], [seed], [path], self.kind, self.size, self.scale), y
 
-    def decoded(self):
-        return self.base
-
 
 def decoded(ds):
-    """The dataset with images as tensors: for code that reads items itself (PCA fit, grids)."""
-    return ds.decoded() if isinstance(ds, JpegFolder) else ds
+    """The dataset with images as tensors (through PIL), for code that reads items itself (PCA fit)."""
+    return ds.base if isinstance(ds, JpegFolder) else ds
 
 
 def collate(batch):
@@ -427,13 +370,10 @@ def batch_to_images(x, device):
 
 def decode_batch(jpegs, size, kind, device, seeds=None, scale=(0.2, 1.0), names=None):
     """B encoded JPEGs (uint8 1-D tensors) -> (B, 3, size, size) float in [-1, 1] on `device`.
-
-    The same torchvision ops as build_transform on uint8 tensors: seeded alike (torch.manual_seed(s)
-    before the PIL transform, seeds=[s] here) they draw the same crop and flip. On CPU decode_jpeg
-    and PIL decode identically (libjpeg-turbo); the resamplers use the same antialiased bicubic
-    (a = -0.5) but PIL rounds in 8-bit fixed point: mean |diff| ~0.002, max ~0.05 (tests). nvJPEG's
-    IDCT / chroma upsampling differs by a few more grey levels (to be measured on the GPU).
-    """
+    build_transform's ops on uint8 tensors: seeded alike (manual_seed(s) before the PIL transform,
+    seeds=[s] here) they draw the same crop and flip. On CPU decode_jpeg and PIL decode alike
+    (libjpeg-turbo); PIL's bicubic rounds in 8-bit fixed point: mean |diff| ~0.002, max ~0.05 (tests).
+    nvJPEG's IDCT / chroma upsampling differs by a few more grey levels (to be measured on the GPU)."""
     device, B = torch.device(device), len(jpegs)
     if kind not in ("center", "rrc", "eval"):
         raise UserError(f"unknown transform kind {kind!r}; use center, rrc or eval")
@@ -466,12 +406,9 @@ def _decode_any(raw, name):
         raise UserError(f"cannot decode image file {name} ({str(e)[:200]}); remove or replace it") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# Fashion-MNIST from the original gz files, offline. torchvision (0.29) only checks that the four
-# decompressed files exist in <root>/FashionMNIST/raw (MNIST._check_exists); with download=True it
-# would instead verify the md5 of the *.gz, which Debian's re-compressed files do not match. So we
-# decompress into a cache folder in torchvision's layout and open it with download=False.
-# ---------------------------------------------------------------------------------------------
+# ---- Fashion-MNIST from the original gz files, offline. torchvision (0.29) only checks that the four
+# decompressed files exist in <root>/FashionMNIST/raw; download=True would check the *.gz md5s, which
+# Debian's re-compressed files fail. So we decompress into a cache in that layout (download=False).
 FMNIST_FILES = {"train-images-idx3-ubyte": 2051, "train-labels-idx1-ubyte": 2049,
                 "t10k-images-idx3-ubyte": 2051, "t10k-labels-idx1-ubyte": 2049}  # name -> idx magic
 DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -485,15 +422,11 @@ def cache_dir(*parts):
 
 def _prepare_fashion_mnist(path):
     """-> root that torchvision's FashionMNIST(root, download=False) accepts."""
-    if os.path.isdir(os.path.join(path, "FashionMNIST", "raw")) and all(
-            os.path.isfile(os.path.join(path, "FashionMNIST", "raw", n)) for n in FMNIST_FILES):
+    if all(os.path.isfile(os.path.join(path, "FashionMNIST", "raw", n)) for n in FMNIST_FILES):
         return path  # already in torchvision's layout
-    found, missing = {}, []
-    for name in FMNIST_FILES:
-        cands = [os.path.join(d, name + ext) for d in (path, os.path.join(path, "FashionMNIST", "raw"))
-                 for ext in ("", ".gz")]
-        hit = next((c for c in cands if os.path.isfile(c)), None)
-        (missing.append(name) if hit is None else found.__setitem__(name, hit))
+    found = {n: next((c for d in (path, os.path.join(path, "FashionMNIST", "raw")) for ext in ("", ".gz")
+                      if os.path.isfile(c := os.path.join(d, n + ext))), None) for n in FMNIST_FILES}
+    missing = [n for n, hit in found.items() if hit is None]
     if missing:
         raise UserError(f"Fashion-MNIST files missing in {path}: {', '.join(m + '[.gz]' for m in missing)}; "
                         f"install them with `apt-get install dataset-fashion-mnist` "
@@ -543,8 +476,7 @@ def _build_torchvision(name, args, split, transform):
         if os.path.basename(os.path.normpath(path)) == "cifar-10-batches-py":
             root = os.path.dirname(os.path.normpath(path))
         elif not os.path.isdir(os.path.join(path, "cifar-10-batches-py")):
-            # With the tarball in the folder, --download unpacks it offline: torchvision checks
-            # the tarball's md5 and skips the network when it matches.
+            # with the tarball there, --download unpacks it offline (torchvision: md5 matches, no network)
             raise UserError(f"{path} has no cifar-10-batches-py/ folder; unpack cifar-10-python.tar.gz "
                             f"there, or put the tarball there and pass --download")
     try:
@@ -556,7 +488,6 @@ def _build_torchvision(name, args, split, transform):
     return ds, root
 
 
-# ---------------------------------------------------------------------------------------------
 def build_dataset(args, split, transform, decode_gpu_ok=False):
     """-> Dataset of (image tensor, int label). Checks paths first; prints a one-line summary.
     decode_gpu_ok: the caller handles --decode gpu items (collate + batch_to_images: pretrain.py)."""
@@ -599,14 +530,11 @@ def num_classes(dataset):
     return len(classes(dataset))
 
 
-# =============================================================================================
-# CLI: `python data.py pack ...` (write the packed format) and `python data.py bench ...`
-# (decoded + augmented img/s of each input path; see the module docstring).
-# =============================================================================================
+# ==== CLI: `python data.py pack ...` (write the packed format), `python data.py bench ...` (decoded +
+# augmented img/s of each input path; see the module docstring).
 @contextlib.contextmanager
 def _threads(n):
-    """n intra-op threads for a while. On this shared 2-core box a 2-thread pool made
-    SyntheticShapes.render 200x slower than 1 thread (measured; OpenMP waits under load)."""
+    """n intra-op threads for a while (on a loaded 2-core box 2 threads made render 200x slower)."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -615,16 +543,19 @@ def _threads(n):
         torch.set_num_threads(old)
 
 
+def _pack_transform(S):
+    """The "center" transform's PIL ops kept in uint8: packed at S == --input-size, the center path
+    gives tensors bit-identical to the imagefolder path."""
+    return T.Compose([ToRGB(), T.Resize(S, interpolation=BICUBIC, antialias=True), T.CenterCrop(S), T.PILToTensor()])
+
+
 def pack(args):
     if args.dataset == "packed":
         raise UserError("--dataset packed is already packed; pack the imagefolder (or other dataset) it came from")
-    args.decode, S = "pil", args.input_size
-    # The "center" transform's PIL ops, kept in uint8: packed at S == --input-size, the center path
-    # gives bit-identical tensors to the imagefolder path.
-    tf = T.Compose([ToRGB(), T.Resize(S, interpolation=BICUBIC, antialias=True), T.CenterCrop(S), T.PILToTensor()])
-    ds = build_dataset(args, args.split, tf)
+    args.decode = "pil"
+    ds = build_dataset(args, args.split, _pack_transform(args.input_size))
     src = {"dataset": args.dataset, "data_path": os.path.abspath(args.data_path or ""), "split": args.split}
-    return pack_dataset(ds, args.out, S, args.num_workers, args.batch_size, src)
+    return pack_dataset(ds, args.out, args.input_size, args.num_workers, args.batch_size, src)
 
 
 def pack_dataset(ds, out, S, num_workers=0, batch_size=64, source=None):
@@ -633,18 +564,17 @@ def pack_dataset(ds, out, S, num_workers=0, batch_size=64, source=None):
     folder, N = os.path.dirname(os.path.abspath(out)), len(ds)
     if not os.path.isdir(folder):
         raise UserError(f"output folder {folder} does not exist; create it or pass another --out")
-    if N * 3 * S * S > shutil.disk_usage(folder).free:
-        raise UserError(f"{out} needs {N * 3 * S * S / 1e9:.1f} GB but {folder} has "
-                        f"{shutil.disk_usage(folder).free / 1e9:.1f} GB free; pass another --out or a smaller size")
+    if N * 3 * S * S > (free := shutil.disk_usage(folder).free):
+        raise UserError(f"{out} needs {N * 3 * S * S / 1e9:.1f} GB but {folder} has {free / 1e9:.1f} GB "
+                        f"free; pass another --out or a smaller size")
     try:
         arr = np.lib.format.open_memmap(out + ".tmp", mode="w+", dtype=np.uint8, shape=(N, 3, S, S))
     except OSError as e:
         raise UserError(f"cannot write {out}.tmp ({e.strerror}); pass another --out") from None
     labels, i, t0 = torch.empty(N, dtype=torch.int64), 0, time.time()
     # Workers decode in parallel; no shuffling, so batches arrive in order and labels line up.
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
     with tqdm(total=N, unit="img", desc=f"pack {S}px", dynamic_ncols=True) as bar:
-        for x, y in loader:                                          # (B, 3, S, S) uint8, (B,)
+        for x, y in DataLoader(ds, batch_size=batch_size, num_workers=num_workers):   # (B, 3, S, S) uint8
             arr[i:i + len(x)], labels[i:i + len(x)] = x.numpy(), y
             i += len(x)
             bar.update(len(x))
@@ -677,8 +607,8 @@ def write_jpeg_folder(root, n, size=(500, 375), quality=90, seed=0):
     return root
 
 
-def _count(batch):
-    return len(batch)
+def _decode_on_cpu(batch):
+    return batch_to_images(collate(batch)[0], "cpu")
 
 
 def bench(args):
@@ -686,15 +616,13 @@ def bench(args):
     if args.make and not os.path.isdir(args.data_path):
         print(f"[bench] writing {args.make} synthetic JPEGs to {args.data_path}", flush=True)
         write_jpeg_folder(args.data_path, args.make)
-    S, n, B = args.input_size, args.images, args.batch_size
+    S, n, B, P, rows = args.input_size, args.images, args.batch_size, args.pack_size, []
     workers = [int(w) for w in args.workers.split(",")]
     fargs = argparse.Namespace(dataset="imagefolder", data_path=args.data_path, decode="pil")
     folder = lambda tf: (lambda ds: Subset(ds, range(min(n, len(ds)))))(build_dataset(fargs, "train", tf))  # noqa: E731
-    rows = []
 
     def cpu_seconds():   # this process + its reaped children (DataLoader workers are joined at the end)
-        r = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-        return sum(x.ru_utime + x.ru_stime for x in r)
+        return sum(sum(resource.getrusage(w)[:2]) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 
     def run(name, ds, w, collate_fn=None):
         next(iter(DataLoader(Subset(ds, range(B)), batch_size=B, collate_fn=collate_fn)))  # warm caches
@@ -703,9 +631,8 @@ def bench(args):
             for _ in DataLoader(ds, batch_size=B, num_workers=w, collate_fn=collate_fn):
                 ts.append(time.perf_counter() - t)
             cpu = cpu_seconds() - c
-        # Wall img/s in steady state: skip worker start-up and the 2*w batches prefetched meanwhile.
-        # img per CPU-second (all processes, start-up and IPC included) does not depend on how much
-        # of the shared cores we got: it is the "img/s per core" to size a machine with.
+        # Wall img/s in steady state: skip worker start-up and the 2*w batches prefetched meanwhile. img per
+        # CPU-second (all processes, IPC included) does not depend on our share of the shared cores.
         k = max(0, min(2 * w, len(ts) - 2))
         rate = B * (len(ts) - 1 - k) / (ts[-1] - ts[k]) if len(ts) > 1 else len(ds) / ts[-1]
         rows.append((name, w, rate, len(ds) / cpu, os.getloadavg()[0]))
@@ -713,28 +640,19 @@ def bench(args):
               f"(load avg {rows[-1][-1]:.2f})", flush=True)
 
     print(f"[bench] {args.data_path}, first {n} images, {S}px, batch {B}, load avg {os.getloadavg()[0]:.2f}")
-    run("PIL decode only (RGB)", folder(T.PILToTensor()), 0, _count)
+    run("PIL decode only (RGB)", folder(T.PILToTensor()), 0, len)
     for w in workers:
         run("PIL decode + rrc + flip + ToTensor + Normalize", folder(build_transform("rrc", S)), w)
-    out = os.path.join(args.pack_dir, f"bench_{args.pack_size}.u8")
-    pack_dataset(folder(T.Compose([ToRGB(), T.Resize(args.pack_size, interpolation=BICUBIC, antialias=True),
-                                   T.CenterCrop(args.pack_size), T.PILToTensor()])), out, args.pack_size, max(workers))
+    out = os.path.join(args.pack_dir, f"bench_{P}.u8")
+    pack_dataset(folder(_pack_transform(P)), out, P, max(workers))
     for w in workers:
-        run(f"packed {args.pack_size}px + rrc + flip + Normalize", Packed(out, build_transform("rrc", S)), w)
-    # The same, shipping uint8 out of the workers (4x fewer bytes through shared memory; the float
-    # conversion would then run on the GPU): shows what the float IPC costs.
+        run(f"packed {P}px + rrc + flip + Normalize", Packed(out, build_transform("rrc", S)), w)
+    # uint8 out of the workers (4x fewer bytes through shared memory, float on the GPU): the float IPC cost
     u8 = T.Compose(build_transform("rrc", S).transforms[:3])
-    run(f"packed {args.pack_size}px + rrc + flip, uint8 out", Packed(out, u8), max(workers))
+    run(f"packed {P}px + rrc + flip, uint8 out", Packed(out, u8), max(workers))
     raw = JpegFolder(folder(build_transform("rrc", S)), build_transform("rrc", S))
-    run("read JPEG bytes only (--decode gpu workers)", raw, 0, _count)
-    n = len(raw)
-    batches = [collate([raw[i] for i in range(j, min(j + B, n))])[0] for j in range(0, n, B)]
-    with _threads(1):
-        t, c = time.perf_counter(), cpu_seconds()
-        for x in batches:
-            batch_to_images(x, "cpu")
-        rows.append(("decode_batch on CPU (decode_jpeg + rrc + flip)", 0, n / (time.perf_counter() - t),
-                     n / (cpu_seconds() - c), os.getloadavg()[0]))
+    run("read JPEG bytes only (--decode gpu workers)", raw, 0, len)
+    run("decode_batch on CPU (read + decode_jpeg + rrc + flip)", raw, 0, _decode_on_cpu)
     print(f"\n| path | workers | img/s (wall) | img per CPU-second | cores per GPU at {args.target:.0f} img/s "
           f"| load avg |\n|---|---|---|---|---|---|")
     for name, w, rate, per, load in rows:
