@@ -291,3 +291,46 @@ def test_cli_error_exits_2_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "linprobe.py"), str(tmp_path / "missing.pt")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: checkpoint") and "Traceback" not in r.stderr
+
+
+def test_torchrun_two_processes_gather_the_same_features(ckpt, tmp_path):
+    # cached under DDP: each rank encodes items r, r+2, ... (101 train images: unequal shards); the
+    # gathered, re-interleaved features must give exactly the single-process result.
+    flags = ["--protocol", "cached", "--solver", "lars", "--lr-grid", "1", "--lr", "100", "--synthetic-size", "101",
+             "--synthetic-val-size", "51", "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "32",
+             "--num-workers", "0"]
+    one = probe_args(ckpt, *flags, "--output-dir", str(tmp_path / "one"))
+    single = linprobe.main(one)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "linprobe.py"), ckpt, *flags, "--output-dir", str(tmp_path / "two")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ddp = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ddp["top1"] == single["top1"] and ddp["heldout_top1"] == single["heldout_top1"] and ddp["n_train"] == 101
+    a = torch.load(tmp_path / "one" / "head.pt", weights_only=True)["heads"]["depth2_t10"]
+    b = torch.load(tmp_path / "two" / "head.pt", weights_only=True)["heads"]["depth2_t10"]
+    # same features paired with the same labels in the same order -> the same trained head
+    assert torch.allclose(a["head"]["1.weight"], b["head"]["1.weight"], atol=1e-4)
+
+
+def test_gathered_shards_come_back_in_dataset_order(monkeypatch):
+    # extract() in a simulated 2-rank world: rank r encodes items r, r+2, ... (7 items: unequal
+    # shards); all_gather is replayed from what each rank sent. Labels = item indices = features.
+    ds = [(torch.full((3,), float(i)), i) for i in range(7)]
+    args = probe_args("--max-device-batch", "2", "--num-workers", "0")
+    featurize = lambda x: {"k": x}  # noqa: E731
+    sent = {}
+    for rank in (0, 1):
+        sent[rank] = []
+        monkeypatch.setattr(linprobe.dist, "all_gather", lambda parts, pad: sent[rank].append(pad.clone()))
+        linprobe.extract(featurize, ds, args, torch.device("cpu"), rank, 2, "x")
+    calls = iter(range(2))                                  # features, then labels
+
+    def replay(parts, pad):
+        i = next(calls)
+        for r in (0, 1):
+            parts[r].copy_(sent[r][i])
+    monkeypatch.setattr(linprobe.dist, "all_gather", replay)
+    feats, labels = linprobe.extract(featurize, ds, args, torch.device("cpu"), 0, 2, "x")
+    assert labels.tolist() == list(range(7)) and torch.equal(feats["k"][:, 0], torch.arange(7.0))
