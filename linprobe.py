@@ -281,7 +281,8 @@ def probe_mae(featurize, key, train_ds, val_ds, base_lr, args, C, device, rank, 
     sampler = torch.utils.data.DistributedSampler(train_ds, world, rank, seed=args.seed) if world > 1 else None
     loader = DataLoader(train_ds, bs, shuffle=sampler is None, sampler=sampler, num_workers=args.num_workers,
                         generator=torch.Generator().manual_seed(args.seed), pin_memory=device.type == "cuda",
-                        drop_last=len(train_ds) // world >= bs)         # MAE drops the last batch
+                        drop_last=len(train_ds) // world >= per_rank)   # MAE drops the last batch,
+    # but a set smaller than one global batch keeps all its images (one partial step per epoch)
     with torch.inference_mode():
         D = featurize(val_ds[0][0][None].to(device))[key].shape[1]
     torch.manual_seed(args.seed)
