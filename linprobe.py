@@ -88,7 +88,9 @@ def load_backbone(args, device):
     """Rebuild the model from the checkpoint's config, load strictly (pretrain's contract: a
     missing/foreign file or missing/unexpected keys are UserErrors naming the problem)."""
     import pretrain
-    model = pretrain.model_from_checkpoint(pretrain.load_checkpoint(args.ckpt), args.weights, "cpu")
+    ckpt = pretrain.load_checkpoint(args.ckpt)
+    model = pretrain.model_from_checkpoint(ckpt, args.weights, "cpu")
+    args.weights_used = args.weights if ckpt.get("ema") is not None else "raw"   # for the report
     if args.random_init:
         # Issue 6's baseline: same network, fresh weights, every block live. The checkpoint gives
         # only the config and the PCA tokenizer (fitted, not learned by gradient: RECIPE s2).
@@ -304,7 +306,29 @@ def probe_mae(featurize, key, train_ds, val_ds, base_lr, args, C, device, rank, 
     return {"head": {k: v.cpu() for k, v in head.state_dict().items()}}, top1, top5, info
 
 
+def compare(args):
+    """--compare (issue 6): the learned features, a random-init network of the same config and raw
+    pixels through the same data, probe and selection; one table, one final JSON line."""
+    if args.grid or args.random_init or args.baseline:
+        raise UserError("--compare runs the learned, --random-init and --baseline pixels probes itself: "
+                        "drop --grid/--random-init/--baseline")
+    runs = {}
+    for name, kw in [("learned", {}), ("random_init", {"random_init": True}), ("pixels", {"baseline": "pixels"})]:
+        runs[name] = main(argparse.Namespace(**{**vars(args), "compare": False, **kw,
+                                                "output_dir": os.path.join(args.output_dir, name)}))
+    print(f"{'features':<46}{'top-1':>8}{'top-5':>8}")
+    for r in runs.values():
+        print(f"{r['features'][:45]:<46}{r['top1']:8.2f}{r['top5']:8.2f}")
+    res = {**{k: runs["learned"][k] for k in ("top1", "top5", "protocol", "features", "depth", "t")},
+           **{f"{n}_{k}": runs[n][k] for n in ("random_init", "pixels") for k in ("top1", "top5")},
+           "solver": runs["learned"].get("solver")}
+    print(json.dumps(res), flush=True)
+    return res
+
+
 def main(args):
+    if getattr(args, "compare", False):
+        return compare(args)
     t_start = time.time()
     protocol = args.protocol or ("cached" if args.grid else "mae")
     pixels = args.baseline == "pixels"
@@ -373,7 +397,7 @@ def main(args):
     _, top1, top5, info = results[best]
     what = ("raw pixels (flattened, <= 32x32x3)" if pixels else
             f"random-init {cfg.get('name')} (active blocks)" if args.random_init else
-            f"{cfg.get('name')} checkpoint ({args.weights} weights)")
+            f"{cfg.get('name')} checkpoint ({getattr(args, 'weights_used', args.weights)} weights)")
     res = {"top1": round(top1, 2), "top5": round(top5, 2), "protocol": protocol, "features": what, "depth": best[0],
            "t": best[1], "noisy_input": args.noisy_input and not pixels, **info, "checkpoint": args.ckpt,
            "dataset": args.dataset, "input_size": S, "num_classes": C, "n_train": len(train_ds), "n_val": len(val_ds),
@@ -421,6 +445,7 @@ def get_args_parser():
     add("--noisy-input", action="store_true", help="add level-t noise to the input (paper Sec. 5)")
     add("--random-init", action="store_true", help="baseline: fresh weights, active blocks")
     add("--baseline", choices=("pixels",), default=None, help="baseline: probe raw pixels")
+    add("--compare", action="store_true", help="learned vs --random-init vs --baseline pixels, one table")
     add("--views", type=int, default=1, help="cached: center crop + K-1 random crops per image")
     add("--grid", action="store_true", help="a head per (depth, t) pair (DDAE protocol)")
     add("--grid-depths", type=ints, default=None, help="e.g. 6,9,12 (default: around depth/2)")

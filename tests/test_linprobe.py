@@ -334,3 +334,17 @@ def test_gathered_shards_come_back_in_dataset_order(monkeypatch):
     monkeypatch.setattr(linprobe.dist, "all_gather", replay)
     feats, labels = linprobe.extract(featurize, ds, args, torch.device("cpu"), 0, 2, "x")
     assert labels.tolist() == list(range(7)) and torch.equal(feats["k"][:, 0], torch.arange(7.0))
+
+
+def test_compare_prints_learned_random_init_and_pixels_in_one_table(ckpt, tmp_path, capsys):
+    """issue 6: one command gives the learned features and both baselines, same probe and data."""
+    res = probe(ckpt, tmp_path, "--protocol", "cached", "--compare")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1]) == json.loads(json.dumps(res))
+    table = "\n".join(out[-5:-1])
+    assert "random-init vit_tiny" in table and "raw pixels" in table and "vit_tiny checkpoint (raw weights)" in table
+    for name in ("learned", "random_init", "pixels"):
+        assert (tmp_path / name / "head.pt").exists()
+    assert {"top1", "random_init_top1", "pixels_top1"} <= set(res)
+    with pytest.raises(UserError, match="--compare"):
+        probe(ckpt, tmp_path, "--protocol", "cached", "--compare", "--random-init")
