@@ -353,7 +353,7 @@ def main(args):
         raise data.UserError("--num-images must be > 0 and --patches-per-image >= 0")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
-        raise data.UserError(f"output folder {out_dir} does not exist")
+        raise data.UserError(f"output folder {out_dir} does not exist; create it (mkdir -p {out_dir}) or pick another --out")
     # The tokenizer sees the images the ablation models see: DiT center crop (RECIPE s2, s6).
     ds = data.build_dataset(args, "train", data.build_transform("center", args.input_size))
     t0 = time.time()
