@@ -30,10 +30,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 
 from data import UserError
-from ldae import (DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, init_dit_weights,
+from ldae import (DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, init_dit_weights, run_blocks,
                   sincos_pos_embed, transformer_flops)
 from tokenizer_pca import PatchPCA
 
@@ -213,13 +212,7 @@ class DiT(nn.Module):
         """x (B, C, h, w) noisy latent, t (B,), y (B,) labels or None (null class) -> output
         (B, out_channels, h, w); with depth=k the tokens after block k, (B, L, D)."""
         x, c = self._cond(x, t, y, self.training)
-        for i, block in enumerate(self.blocks):
-            if depth is not None and i == depth:
-                return x
-            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
-            else:
-                x = block(x, c)
+        x = run_blocks(self.blocks, x, c, depth, self.grad_checkpoint and self.training)
         if depth is not None:
             return x
         x = self.final_layer(x, c)                                      # (B, L, p*p*out), (p,q,c)

@@ -190,6 +190,17 @@ def init_dit_weights(model, active=False):
         nn.init.zeros_(model.final_layer.linear.bias)
 
 
+def run_blocks(blocks, x, c, depth=None, checkpoint=False):
+    """The first `depth` blocks (all when None) on tokens x (B, L, D) under conditioning c; with
+    checkpoint, activations are recomputed in the backward pass (memory for vit_l, issue 7)."""
+    for block in blocks[:depth]:
+        if checkpoint and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+        else:
+            x = block(x, c)
+    return x
+
+
 def transformer_flops(num_tokens, dim, depth, mlp_ratio, cond_dim, in_dim, out_dim):
     """Analytic forward FLOPs (2 x multiply-adds) of the token stack for one image (issue 7)."""
     L, D = num_tokens, dim
@@ -297,13 +308,7 @@ class LDAE(nn.Module):
         tokens after block k instead, (B, L, D) (what the probe reads)."""
         x = self.x_embedder(x) + self.pos_embed                         # (B, L, D)
         c = self.t_embedder(t)                                          # (B, D * cond_ratio)
-        for i, block in enumerate(self.blocks):
-            if depth is not None and i == depth:
-                return x
-            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
-            else:
-                x = block(x, c)
+        x = run_blocks(self.blocks, x, c, depth, self.grad_checkpoint and self.training)
         return x if depth is not None else self.final_layer(x, c)
 
     def loss(self, x0, labels=None):
