@@ -157,8 +157,8 @@ def train_head(head, batches, n, accum, base_lr, args, log, tag, net=None):
             if (i + 1) % accum == 0 or i + 1 == n:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            total += loss.item()
-        log({**tag, "epoch": ep + 1, "lr": opt.param_groups[0]["lr"], "train_loss": total / max(n, 1),
+            total = total + loss.detach()      # summed on the device: one host sync per epoch
+        log({**tag, "epoch": ep + 1, "lr": opt.param_groups[0]["lr"], "train_loss": float(total) / max(n, 1),
              "seconds": round(time.time() - t0, 2)})
     return head
 
