@@ -212,17 +212,18 @@ def test_grid_one_pass_per_t_and_a_table(ckpt, tmp_path, monkeypatch, capsys):
     assert "depth \\ t" in out and len(torch.load(tmp_path / "head.pt", weights_only=True)["heads"]) == 4
 
 
-@pytest.mark.skipif(not os.environ.get("LDAE_SLOW_TESTS"), reason="opt-in (LDAE_SLOW_TESTS=1): 3-7 min on "
-                    "2 CPU cores, and on synthetic shapes the margin is small (measured 19.0 vs 15.4 top-1 on 500 "
-                    "val images), too small to be reliable in CI")
 def test_briefly_pretrained_ldae_beats_random_init(tmp_path):
-    # The README quick start: vit_tiny, 10 epochs of 2048 synthetic shapes, then the cached probe.
+    # vit_tiny at the toy settings that learn (README "Which toy settings learn": d = 8, latent scale
+    # 0.25, lr 4e-3), 320 steps on 2048 synthetic shapes, then `--compare` on 2000 val images.
+    # Measured here, learned minus random init (top-1 points): seeds 0-3 +4.1, +2.8, +1.3, +2.4;
+    # the registry's d = 4 at scale 1 gives -0.65: the test fails if the objective, the latent
+    # scale or the probe stop learning anything a random network lacks. About a minute on 2 cores.
     ck = pretrain_ckpt(tmp_path / "run", "--synthetic-size", "2048", "--epochs", "10", "--warmup-epochs", "1",
-                       "--batch-size", "64", "--ema", "0.999", "--pca-images", "500")
-    common = ("--protocol", "cached", "--synthetic-size", "2000", "--num-workers", "0")
-    trained = linprobe.main(probe_args(ck, "--output-dir", str(tmp_path / "a"), *common))
-    rand = linprobe.main(probe_args(ck, "--random-init", "--output-dir", str(tmp_path / "b"), *common))
-    assert trained["top1"] > rand["top1"], (trained["top1"], rand["top1"])
+                       "--batch-size", "64", "--lr", "4e-3", "--ema", "0.999", "--pca-images", "500",
+                       "--latent-dim", "8", "--latent-scale", "0.25")
+    res = linprobe.main(probe_args(ck, "--protocol", "cached", "--compare", "--synthetic-val-size", "2000",
+                                   "--num-workers", "0", "--output-dir", str(tmp_path / "probe")))
+    assert res["top1"] > res["random_init_top1"] > res["pixels_top1"], res
 
 
 def test_random_init_has_active_blocks_not_pooled_embeddings(ckpt):
