@@ -22,7 +22,6 @@ line printed is one JSON object (top1, top5, protocol, probe settings). Features
 """
 import argparse
 import json
-import math
 import os
 import time
 
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
+import pretrain                                   # contract: checkpoints, DDP setup, lr schedule
 from data import UserError
 
 
@@ -73,10 +73,8 @@ def make_head(dim, num_classes):
     return head
 
 
-def lr_at(epoch, base_lr, warmup, epochs):   # MAE's, set every iteration (fractional epoch)
-    if epoch < warmup:                          # linear warmup, then half-cycle cosine to 0
-        return base_lr * epoch / warmup
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / max(epochs - warmup, 1e-8)))
+def lr_at(epoch, base_lr, warmup, epochs):   # MAE's, set every iteration (fractional epoch): pretrain's
+    return pretrain.lr_at(epoch, 1, base_lr, warmup, epochs)      # warmup + half-cycle cosine to 0
 
 
 def checksum(model):                # (n, 2) float64 sum and sum of squares of every float tensor
@@ -87,7 +85,6 @@ def checksum(model):                # (n, 2) float64 sum and sum of squares of e
 def load_backbone(args, device):
     """Rebuild the model from the checkpoint's config, load strictly (pretrain's contract: a
     missing/foreign file or missing/unexpected keys are UserErrors naming the problem)."""
-    import pretrain
     ckpt = pretrain.load_checkpoint(args.ckpt)
     model = pretrain.model_from_checkpoint(ckpt, args.weights, "cpu")
     args.weights_used = args.weights if ckpt.get("ema") is not None else "raw"   # for the report
@@ -341,7 +338,6 @@ def main(args):
                      (not 0 < args.holdout < 1, "--holdout must be a fraction in (0, 1)")]:
         if bad:
             raise UserError(msg)
-    import pretrain                             # contract: checkpoints, DDP setup
     rank, world, device = pretrain.setup_distributed()
     model = None if pixels else load_backbone(args, device)   # pixels: a checkpoint only fixes the size
     cfg = model.config if model else pretrain.load_checkpoint(args.ckpt)["model_config"] if args.ckpt else {}
