@@ -34,7 +34,7 @@ import torch.nn as nn
 from data import UserError
 from ldae import (DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, init_dit_weights, run_blocks,
                   sincos_pos_embed, transformer_flops)
-from tokenizer_pca import PatchPCA
+from tokenizer_pca import LATENT_NORMS, PatchPCA
 
 
 class LabelEmbedder(nn.Module):
@@ -101,14 +101,16 @@ MODELS["dit_tiny_2"] = dict(MODELS["dit_tiny_1"], dit_patch=2)
 
 # Overrides pretrain.py may pass (argparse dest names). dit_input is an alias of input;
 # latents_file makes build_model read (C, h, w) and the class count from the file.
-MODEL_FLAGS = ("img_size", "patch_size", "latent_dim", "latent_scale", "schedule", "prediction",
+MODEL_FLAGS = ("img_size", "patch_size", "latent_dim", "latent_scale", "latent_norm", "cond_ratio",
+               "schedule", "prediction",
                "class_cond", "num_classes", "class_dropout_prob", "learn_sigma", "input",
                "dit_input", "latents_file", "latent_channels", "latent_size", "grad_checkpoint")
 
 
 class DiT(nn.Module):
     def __init__(self, pca, img_size=256, patch_size=16, latent_dim=32, latent_scale=None,
-                 input="pca", latent_channels=4, latent_size=32, hidden_size=1024, depth=24,
+                 latent_norm="none", cond_ratio=1.0, input="pca", latent_channels=4,
+                 latent_size=32, hidden_size=1024, depth=24,
                  num_heads=16, mlp_ratio=4.0, dit_patch=1, class_cond=False, num_classes=1000,
                  class_dropout_prob=0.1, learn_sigma=False, schedule="ddpm", prediction="eps",
                  num_steps=1000, grad_checkpoint=False, name="custom"):
@@ -129,13 +131,22 @@ class DiT(nn.Module):
             if img_size % patch_size:
                 raise UserError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
             latent_channels, latent_size = latent_dim, img_size // patch_size
-        if latent_scale is not None:     # RECIPE s2: the latent scale is a choice; the model owns it
-            pca.scale = float(latent_scale)   # (input="latents": multiplies the file's latents)
+        if latent_norm not in LATENT_NORMS:
+            raise UserError(f"--latent-norm must be one of {', '.join(LATENT_NORMS)}, "
+                            f"not {latent_norm!r}")
+        if input == "latents" and latent_norm != "none":
+            raise UserError("--latent-norm needs the PCA's eigenvalues; for --latents-file "
+                            "scale the latents yourself or pass --latent-scale")
+        # RECIPE s2: the latent's scale is a choice the model owns (the PCA object is not changed);
+        # input="latents": latent_scale multiplies the file's latents
+        self.latent_scale = float(pca.scale if latent_scale is None else latent_scale)
+        self.latent_norm = latent_norm
         if latent_size % dit_patch:
             raise UserError(f"the {latent_size}x{latent_size} latent grid does not tile into DiT "
                             f"patches of {dit_patch}: pick a dit_*_{{1,2,4,8}} model that divides it")
         self.config = dict(family="dit", name=name, img_size=img_size, patch_size=patch_size,
-                           latent_dim=latent_dim, latent_scale=float(pca.scale), input=input,
+                           latent_dim=latent_dim, latent_scale=self.latent_scale,
+                           latent_norm=latent_norm, cond_ratio=cond_ratio, input=input,
                            latent_channels=latent_channels, latent_size=latent_size,
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads,
                            mlp_ratio=mlp_ratio, dit_patch=dit_patch, class_cond=bool(class_cond),
@@ -151,15 +162,18 @@ class DiT(nn.Module):
         self.register_buffer("gamma", gamma.float(), persistent=False)   # (T,): not in state dict,
         self.register_buffer("sigma", sigma.float(), persistent=False)   # so official keys match
 
-        # DiT conditioning width = model width; c = t_emb (+ y_emb when class-conditional).
+        # c = t_emb (+ y_emb when class-conditional), cond_ratio x width wide: 1 in official DiT
+        # (its checkpoints load only then), 1/4 in the paper's DiT rows (RECIPE s4), as l-DAE.
+        cond_dim = max(1, int(hidden_size * cond_ratio))
         self.x_embedder = PatchEmbed(dit_patch, latent_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(cond_dim)
         if self.class_cond:          # unconditional models have no y_embedder at all
-            self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+            self.y_embedder = LabelEmbedder(num_classes, cond_dim, class_dropout_prob)
         grid = latent_size // dit_patch
         self.register_buffer("pos_embed", sincos_pos_embed(hidden_size, grid).unsqueeze(0))  # (1, L, D)
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, dit_patch, self.out_channels)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, cond_dim)
+                                    for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, dit_patch, self.out_channels, cond_dim)
         self.init_weights()
 
     def init_weights(self, active=False):
@@ -170,17 +184,26 @@ class DiT(nn.Module):
     def load_official(self, state_dict):
         """Load a facebookresearch/DiT state dict (same size, latent, class count; learn_sigma=True
         for theirs): every key and shape must match ours; our PCA buffers are kept."""
+        if self.config["cond_ratio"] != 1:
+            raise UserError("official DiT checkpoints have full-width conditioning: build the "
+                            "model with cond_ratio=1 (--cond-ratio 1) to load one")
         own = {k: v for k, v in self.state_dict().items() if k.startswith("pca.")}
         return self.load_state_dict({**state_dict, **own}, strict=True)
 
     # --- latent <-> image ---------------------------------------------------------------------
+    def latent_gain(self):
+        """(d,) multipliers of the PCA coordinates (--latent-scale x --latent-norm, RECIPE s2), the
+        same rule as ldae.LDAE (DiT's variance-preserving schedules assume ~unit-variance
+        latents)."""
+        return self.pca.latent_gain(self.C, self.latent_norm, self.latent_scale)
+
     def encode(self, images):
         """images (B, 3, H, W) -> clean latent z0 (B, C, h, w) in fp32. input="latents": the
         batch already is the latent (times latent_scale, if one was given)."""
         with torch.autocast(images.device.type, enabled=False):
             if self.input == "latents":
-                return images.float() * self.pca.scale
-            z = self.pca.encode(images.float(), self.C)                     # (B, h*w, d), row-major
+                return images.float() * self.latent_scale
+            z = self.pca.encode(images.float(), self.C, self.latent_gain())  # (B, h*w, d) row-major
             B = z.shape[0]
             return z.transpose(1, 2).reshape(B, self.C, self.grid, self.grid)
 
@@ -190,7 +213,8 @@ class DiT(nn.Module):
         if self.input == "latents":
             return z[:, :3] if z.shape[1] >= 3 else z[:, :1].expand(-1, 3, -1, -1)
         with torch.autocast(z.device.type, enabled=False):
-            return self.pca.decode(z.float().flatten(2).transpose(1, 2))   # (B, L, d) -> image
+            z = z.float().flatten(2).transpose(1, 2)                        # (B, L, d)
+            return self.pca.decode(z, gain=self.latent_gain())
 
     # --- the network --------------------------------------------------------------------------
     def _labels(self, y, B, device):
@@ -252,7 +276,9 @@ class DiT(nn.Module):
             return (lam * (z0 - pred).square().mean((1, 2, 3))).mean()
 
     # --- probe and image grids ----------------------------------------------------------------
-    def forward_features(self, images, t=10, depth=None, noisy=False):
+    probe_t = 10                        # RECIPE s5: the probe's default noise level
+
+    def forward_features(self, images, t=None, depth=None, noisy=False):
         """Average-pooled tokens after block `depth` (default: the first half, RECIPE s7: 12 of
         24 for DiT-L), the network told level t. Clean input = x_t with eps = 0, i.e. gamma_t z0
         (gamma_10^2 = 0.9985 for ddpm, 0.989 for linear_gamma2, 1 for no_scaling); noisy=True
@@ -260,7 +286,8 @@ class DiT(nn.Module):
         must not see labels through the input). depth may be a list: one pass, a list out."""
         depths = [depth or self.depth // 2] if not isinstance(depth, (list, tuple)) else depth
         z0 = self.encode(images)
-        tt = torch.full((z0.shape[0],), int(t), device=z0.device, dtype=torch.long)
+        t = self.probe_t if t is None else int(t)
+        tt = torch.full((z0.shape[0],), t, device=z0.device, dtype=torch.long)
         x = self.add_noise(z0, tt, None if noisy else torch.zeros_like(z0))[0]
         x, c = self._cond(x, tt, None, False)
         feats = {}
@@ -287,8 +314,9 @@ class DiT(nn.Module):
         """Analytic training FLOPs per image: 3 x forward (ldae.transformer_flops)."""
         cfg, p = self.config, self.p
         L = (self.grid // p) ** 2
+        cond = max(1, int(cfg["hidden_size"] * cfg["cond_ratio"]))
         return 3 * transformer_flops(L, cfg["hidden_size"], cfg["depth"], cfg["mlp_ratio"],
-                                     cfg["hidden_size"], p * p * self.C, p * p * self.out_channels)
+                                     cond, p * p * self.C, p * p * self.out_channels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,10 +400,12 @@ def build_model(name, pca=None, **overrides):
 # ----------------------------------------------------------------------------------------------
 _BASE = dict(epochs=400, batch_size=2048, blr=1e-4, warmup_epochs=100, weight_decay=0.0,
              aug="center", input_size=256)                        # RECIPE s6 / s7: all rows
+# The paper's DiT rows shrink the conditioning MLP to 1/4 of DiT's, as its l-DAE does (RECIPE s4):
+# so the Table 3 step from the DiT rows to the l-DAE rows changes one thing at a time.
 _DIT_LAT = dict(_BASE, model="dit_l_2", dit_input="latents", latents_file=None, class_cond=True,
-                schedule="ddpm", prediction="eps")                # Table 1: user latents 32x32x4
+                schedule="ddpm", prediction="eps", cond_ratio=0.25)  # Table 1: latents 32x32x4
 _DIT_PCA = dict(_BASE, model="dit_l_1", dit_input="pca", class_cond=False,
-                schedule="linear_gamma2", prediction="eps")       # Table 2/3: 16x16xd, 256 tokens
+                schedule="linear_gamma2", prediction="eps", cond_ratio=0.25)  # Table 2/3: 16x16xd
 _LDAE = dict(_BASE, model="vit_half_l", latent_dim=32, noise="multi", target="original",
              residual_weight=0.1)                                 # l-DAE, ViT-1/2L (12 + 12)
 PRESETS = {
@@ -416,6 +446,13 @@ PAPER_ACC = {"t1_dit_cond": 57.5, "t1_no_cond": 62.5, "t1_no_perceptual": 58.4,
              "final_vit_b": 60.3, "final_vit_half_l": 65.0, "final_vit_l": 70.9,
              "final_vit_half_l_800ep": 67.5, "final_vit_half_l_1600ep": 69.6,
              "final_vit_b_1600ep": 66.6, "final_vit_l_1600ep": 75.0}
+# How the paper probes each row (RECIPE s5): "t = 10 and clean input in all our experiments,
+# except Tab. 4 where we use the optimal setting", i.e. the final 1600-epoch comparison.
+# linprobe.py --select-setting chooses (t, clean or noisy) on a held-out part of TRAIN.
+TABLE4_PRESETS = ("final_vit_b_1600ep", "final_vit_l_1600ep")
+PAPER_PROBE = {name: ("the best (t, clean or noisy input), chosen on held-out train: "
+                      "linprobe.py --select-setting" if name in TABLE4_PRESETS
+                      else "t = 10, clean input") for name in PRESETS}
 # Stand-ins to run any row small (`--model SMALL_MODEL[preset_family(name)] --input-size 32`).
 SMALL_MODEL = {"dit": "dit_tiny_1", "ldae": "vit_tiny"}
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from tokenizer_pca import PatchPCA
+from tokenizer_pca import LATENT_NORMS, PatchPCA
 
 # ----------------------------------------------------------------------------------------------
 # Transformer pieces shared with dit_baseline.py (RECIPE s4: "a ViT built from DiT blocks")
@@ -228,14 +228,16 @@ MODELS = {
 }
 
 # The constructor options pretrain.py may pass as flags (`--latent-dim`, `--noise`, ...).
-MODEL_FLAGS = ("img_size", "patch_size", "latent_dim", "latent_scale", "residual_weight", "noise",
-               "single_sigma", "target", "cond_ratio", "grad_checkpoint")
+MODEL_FLAGS = ("img_size", "patch_size", "latent_dim", "latent_scale", "latent_norm",
+               "residual_weight", "noise", "single_sigma", "target", "cond_ratio",
+               "grad_checkpoint")
 
 
 class LDAE(nn.Module):
     def __init__(self, pca, img_size=256, patch_size=16, in_chans=3, hidden_size=768, depth=24,
                  num_heads=12, mlp_ratio=4.0, cond_ratio=0.25, latent_dim=32, latent_scale=None,
-                 residual_weight=0.1, noise="multi", single_sigma=math.sqrt(1 / 3), num_steps=1000,
+                 latent_norm="none", residual_weight=0.1, noise="multi",
+                 single_sigma=math.sqrt(1 / 3), num_steps=1000,
                  sigma_max=math.sqrt(2), target="original", grad_checkpoint=False, name="custom"):
         super().__init__()
         assert pca.patch_size == patch_size and pca.channels == in_chans, \
@@ -244,13 +246,17 @@ class LDAE(nn.Module):
         assert target in ("latent", "projected", "original"), target
         D = patch_size * patch_size * in_chans
         assert 1 <= latent_dim <= D, f"latent_dim must be in 1..{D}"
-        if latent_scale is not None:          # RECIPE s2: the scale is a choice; the model owns it
-            pca.scale = float(latent_scale)
+        assert latent_norm in LATENT_NORMS, f"latent_norm must be one of {LATENT_NORMS}"
+        # RECIPE s2: the latent's scale is a choice the model owns (the PCA object is not changed):
+        # z = latent_scale * norm_gain * V_d x, with norm_gain from --latent-norm
+        self.latent_scale = float(pca.scale if latent_scale is None else latent_scale)
+        self.latent_norm = latent_norm
         self.config = dict(family="ldae", name=name, img_size=img_size, patch_size=patch_size,
                            in_chans=in_chans, hidden_size=hidden_size, depth=depth,
                            num_heads=num_heads, mlp_ratio=mlp_ratio, cond_ratio=cond_ratio,
-                           latent_dim=latent_dim, latent_scale=float(pca.scale),
-                           residual_weight=residual_weight, noise=noise, single_sigma=single_sigma,
+                           latent_dim=latent_dim, latent_scale=self.latent_scale,
+                           latent_norm=latent_norm, residual_weight=residual_weight,
+                           noise=noise, single_sigma=single_sigma,
                            num_steps=num_steps, sigma_max=sigma_max, target=target,
                            grad_checkpoint=grad_checkpoint)
         self.pca = pca
@@ -280,27 +286,44 @@ class LDAE(nn.Module):
         init_dit_weights(self, active)
 
     # --- noise (RECIPE s3: no input scaling, sigma_t linear from 0 to sqrt 2 over T = 1000) ---
+    @property
+    def single_t(self):
+        """The t a single-level model is told in training: the step whose sigma is the level."""
+        return round(self.single_sigma / self.sigma_max * self.num_steps)
+
+    @property
+    def probe_t(self):
+        """The default probe level (RECIPE s5): t = 10, or a single-level model's only level."""
+        return self.single_t if self.noise == "single" else 10
+
     def sigma(self, t):                                                 # (B,) long -> (B,) float
-        if self.noise == "single":     # RECIPE s3 / s5 ablation: one fixed level for every image
-            return torch.full(t.shape, self.single_sigma, device=t.device)
-        return self.sigma_max * t.float() / self.num_steps
+        sigma = self.sigma_max * t.float() / self.num_steps
+        if self.noise == "single":     # RECIPE s3 ablation: the one level is exactly single_sigma;
+            # every other t keeps the linear map, so t = 0 (a clean probe input) has sigma 0
+            sigma = torch.where(t == self.single_t, self.single_sigma, sigma)
+        return sigma
 
     def sample_t(self, batch, device):
-        if self.noise == "single":     # the t the network is told: the step whose sigma is the level
-            t = round(self.single_sigma / self.sigma_max * self.num_steps)
-            return torch.full((batch,), t, device=device, dtype=torch.long)
+        if self.noise == "single":
+            return torch.full((batch,), self.single_t, device=device, dtype=torch.long)
         return torch.randint(0, self.num_steps, (batch,), device=device)   # t ~ U{0..T-1} [DiT]
 
+    def latent_gain(self):
+        """(d,) multipliers of the PCA coordinates (--latent-scale x --latent-norm, RECIPE s2)."""
+        return self.pca.latent_gain(self.d, self.latent_norm, self.latent_scale)
+
     def add_noise(self, x0, t):
-        """Noise in the latent, then back to an image: x_t = V_d^T (V_d x0 + sigma_t eps).
+        """Noise in the latent, then back to an image: x_t = V_d^T (V_d x0 + sigma_t eps), with the
+        latent multiplied by latent_gain() before the noise and divided by it after.
 
         The d-dim PCA latent is where the noise goes (the paper's key finding, Table 2); the
         residual outside the subspace is dropped from the input. (B, C, H, W) -> (B, C, H, W)
         """
         with torch.autocast(x0.device.type, enabled=False):   # projections in fp32: cheap, exact
-            z0 = self.pca.encode(x0.float(), self.d)                        # (B, L, d)
+            gain = self.latent_gain()
+            z0 = self.pca.encode(x0.float(), self.d, gain)                  # (B, L, d)
             z = z0 + self.sigma(t).view(-1, 1, 1) * torch.randn_like(z0)
-            return self.pca.decode(z)
+            return self.pca.decode(z, gain=gain)
 
     # --- the network: a plain ViT of DiT blocks on the (noised) image ---
     def forward(self, x, t, depth=None):
@@ -333,21 +356,24 @@ class LDAE(nn.Module):
                 target = self.pca.patchify(self.pca.project(x0.float(), self.d))
                 per_image = (target - pred).square().sum(-1).mean(-1)
             else:                                  # Table 3 "image input": predict z0 itself
-                per_image = (self.pca.encode(x0.float(), self.d) - pred).square().sum(-1).mean(-1)
+                z0 = self.pca.encode(x0.float(), self.d, self.latent_gain())
+                per_image = (z0 - pred).square().sum(-1).mean(-1)
             return (lam * per_image).mean()
 
-    def forward_features(self, images, t=10, depth=None, noisy=False):
+    def forward_features(self, images, t=None, depth=None, noisy=False):
         """What the linear probe reads (RECIPE s5): the tokens after the last encoder block
         (depth = half the blocks), average-pooled (no class token), with the network told noise
-        level t = 10 and given a clean input, i.e. the image projected onto the d-dim PCA subspace
-        (sigma = 0: the only kind of input the network saw in training). noisy=True adds the
-        noise of level t instead (the paper's Sec. 5 probe ablation).
+        level t (None: probe_t, i.e. 10, or the level a single-level model was trained at) and
+        given a clean input, i.e. the image projected onto the d-dim PCA subspace (sigma = 0: the
+        only kind of input the network saw in training). noisy=True adds the noise of level t
+        instead (the paper's Sec. 5 probe ablation).
 
         depth may be an int or a list of ints (one pass, one (B, D) tensor per depth: the DDAE
         grid protocol). Returns (B, D) or a list of them.
         """
         depths = [depth or self.depth // 2] if not isinstance(depth, (list, tuple)) else depth
-        tt = torch.full((images.shape[0],), int(t), device=images.device, dtype=torch.long)
+        t = self.probe_t if t is None else int(t)
+        tt = torch.full((images.shape[0],), t, device=images.device, dtype=torch.long)
         if noisy:
             x = self.add_noise(images, tt)
         else:
@@ -368,7 +394,9 @@ class LDAE(nn.Module):
         tt = torch.as_tensor(t, device=images.device).long().expand(images.shape[0])
         noisy = self.add_noise(images, tt)
         out = self(noisy, tt).float()
-        return noisy, self.pca.decode(out) if self.target == "latent" else self.pca.unpatchify(out)
+        if self.target == "latent":
+            return noisy, self.pca.decode(out, gain=self.latent_gain())
+        return noisy, self.pca.unpatchify(out)
 
     def train_flops_per_image(self):
         """Analytic training FLOPs per image: 3 x the forward (backward = 2 x forward) of the

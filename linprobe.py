@@ -2,8 +2,10 @@
 reports (RECIPE s5). Only a BatchNorm1d(affine=False) + Linear head trains; the backbone never does.
 
 --protocol mae     the paper's ("follows MAE"): each epoch the encoder sees fresh RandomResizedCrop +
-    flip views; LARS, wd 0, batch 16384, lr = blr * batch / 256 with blr 0.1 (6.4; --lr 6.4e-3 is
-    the paper text's figure), 90 epochs, 10 warmup, per-iteration cosine; resize + center-crop test.
+    flip views; LARS, wd 0, batch 16384, lr = blr * batch / 256 with blr 0.1 (6.4), 90 epochs,
+    10 warmup, per-iteration cosine; resize + center-crop test. The paper's text says 6.4e-3: under
+    LARS (trust 0.001) lr 6.4 moves a weight matrix by ~6.4e-3 of its norm per step, so both
+    figures describe the same step; --lr 6.4e-3 here would be a step 1000x smaller.
 --protocol cached  ONE encoder pass over train (center crop; --views K adds K-1 random crops) and
     val, then a probe optimisation cannot bias (issue 6): TRAIN-normalised features, the head solved
     to convergence (--solver lbfgs, default) or given mae's LARS schedule (--solver lars), its one
@@ -33,6 +35,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
+import dit_baseline
 import pretrain                                   # contract: checkpoints, DDP setup, lr schedule
 from data import UserError
 
@@ -88,6 +91,10 @@ def load_backbone(args, device):
     ckpt = pretrain.load_checkpoint(args.ckpt)
     model = pretrain.model_from_checkpoint(ckpt, args.weights, "cpu")
     args.weights_used = args.weights if ckpt.get("ema") is not None else "raw"   # for the report
+    preset = ckpt.get("args", {}).get("preset")
+    if preset in dit_baseline.TABLE4_PRESETS and not args.select_setting:
+        print(f"[probe] note: the paper probes {preset} (Table 4) at "
+              f"{dit_baseline.PAPER_PROBE[preset]}; this run uses one fixed setting", flush=True)
     if args.random_init:
         # Issue 6's baseline: same network, fresh weights, every block live. The checkpoint gives
         # only the config and the PCA tokenizer (fitted, not learned by gradient: RECIPE s2).
@@ -99,17 +106,21 @@ def load_backbone(args, device):
 
 
 def make_featurizer(model, keys, args):
-    """-> f(images (B, 3, S, S)) -> {(depth, t): (B, D) float32}. One forward_features pass per
-    t returns every requested depth (RECIPE s5 probe depth/t ablations, DDAE grid)."""
+    """-> f(images (B, 3, S, S)) -> {(depth, t, noisy): (B, D) float32}. One forward_features pass
+    per (t, clean or noisy input) returns every requested depth (RECIPE s5 probe depth/t/input
+    ablations, DDAE grid)."""
     if model is None:                           # --baseline pixels: <= 32x32x3 = 3072 dims, area-averaged
         return lambda x: {keys[0]: (F.adaptive_avg_pool2d(x, 32) if x.shape[-1] > 32 else x).flatten(1).float()}
-    depths, ts = sorted({d for d, _ in keys}), sorted({t for _, t in keys})
+    depths = sorted({k[0] for k in keys})
+    levels = sorted({k[1:] for k in keys})      # (t, noisy) pairs
     fwd = torch.compile(model.forward_features) if args.compile else model.forward_features
 
     def feats(x):
+        out = {}
         with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):    # bf16: the fast path
-            out = {(d, t): f.float() for t in ts for d, f in zip(depths, fwd(x, t=t, depth=depths,
-                                                                          noisy=args.noisy_input))}
+            for t, noisy in levels:
+                for d, f in zip(depths, fwd(x, t=t, depth=depths, noisy=noisy)):
+                    out[(d, t, noisy)] = f.float()
         return {k: out[k] for k in keys}
     return feats
 
@@ -150,7 +161,10 @@ def train_head(head, batches, n, accum, base_lr, args, log, tag, net=None):
             if i % accum == 0:
                 opt.param_groups[0]["lr"] = lr_at(ep + i / n, base_lr, args.warmup_epochs, args.epochs)
             loss = F.cross_entropy(net(f), y)
-            (loss / accum).backward()           # under DDP every micro-batch all-reduces: a tiny head
+            # the mean over the micro-batches this step really has (a small set's only step may
+            # have fewer than accum); under DDP every micro-batch all-reduces: a tiny head
+            in_step = min(accum, n - i // accum * accum)
+            (loss / in_step).backward()
             if (i + 1) % accum == 0 or i + 1 == n:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -299,8 +313,41 @@ def probe_mae(featurize, key, train_ds, val_ds, base_lr, args, C, device, rank, 
     va, yva = extract(featurize, val_ds, args, device, rank, world, "val")
     top1, top5 = evaluate(head, va[key], yva, device)
     info = {"solver": "LARS, probe schedule", "lr": base_lr, "selection": "fixed (MAE: --blr * batch / 256, or --lr)",
-            "features_normalised": "BN only", "accum_iter": accum, "device_batch": bs}
+            "features_normalised": "BN only", "accum_iter": min(accum, len(loader)),
+            "device_batch": bs}
     return {"head": {k: v.cpu() for k, v in head.state_dict().items()}}, top1, top5, info
+
+
+def probe_keys(args, depths, model):
+    """The (depth, t, noisy) settings to probe. One setting by default: the last encoder block,
+    --probe-t (default: the model's probe_t, 10, or a single-level model's own level) and a clean
+    input (--noisy-input: noisy). --grid: every --grid-depths x --grid-ts. --select-setting: the
+    paper's Table 4 "optimal setting", every --grid-ts with clean and with noisy input at the
+    probe depth. --grid-inputs overrides which inputs. The best is chosen on held-out train."""
+    select = args.grid or args.select_setting
+    ts = args.grid_ts if select else [model.probe_t if args.probe_t is None else args.probe_t]
+    inputs = args.grid_inputs
+    if inputs is None and args.select_setting:
+        inputs = "both"
+    if inputs is None:
+        inputs = "noisy" if args.noisy_input else "clean"
+    noisy = {"clean": [False], "noisy": [True], "both": [False, True]}[inputs]
+    return [(d, t, n) for d in depths for t in ts for n in noisy]
+
+
+def head_name(key):
+    depth, t, noisy = key
+    suffix = "_noisy" if noisy else ""
+    return f"depth{depth}_t{t}{suffix}"
+
+
+def print_grid(keys, results):
+    """DDAE-style table of val top-1: rows depth, columns t (suffix n: noisy input)."""
+    levels = sorted({k[1:] for k in keys})
+    names = [f"{t}n" if noisy else f"{t}" for t, noisy in levels]
+    print("depth \\ t " + "".join(f"{n:>8}" for n in names))
+    for d in sorted({k[0] for k in keys}):
+        print(f"{d:>9} " + "".join(f"{results[(d, *level)][1]:8.2f}" for level in levels))
 
 
 def compare(args):
@@ -327,9 +374,14 @@ def main(args):
     if getattr(args, "compare", False):
         return compare(args)
     t_start = time.time()
-    protocol = args.protocol or ("cached" if args.grid else "mae")
+    # several probe settings, the best chosen on held-out train
+    select = args.grid or args.select_setting
+    protocol = args.protocol or ("cached" if select else "mae")
     pixels = args.baseline == "pixels"
-    for bad, msg in [(args.grid and protocol == "mae", "--grid needs --protocol cached (features are stored once)"),
+    for bad, msg in [(select and protocol == "mae",
+                      "--grid and --select-setting need --protocol cached (features are stored "
+                      "once)"),
+                     (args.probe_t is not None and args.probe_t < 0, "--probe-t must be >= 0"),
                      (args.views > 1 and protocol == "mae", "--views is for --protocol cached; mae augments every epoch"),
                      (pixels and (args.random_init or args.grid), "--baseline pixels has no network: drop --random-init/--grid"),
                      (not args.ckpt and not pixels, "give the checkpoint to probe: python linprobe.py CKPT ..."),
@@ -352,7 +404,7 @@ def main(args):
     L = cfg.get("depth", 0)                     # grid default: depths around the encoder's end (RECIPE s5)
     depths = (args.grid_depths or list(range(max(1, L // 4), 3 * L // 4 + 1, max(1, L // 8)))) if args.grid else \
         [args.probe_depth or L // 2]
-    keys = [(None, None)] if pixels else [(d, t) for d in depths for t in (args.grid_ts if args.grid else [args.probe_t])]
+    keys = [(None, None, False)] if pixels else probe_keys(args, depths, model)
     if not pixels and not all(1 <= d <= L for d in depths):
         raise UserError(f"probe depths must be in 1..{L} (the blocks of {cfg.get('name')}), got {depths}")
     tf_eval = data.build_transform("eval", S)
@@ -384,18 +436,18 @@ def main(args):
         tr, ytr, va, yva = cached_features(featurize, keys, train_sets, val_ds, args, device, rank, world)
         t_feat, t0 = time.time() - t0, time.time()
         results = {k: probe_cached(tr[k], ytr, va[k], yva, base_lr, args, C, device, log,
-                                   {"depth": k[0], "t": k[1]}) for k in keys}
+                                   {"depth": k[0], "t": k[1], "noisy": k[2]}) for k in keys}
     t_head = time.time() - t0
     if not (unchanged := before is None or torch.equal(before, checksum(model))):
         raise RuntimeError("the frozen backbone's weights changed during probing")   # a bug: no number
-    # The headline pair of a grid is chosen on the held-out split (its best held-out top-1), never val.
+    # The headline setting of a grid is chosen on the held-out split (its best top-1), never val.
     best = max(keys, key=lambda k: results[k][3].get("heldout_top1", 0.0)) if len(keys) > 1 else keys[0]
     _, top1, top5, info = results[best]
     what = ("raw pixels (flattened, <= 32x32x3)" if pixels else
             f"random-init {cfg.get('name')} (active blocks)" if args.random_init else
             f"{cfg.get('name')} checkpoint ({getattr(args, 'weights_used', args.weights)} weights)")
     res = {"top1": round(top1, 2), "top5": round(top5, 2), "protocol": protocol, "features": what, "depth": best[0],
-           "t": best[1], "noisy_input": args.noisy_input and not pixels, **info, "checkpoint": args.ckpt,
+           "t": best[1], "noisy_input": best[2], **info, "checkpoint": args.ckpt,
            "dataset": args.dataset, "input_size": S, "num_classes": C, "n_train": len(train_ds), "n_val": len(val_ds),
            **{k: getattr(args, k) for k in ("epochs", "warmup_epochs", "batch_size", "views", "seed")},
            "backbone_unchanged": unchanged, "seconds_features": t_feat and round(t_feat, 2),
@@ -403,19 +455,17 @@ def main(args):
     short = {k: {"top1": round(r[1], 2), "top5": round(r[2], 2), **{n: r[3][n] for n in ("lr", "wd", "heldout_top1")
                                                                  if n in r[3]}} for k, r in results.items()}
     if len(keys) > 1:
-        res["grid"] = [{"depth": k[0], "t": k[1], **v} for k, v in short.items()]
+        res["grid"] = [{"depth": k[0], "t": k[1], "noisy": k[2], **v} for k, v in short.items()]
     if rank == 0:
         log_f.close()
         path = os.path.join(args.output_dir, "head.pt")
-        torch.save({"heads": {f"depth{k[0]}_t{k[1]}": {**r[0], **short[k]} for k, r in results.items()},
+        torch.save({"heads": {head_name(k): {**r[0], **short[k]} for k, r in results.items()},
                     "settings": {k: v for k, v in res.items() if k != "grid"}}, path + ".tmp")
         os.replace(path + ".tmp", path)         # atomic (house rule)
         if len(keys) > 1:                       # DDAE-style table: rows depth, columns t, val top-1
-            ts = sorted({t for _, t in keys})
-            print("depth \\ t " + "".join(f"{t:>8}" for t in ts))
-            for d in sorted({d for d, _ in keys}):
-                print(f"{d:>9} " + "".join(f"{results[(d, t)][1]:8.2f}" for t in ts))
-        print(f"top-1 {top1:.2f}  top-5 {top5:.2f}  ({what}; {protocol}; depth {best[0]}, t {best[1]})")
+            print_grid(keys, results)
+        setting = f"depth {best[0]}, t {best[1]}, {'noisy' if best[2] else 'clean'} input"
+        print(f"top-1 {top1:.2f}  top-5 {top5:.2f}  ({what}; {protocol}; {setting})")
         print(json.dumps(res), flush=True)
     if world > 1:
         dist.destroy_process_group()
@@ -432,11 +482,15 @@ def get_args_parser():
     add("--warmup-epochs", type=int, default=10)
     add("--batch-size", type=int, default=16384, help="global batch (all ranks and micro-batches)")
     add("--blr", type=float, default=0.1, help="lr = blr * batch / 256 (MAE: 6.4 at 16384)")
-    add("--lr", type=float, default=None, help="absolute lr (the paper text says 6.4e-3)")
+    add("--lr", type=float, default=None,
+        help="absolute lr (overrides --blr; the paper's 6.4e-3 is the per-step relative move "
+             "under LARS, i.e. lr 6.4 here)")
     add("--accum-iter", type=int, default=None, help="mae: micro-batches per step (default: auto)")
     add("--max-device-batch", type=int, default=1024, help="images per forward on one device")
     add("--weights", choices=("ema", "raw"), default="ema")
-    add("--probe-t", type=int, default=10, help="noise level the network is told (paper: 10)")
+    add("--probe-t", type=int, default=None,
+        help="noise level the network is told (default: 10, the paper's; a single-level model: "
+             "the level it was trained at)")
     add("--probe-depth", type=int, default=None, help="block to read (default: last encoder block)")
     add("--noisy-input", action="store_true", help="add level-t noise to the input (paper Sec. 5)")
     add("--random-init", action="store_true", help="baseline: fresh weights, active blocks")
@@ -445,7 +499,12 @@ def get_args_parser():
     add("--views", type=int, default=1, help="cached: center crop + K-1 random crops per image")
     add("--grid", action="store_true", help="a head per (depth, t) pair (DDAE protocol)")
     add("--grid-depths", type=ints, default=None, help="e.g. 6,9,12 (default: around depth/2)")
-    add("--grid-ts", type=ints, default=[0, 10, 20, 40, 80], help="RECIPE s5's t values")
+    add("--grid-ts", type=ints, default=[0, 10, 20, 40, 80],
+        help="t values of --grid and --select-setting (RECIPE s5's)")
+    add("--grid-inputs", choices=("clean", "noisy", "both"), default=None,
+        help="inputs of --grid / --select-setting (default: clean; both with --select-setting)")
+    add("--select-setting", action="store_true",
+        help="the paper's Table 4 probe: the best (t, clean/noisy input) chosen on held-out train")
     add("--solver", choices=("lbfgs", "lars"), default="lbfgs", help="cached: converge, or mae's LARS")
     add("--wd-grid", type=floats, default=[1e-5, 1e-4, 1e-3, 1e-2, 1e-1], help="cached lbfgs: L2 values swept")
     add("--lr-grid", type=floats, default=[0.25, 0.5, 1, 2, 4], help="cached lars: lr factors swept")

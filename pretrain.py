@@ -46,6 +46,12 @@ FAMILIES = {"ldae": ldae, "dit": dit_baseline}
 ALL_MODELS = {**ldae.MODELS, **dit_baseline.MODELS}
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # bf16 dense
 GRID_T = (100, 300, 500, 700, 900)
+# Training defaults of the CPU-sized models (32 px), measured to learn on the synthetic set and
+# Fashion-MNIST (README, Reproduction); every other model keeps the paper's (RECIPE s6). They sit
+# under explicit flags and replace a --preset's ImageNet-sized batch, lr and length.
+_SMALL = dict(batch_size=64, lr=4e-3, epochs=10, warmup_epochs=1, ema=0.999, pca_images=500,
+              save_every=5, grid_every=5, log_every=10, input_size=None)   # None: the model's 32 px
+SMALL_DEFAULTS = {name: _SMALL for name in ("vit_tiny", "vit_small", "dit_tiny_1", "dit_tiny_2")}
 
 
 def build_model(name, pca=None, **overrides):
@@ -74,6 +80,7 @@ def model_from_checkpoint(ckpt, weights="ema", device="cpu"):
     """The checkpoint's exact model (its config + PCA basis) with its EMA or raw weights, strictly."""
     cfg = dict(ckpt["model_config"])
     fam, name = cfg.pop("family", "ldae"), cfg.pop("name")
+    cfg.setdefault("latent_norm", "none")      # checkpoints from before --latent-norm
     if fam not in FAMILIES:
         raise UserError(f"checkpoint model family {fam!r} is unknown; have {sorted(FAMILIES)}")
     sd = ckpt.get("ema") if weights == "ema" else ckpt["model"]
@@ -91,14 +98,22 @@ def model_from_checkpoint(ckpt, weights="ema", device="cpu"):
 
 
 class PresetParser(argparse.ArgumentParser):
-    """--preset NAME: dit_baseline.PRESETS[NAME] become defaults, then re-parse: explicit flags win."""
+    """Defaults in layers, explicit flags always win: --preset NAME sets dit_baseline.PRESETS[NAME],
+    then a small model's training defaults (SMALL_DEFAULTS: CPU-sized batch, lr, length)
+    replace the preset's ImageNet-sized ones; then the command line is parsed again."""
 
     def parse_known_args(self, args=None, namespace=None):
         ns, rest = super().parse_known_args(args, copy.copy(namespace))
-        if getattr(ns, "preset", None):
-            if ns.preset not in dit_baseline.PRESETS:
-                self.error(f"unknown --preset {ns.preset!r}; choose from {', '.join(sorted(dit_baseline.PRESETS))}")
-            self.set_defaults(**dit_baseline.PRESETS[ns.preset])
+        preset = getattr(ns, "preset", None)
+        if preset and preset not in dit_baseline.PRESETS:
+            names = ", ".join(sorted(dit_baseline.PRESETS))
+            self.error(f"unknown --preset {preset!r}; choose from {names}")
+        if preset:
+            self.set_defaults(**dit_baseline.PRESETS[preset])
+            ns, rest = super().parse_known_args(args, copy.copy(namespace))
+        small = SMALL_DEFAULTS.get(getattr(ns, "model", None))
+        if preset or small:
+            self.set_defaults(**(small or {}))
             ns, rest = super().parse_known_args(args, namespace)
         return ns, rest
 
@@ -128,6 +143,8 @@ def get_args_parser():
     a("--pca-center", action="store_true", help="subtract the mean patch in that fit")
     g = p.add_argument_group("model flags (default None = the registry's value; see ldae/dit_baseline MODEL_FLAGS)")
     for flag, kw in [("latent-dim", dict(type=int)), ("latent-scale", dict(type=float)),
+                     ("latent-norm", dict(choices=["none", "global", "whiten"])),
+                     ("cond-ratio", dict(type=float)),
                      ("residual-weight", dict(type=float)), ("noise", dict(choices=["multi", "single"])),
                      ("single-sigma", dict(type=float)), ("target", dict(choices=["original", "projected", "latent"])),
                      ("patch-size", dict(type=int)), ("grad-checkpoint", dict(action="store_true")),
@@ -390,6 +407,14 @@ def main(args):
         dist.destroy_process_group() if dist.is_initialized() else None
 
 
+def check_resume(saved, args, keys):
+    """--resume continues the same run: these flags (data order, schedule) must not change."""
+    for k in keys:
+        if saved.get(k) != getattr(args, k):
+            raise UserError(f"--resume: the checkpoint was trained with --{k.replace('_', '-')} "
+                            f"{saved.get(k)}, this run asks for {getattr(args, k)}; pass the same")
+
+
 def train(args, rank, world, device):
     t_start, lead = time.time(), rank == 0
     if args.batch_size <= 0 or args.accum_iter <= 0 or args.batch_size % (world * args.accum_iter):
@@ -411,17 +436,25 @@ def train(args, rank, world, device):
     if args.resume and (args.resume != "auto" or os.path.isfile(ckpt_path)):
         ckpt = load_checkpoint(ckpt_path if args.resume == "auto" else args.resume)
         saved = {"decode": "pil", **ckpt["args"]}              # checkpoints from before --decode: pil
-        for k in ("model", "batch_size", "seed", "dataset", "decode", "epochs", "warmup_epochs"):  # data, lr
-            if saved.get(k) != getattr(args, k):
-                raise UserError(f"--resume: the checkpoint was trained with --{k.replace('_', '-')} "
-                                f"{saved.get(k)}, this run asks for {getattr(args, k)}; pass the same")
+        check_resume(saved, args, ("model", "seed", "dataset", "decode", "epochs", "warmup_epochs"))
     if cfg.get("input") == "latents" and args.decode == "gpu":
         raise UserError("--decode gpu decodes JPEG files, but this model reads --latents-file; drop --decode gpu")
     train_base = dit_baseline.make_latent_dataset(args.latents_file) if cfg.get("input") == "latents" else \
         data.build_dataset(args, "train", data.build_transform(args.aug, args.input_size), decode_gpu_ok=True)
+    if args.batch_size > len(train_base):
+        # a default batch (2048, the paper's) on a small set: one global batch of the whole set
+        # (a multiple of world x accum), so the defaults run on any data; said, not silent
+        capped = len(train_base) // (world * args.accum_iter) * world * args.accum_iter
+        if capped == 0:
+            raise UserError(f"the training set ({len(train_base)} images) is smaller than world "
+                            f"size {world} x --accum-iter {args.accum_iter}")
+        if lead:
+            print(f"[pretrain] note: --batch-size {args.batch_size} exceeds the training set "
+                  f"({len(train_base)} images); using a global batch of {capped}", flush=True)
+        args.batch_size = capped
+    if ckpt is not None:                                       # after the cap (saved capped)
+        check_resume(saved, args, ("batch_size",))
     spe = len(train_base) // args.batch_size                   # optimizer steps per epoch (drop last)
-    if spe == 0:
-        raise UserError(f"--batch-size {args.batch_size} exceeds the training set ({len(train_base)} images)")
     pca = PatchPCA.from_dict(ckpt["pca"]) if ckpt else get_pca(args, cfg, rank, world, device, train_base)
     torch.manual_seed(args.seed)                               # identical init on every rank
     model = build_model(args.model, pca, **model_overrides(args, num_classes=data.num_classes(train_base))).to(device)
@@ -448,6 +481,11 @@ def train(args, rank, world, device):
     stop = min(max(1, round(args.epochs * spe)), args.max_steps or math.inf)
     base_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256      # RECIPE s6
     lr_fn = lambda s: lr_at(s, spe, base_lr, args.warmup_epochs, args.epochs, args.min_lr)  # noqa: E731
+    warmup_steps = args.warmup_epochs * spe
+    if lead and warmup_steps >= stop:
+        print(f"[pretrain] warning: the warmup ({warmup_steps:g} steps) is as long as the run "
+              f"({stop} steps): the lr never leaves warmup and peaks at {lr_fn(stop - 1):.3g}, not "
+              f"{base_lr:.3g}; shorten --warmup-epochs", flush=True)
     grid_x = data.batch_to_images(data.collate([indexed[(0, i)] for i in range(min(8, len(train_base)))])[0], device)
     if lead:
         print(f"[pretrain] {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "

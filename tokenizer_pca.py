@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 VERSION = 1
+LATENT_NORMS = ("none", "global", "whiten")
 
 
 class PatchPCA(nn.Module):
@@ -88,16 +89,42 @@ class PatchPCA(nn.Module):
         return t.reshape(B, C, h * p, w * p)
 
     # -- latent maps ---------------------------------------------------------------------------
-    def encode(self, x, d=None):
-        """image (B, C, H, W) -> latents (B, L, d) = scale * (patches - mean) V_d^T."""
+    def encode(self, x, d=None, gain=None):
+        """image (B, C, H, W) -> latents (B, L, d) = gain * (patches - mean) V_d^T.
+
+        gain: a number or a (d,) tensor of per-coordinate multipliers (latent_gain); default
+        self.scale."""
         d = self.dim if d is None else d
         V = self.components[:d].to(x.dtype)                                   # (d, D)
-        return self.scale * ((self.patchify(x) - self.mean.to(x.dtype)) @ V.T)
+        gain = self.scale if gain is None else gain
+        return ((self.patchify(x) - self.mean.to(x.dtype)) @ V.T) * gain
 
-    def decode(self, z, h=None, w=None):
-        """latents (B, L, d) -> image: patches = z / scale V_d + mean (the inverse PCA, RECIPE s3)."""
+    def decode(self, z, h=None, w=None, gain=None):
+        """latents (B, L, d) -> image: patches = (z / gain) V_d + mean (inverse PCA, RECIPE s3)."""
         V = self.components[: z.shape[-1]].to(z.dtype)
-        return self.unpatchify((z / self.scale) @ V + self.mean.to(z.dtype), h, w)
+        gain = self.scale if gain is None else gain
+        return self.unpatchify((z / gain) @ V + self.mean.to(z.dtype), h, w)
+
+    def latent_gain(self, d, norm="none", scale=None):
+        """(d,) multipliers of the latent coordinates for a latent normalisation (RECIPE s2):
+        none    every coordinate times `scale` (default self.scale): pixel units at scale 1;
+        global  one number that gives the top-d coordinates unit mean second moment (unit mean
+                variance with --center), from the fitted eigenvalues, then times `scale`;
+        whiten  each coordinate divided by its own standard deviation, then times `scale`.
+        Eigenvalues are floored at 1e-12 of the largest (grayscale data has zero-variance
+        directions), so no gain is infinite."""
+        scale = self.scale if scale is None else float(scale)
+        # the floor is a tensor op (eigenvalues[0] is the largest): no host sync on a GPU
+        ev = torch.maximum(self.eigenvalues[:d].double(), 1e-12 * self.eigenvalues[:1].double())
+        if norm == "none":
+            gain = torch.ones_like(ev)
+        elif norm == "global":
+            gain = ev.mean().rsqrt().expand(d)
+        elif norm == "whiten":
+            gain = ev.rsqrt()
+        else:
+            raise ValueError(f"latent norm must be one of {', '.join(LATENT_NORMS)}, not {norm!r}")
+        return (scale * gain).float()
 
     def project(self, x, d):
         """image -> its component in the top-d subspace (what l-DAE's noisy input is built on)."""

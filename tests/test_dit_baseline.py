@@ -287,3 +287,36 @@ def test_preset_runs_through_pretrain_and_checkpoint(tmp_path):
     m = pretrain.model_from_checkpoint(pretrain.load_checkpoint(out + "/checkpoint.pt"))
     assert m.config["family"] == "dit" and m.config["prediction"] == "x0" and m.C == 8
     assert m.forward_features(images(2)).shape == (2, 64)
+
+
+def test_conditioning_ratio_quarter_in_paper_rows_full_for_official_weights():
+    m = db.build_model("dit_tiny_1", random_pca(4), cond_ratio=0.25, class_cond=True, num_classes=3)
+    assert m.t_embedder.mlp[2].out_features == 16                   # 64 / 4
+    assert m.blocks[0].adaLN_modulation[1].in_features == 16
+    assert m.y_embedder.embedding_table.weight.shape == (4, 16)
+    m.loss(images(2, 32), torch.tensor([0, 2])).backward()          # it trains
+    assert db.build_model("dit_tiny_1", random_pca(4)).config["cond_ratio"] == 1.0
+    for name, preset in db.PRESETS.items():                         # every paper DiT row: 1/4
+        if db.preset_family(name) == "dit":
+            assert preset["cond_ratio"] == 0.25, name
+    with pytest.raises(db.UserError, match="full-width"):
+        m.load_official({})
+
+
+def test_dit_applies_the_same_latent_norm_as_ldae():
+    import ldae
+    pca = random_pca(4)
+    x = images(2, 32)
+    for norm in ("none", "global", "whiten"):
+        dit = db.build_model("dit_tiny_1", pca, latent_dim=6, latent_norm=norm)
+        vit = ldae.build_model("vit_tiny", pca, latent_dim=6, latent_norm=norm)
+        assert torch.equal(dit.latent_gain(), vit.latent_gain())
+        z = pca.encode(x, 6, vit.latent_gain())                     # (B, L, 6)
+        assert torch.allclose(dit.encode(x), z.transpose(1, 2).reshape(2, 6, 8, 8), atol=1e-6)
+        assert torch.allclose(dit.decode(dit.encode(x)), pca.project(x, 6), atol=1e-5)
+
+
+def test_table4_presets_say_how_the_paper_probes_them():
+    assert set(db.TABLE4_PRESETS) == {"final_vit_b_1600ep", "final_vit_l_1600ep"}
+    assert "select-setting" in db.PAPER_PROBE["final_vit_l_1600ep"]
+    assert db.PAPER_PROBE["t3_ldae"] == "t = 10, clean input"

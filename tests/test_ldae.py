@@ -101,7 +101,8 @@ def test_noise_lives_in_the_latent_subspace():
     delta = m.pca.coords(m.pca.patchify(noisy - clean))              # (B, L, D)
     assert delta[..., m.d:].abs().max() < 1e-4                       # nothing outside V_d
     # sigma_t = sqrt 2 * t / 1000 (RECIPE s3); the latent scale multiplies z, so divide it out
-    assert delta[..., :m.d].std().item() == pytest.approx(math.sqrt(2) / 2 / m.pca.scale, rel=0.1)
+    expect = math.sqrt(2) / 2 / m.latent_scale
+    assert delta[..., :m.d].std().item() == pytest.approx(expect, rel=0.1)
 
 
 def test_single_level_noise_is_one_sigma():
@@ -109,6 +110,52 @@ def test_single_level_noise_is_one_sigma():
     t = m.sample_t(16, "cpu")
     assert (t == t[0]).all()
     assert torch.allclose(m.sigma(t), torch.full((16,), math.sqrt(1 / 3)))
+
+
+def test_single_level_model_probes_a_clean_input_at_its_own_level():
+    # "Clean" means sigma 0 for every model; a single-level model is probed by default at the one
+    # level it was trained at (t = 408 for sigma = sqrt(1/3)), not at t = 10.
+    m = tiny(noise="single").eval()
+    m.init_weights(active=True)
+    assert m.sigma(torch.tensor([0]))[0] == 0
+    assert m.probe_t == m.single_t == 408
+    x = images()
+    with torch.no_grad():
+        a, b = m.forward_features(x), m.forward_features(x)
+        assert torch.equal(a, b)                                    # no noise in a clean input
+        clean = m.pca.project(x, m.d)
+        tt = torch.full((len(x),), 408)
+        direct = m(clean, tt, depth=m.depth // 2).mean(1)
+        assert torch.allclose(a, direct, atol=1e-5)
+    assert tiny().probe_t == 10
+
+
+@pytest.mark.parametrize("norm", ["none", "global", "whiten"])
+def test_latent_norm_scales_the_latent_and_leaves_the_pca_alone(norm):
+    pca = random_pca()
+    m = ldae.build_model("vit_tiny", pca, latent_dim=8, latent_norm=norm, latent_scale=0.5)
+    assert pca.scale == 1.0 and m.config["latent_norm"] == norm and m.config["latent_scale"] == 0.5
+    ev = pca.eigenvalues[:8]
+    gains = {"none": torch.ones(8), "global": ev.mean().rsqrt().expand(8), "whiten": ev.rsqrt()}
+    expect = gains[norm]
+    assert torch.allclose(m.latent_gain(), 0.5 * expect)
+    # the noise in the latent coordinates is sigma_t eps: in PCA units it is sigma_t / gain
+    x0 = images(64)
+    t = torch.full((64,), 500)
+    delta = m.pca.coords(m.pca.patchify(m.add_noise(x0, t) - m.pca.project(x0, 8)))[..., :8]
+    ratio = delta.flatten(0, 1).std(0) * m.latent_gain() / (math.sqrt(2) / 2)
+    assert torch.allclose(ratio, torch.ones(8), atol=0.1)
+
+
+def test_global_and_whiten_give_unit_latents_on_the_fitted_data():
+    from tokenizer_pca import fit_pca
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(64, 3, 32, 32, generator=g) * 2 - 1) * torch.linspace(0.1, 1, 32)
+    pca = fit_pca(x, 4, progress=False)
+    for norm, check in [("global", lambda m2: m2.mean()), ("whiten", lambda m2: m2)]:
+        z = pca.encode(x, 8, pca.latent_gain(8, norm))             # (B, L, 8)
+        second_moment = z.square().flatten(0, 1).mean(0)           # (8,)
+        assert torch.allclose(check(second_moment), torch.tensor(1.0), atol=1e-3), norm
 
 
 def test_zero_gates_make_blocks_identity_and_active_init_does_not():

@@ -210,7 +210,6 @@ def test_benchmark_prints_speed_and_flops(capsys):
 @pytest.mark.parametrize("extra, msg", [
     (["--model", "vit_q"], "unknown --model 'vit_q'; choose from .*vit_b"),
     (["--accum-iter", "3"], r"--batch-size 8 \(the global batch\) must be a positive multiple"),
-    (["--batch-size", "64"], "--batch-size 64 exceeds the training set"),
     (["--pca", "/nonexistent/pca.pt"], "--pca file /nonexistent/pca.pt does not exist"),
     (["--resume", "/nonexistent/ck.pt"], "checkpoint /nonexistent/ck.pt does not exist"),
     (["--patch-size", "8"], "has 4px x 3ch patches but --model vit_tiny uses 8px"),
@@ -227,3 +226,32 @@ def test_unwritable_output_and_exit_code_2(tmp_path, pca_file):
         run(tmp_path / "a_file" / "out", pca_file)
     p = subprocess.run([sys.executable, "pretrain.py", "--model", "vit_q"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.startswith("error: unknown --model 'vit_q'") and "Traceback" not in p.stderr
+
+
+def test_a_batch_larger_than_the_data_is_capped_with_a_note(tmp_path, pca_file, capsys):
+    res = run(tmp_path, pca_file, "--batch-size", "60", "--accum-iter", "5", "--max-steps", "1")
+    note = "--batch-size 60 exceeds the training set (48 images); using a global batch of 45"
+    assert note in capsys.readouterr().out
+    assert res["steps"] == 1
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["args"]["batch_size"] == 45
+
+
+def test_a_warmup_as_long_as_the_run_is_announced(tmp_path, pca_file, capsys):
+    run(tmp_path, pca_file, "--warmup-epochs", "2", "--max-steps", "1")
+    out = capsys.readouterr().out
+    assert "warning: the warmup (12 steps) is as long as the run (1 steps)" in out
+    assert "peaks at 0, not 0.001" in out
+    run(tmp_path / "ok", pca_file, "--max-steps", "1", "--warmup-epochs", "0")
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_small_models_get_training_defaults_that_fit_small_data():
+    parse = pretrain.get_args_parser().parse_args
+    tiny = parse(["--model", "vit_tiny"])
+    assert (tiny.batch_size, tiny.lr, tiny.warmup_epochs < tiny.epochs) == (64, 4e-3, True)
+    assert parse(["--model", "vit_tiny", "--lr", "1e-3"]).lr == 1e-3          # explicit flags win
+    big = parse(["--model", "vit_b"])
+    assert (big.batch_size, big.lr, big.epochs) == (2048, None, 400)          # the paper's
+    row = parse(["--preset", "t3_ldae", "--model", "vit_tiny"])   # a small row: small batch
+    assert (row.batch_size, row.residual_weight) == (64, 0.1)
