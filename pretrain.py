@@ -1,16 +1,15 @@
 """Pre-train an l-DAE (RECIPE s3, s4, s6) -- or a DiT baseline row -- on a CPU, one GPU, or many under torchrun.
 
-Quick start (CPU, synthetic shapes, 1-3 min; writes out/tiny/{checkpoint.pt,log.jsonl,grid.png,pca.pt}):
-  python pretrain.py --model vit_tiny --synthetic-size 1024 --epochs 8 --warmup-epochs 1 --batch-size 64 \
-      --lr 2e-3 --ema 0.999 --pca-images 500 --num-workers 1 --log-every 4 --save-every 4 --grid-every 4 \
-      --output-dir out/tiny
+Quick start (CPU, synthetic shapes, ~1 min; writes out/tiny/{checkpoint.pt,log.jsonl,grid.png,pca.pt}):
+  python pretrain.py --model vit_tiny --output-dir out/tiny
+  (the small models' defaults: SMALL_DEFAULTS below and d = 8, whitened latents in ldae.MODELS)
 Same with DDP (2 CPU processes over gloo; same losses as one process with --accum-iter 2):
-  torchrun --nproc_per_node=2 pretrain.py --model vit_tiny ...same flags... --output-dir out/tiny_ddp
+  torchrun --nproc_per_node=2 pretrain.py --model vit_tiny --output-dir out/tiny_ddp
 ImageNet, final ViT-B l-DAE (RECIPE s6: batch 2048, blr 1e-4, 100 warmup of 400 epochs, random crops):
   torchrun --nproc_per_node=8 pretrain.py --model vit_b --dataset imagefolder --data-path IMNET \
       --batch-size 2048 --epochs 400 --warmup-epochs 100 --aug rrc --pca-images 10000 --output-dir out/vit_b
   (add --resume auto to continue a killed run from out/vit_b/checkpoint.pt, bit-identically; add
-  --decode gpu to decode the JPEGs on the GPU when the CPUs cannot keep up: data.py, issue 7)
+  --decode gpu to decode the JPEGs on the GPU when the CPUs cannot keep up: see data.py)
 A paper row: python pretrain.py --preset t3_ldae ...   (dit_baseline.PRESETS; explicit flags win)
 Speed:       python pretrain.py --model vit_b --benchmark 20 --batch-size 256 [--compile]   (img/s, MFU)
              python tests/bench_vit_step.py   (CPU: our vit_b step vs a plain torchvision ViT)

@@ -65,7 +65,7 @@ def test_perfect_prediction_gives_zero_loss_for_every_target():
                 return m.pca.patchify(x0)
             if target == "projected":
                 return m.pca.patchify(m.pca.project(x0, m.d))
-            return m.pca.encode(x0, m.d)
+            return m.pca.encode(x0, m.d, m.latent_gain())
         m.forward = perfect
         assert m.loss(x0).item() == pytest.approx(0.0, abs=1e-10), target
 
@@ -91,7 +91,7 @@ def test_loss_weights_residual_and_lambda():
 
 
 def test_noise_lives_in_the_latent_subspace():
-    m = tiny()
+    m = tiny(latent_norm="none")
     x0 = images(8)
     clean = m.add_noise(x0, torch.zeros(8, dtype=torch.long))        # sigma 0: V_d^T V_d x0
     torch.testing.assert_close(clean, m.pca.project(x0, m.d))
