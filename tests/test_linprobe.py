@@ -256,7 +256,8 @@ def test_default_vit_tiny_learns_more_than_a_random_network(tmp_path):
     # normalisation, pretrain.SMALL_DEFAULTS' batch, lr and length; README, Reproduction), then
     # `--compare` on 2000 val images: learned > random init > raw pixels on the synthetic set.
     # Fails if the objective, the latent normalisation, the defaults or the probe stop learning
-    # anything a random network lacks. About a minute on 2 cores.
+    # anything a random network lacks. Measured: 25.1 learned vs 18.65 random init vs 11.35
+    # pixels; the registry's old d = 4 at pixel scale gave 17.4 vs 18.1. About a minute on 2 cores.
     out = tmp_path / "run"
     pretrain.main(pretrain.get_args_parser().parse_args(
         ["--model", "vit_tiny", "--num-workers", "0", "--output-dir", str(out)]))

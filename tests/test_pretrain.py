@@ -255,3 +255,17 @@ def test_small_models_get_training_defaults_that_fit_small_data():
     assert (big.batch_size, big.lr, big.epochs) == (2048, None, 400)          # the paper's
     row = parse(["--preset", "t3_ldae", "--model", "vit_tiny"])   # a small row: small batch
     assert (row.batch_size, row.residual_weight) == (64, 0.1)
+
+
+def test_checkpoints_from_before_latent_norm_load_at_pixel_scale():
+    # A checkpoint whose config has no latent_norm was trained with the plain scale: it must
+    # rebuild as --latent-norm none, not as the registry's new default (whiten).
+    pca = fit_pca(shapes(16), 4, progress=False, device="cpu")
+    torch.manual_seed(0)
+    model = ldae.build_model("vit_tiny", pca, latent_dim=4, latent_norm="none", latent_scale=0.5)
+    config = {k: v for k, v in model.config.items() if k != "latent_norm"}
+    ckpt = {"model": model.state_dict(), "ema": None, "model_config": config,
+            "pca": pca.to_dict(), "step": 0}
+    back = pretrain.model_from_checkpoint(ckpt)
+    assert back.latent_norm == "none" and torch.equal(back.latent_gain(), model.latent_gain())
+    assert ldae.MODELS["vit_tiny"]["latent_norm"] == "whiten"
