@@ -8,7 +8,7 @@
   cifar10       torchvision's CIFAR10 (--download, or a folder holding cifar-10-batches-py)
   packed        a uint8 file written once by `python data.py pack` (below): no JPEG decoding in training
 
-Feeding a GPU (issue 7): vit_b trains at ~1,790 img/s per H100 at 50% MFU; PIL decode + rrc costs
+Feeding a GPU: vit_b trains at ~1,790 img/s per H100 at 50% MFU; PIL decode + rrc costs
 ~3-4 ms per 500x375 JPEG on one core (`bench`), i.e. >= 6-8 cores per GPU. Two faster paths, same
 transforms, same [-1, 1] output:
   --dataset packed  decode once: `pack` resizes (shorter side, bicubic) + center-crops every image to
@@ -612,7 +612,7 @@ def _decode_on_cpu(batch):
 
 
 def bench(args):
-    """Decoded + augmented img/s of each input path on this machine's CPU (issue 7)."""
+    """Decoded + augmented img/s of each input path on this machine's CPU."""
     if args.make and not os.path.isdir(args.data_path):
         print(f"[bench] writing {args.make} synthetic JPEGs to {args.data_path}", flush=True)
         write_jpeg_folder(args.data_path, args.make)

@@ -13,7 +13,7 @@ Training, checkpoints and the probe live in pretrain.py and linprobe.py:
     torchrun --nproc_per_node=8 pretrain.py --model vit_b --dataset imagefolder --data-path IMNET
     python linprobe.py out/checkpoint.pt --dataset imagefolder --data-path IMNET
 
-"RECIPE sN" below points to ../shared/RECIPE.md, the paper's recipe section by section. The
+"RECIPE sN" below points to RECIPE.md, the paper's recipe section by section. The
 transformer pieces (DiTBlock, TimestepEmbedder, FinalLayer, ...) are also the DiT baseline's:
 dit_baseline.py imports them, so both models share one block implementation and the official DiT
 parameter names (x_embedder, t_embedder, blocks.N.attn.qkv, blocks.N.adaLN_modulation, ...).
@@ -125,7 +125,7 @@ class DiTBlock(nn.Module):
     c (B, cond_dim) is mapped to six (B, D) vectors: shift/scale of both LayerNorms and a gate on
     both residual branches. The gates start at zero (init_weights), so every block starts as the
     identity; that is DiT's trick for stable training, and the reason a "random init" probe
-    baseline must switch the gates on (issue 6).
+    baseline must switch the gates on.
     """
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, cond_dim=None):
@@ -165,7 +165,7 @@ def init_dit_weights(model, active=False):
     active=True instead gives every block a live residual branch: modulation weights N(0, 0.02)
     and gate biases 1, i.e. a plain randomly initialised pre-norm ViT. That is the honest random
     baseline for a linear probe; with zero gates the "random network" is only pooled patch
-    embeddings (issue 6).
+    embeddings.
     """
     for m in model.modules():
         if isinstance(m, nn.Linear):
@@ -192,7 +192,7 @@ def init_dit_weights(model, active=False):
 
 def run_blocks(blocks, x, c, depth=None, checkpoint=False):
     """The first `depth` blocks (all when None) on tokens x (B, L, D) under conditioning c; with
-    checkpoint, activations are recomputed in the backward pass (memory for vit_l, issue 7)."""
+    checkpoint, activations are recomputed in the backward pass (memory for vit_l)."""
     for block in blocks[:depth]:
         if checkpoint and torch.is_grad_enabled():
             x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
@@ -202,7 +202,7 @@ def run_blocks(blocks, x, c, depth=None, checkpoint=False):
 
 
 def transformer_flops(num_tokens, dim, depth, mlp_ratio, cond_dim, in_dim, out_dim):
-    """Analytic forward FLOPs (2 x multiply-adds) of the token stack for one image (issue 7)."""
+    """Analytic forward FLOPs (2 x multiply-adds) of the token stack for one image (the MFU figures rest on it)."""
     L, D = num_tokens, dim
     per_block = 2 * L * D * D * (4 + 2 * mlp_ratio)    # qkv (3 D^2) + proj (D^2) + MLP (2 r D^2)
     per_block += 2 * 2 * L * L * D                     # Q K^T and attn @ V

@@ -7,7 +7,7 @@ reports (RECIPE s5). Only a BatchNorm1d(affine=False) + Linear head trains; the 
     LARS (trust 0.001) lr 6.4 moves a weight matrix by ~6.4e-3 of its norm per step, so both
     figures describe the same step; --lr 6.4e-3 here would be a step 1000x smaller.
 --protocol cached  ONE encoder pass over train (center crop; --views K adds K-1 random crops) and
-    val, then a probe optimisation cannot bias (issue 6): TRAIN-normalised features, the head solved
+    val, then a probe optimisation cannot bias: TRAIN-normalised features, the head solved
     to convergence (--solver lbfgs, default) or given mae's LARS schedule (--solver lars), its one
     free setting (L2 or lr) chosen on a held-out 10% of TRAIN, never on val.
 --grid             (cached) one pass per t gives several depths; a head per (depth, t): DDAE's grid.
@@ -204,7 +204,7 @@ def evaluate(head, X, y, device, chunk=65536):                          # X (M, 
 
 
 def fit_lbfgs(Xtr, ytr, Xev, yev, wd, args, C, device, seed, log=None, tag=None):
-    """The same head solved to convergence (issue 6): multinomial logistic regression, full-batch
+    """The same head solved to convergence: multinomial logistic regression, full-batch
     L-BFGS (strong-Wolfe line search), L2 wd/2 ||W||^2. Convex: the optimum depends on neither init,
     lr nor schedule, only on wd. BN keeps running stats (0, 1): identity on whitened inputs."""
     V, N, D = Xtr.shape
@@ -231,7 +231,7 @@ def feature_map(X, whiten, chunk=65536):
     """TRAIN statistics -> mean (D,), map P (D, r): (x - mean) @ P is standardised (what BN
     converges to) or PCA-whitened. Whitening is invertible on the data's span, so the probe's
     function class is unchanged, only its conditioning: network features have effective rank ~1.1
-    (issue 6) and standardised L-BFGS took > 2000 iterations where whitened took ~300 (measured).
+    and standardised L-BFGS took > 2000 iterations where whitened took ~300 (measured).
     Zero-variance directions (grayscale's repeated channels) are dropped. Float64 sums, chunked."""
     n, D = X.shape
     mu = sum(X[i:i + chunk].double().sum(0) for i in range(0, n, chunk)) / n                     # (D,)
@@ -351,7 +351,7 @@ def print_grid(keys, results):
 
 
 def compare(args):
-    """--compare (issue 6): the learned features, a random-init network of the same config and raw
+    """--compare: the learned features, a random-init network of the same config and raw
     pixels through the same data, probe and selection; one table, one final JSON line."""
     if args.grid or args.random_init or args.baseline:
         raise UserError("--compare runs the learned, --random-init and --baseline pixels probes itself: "

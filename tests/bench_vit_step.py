@@ -1,4 +1,4 @@
-"""CPU speed check of issue 3 (not collected by pytest): one l-DAE training step of --model (vit_b)
+"""CPU speed check (not collected by pytest): one l-DAE training step of --model (vit_b)
 vs one step of a plain ViT of the same depth, width, heads and tokens (torchvision's
 VisionTransformer, + its class token, MSE on its output), both through pretrain.Engine with the
 same settings (fp32, AdamW, EMA), so the ratio isolates what l-DAE adds: adaLN conditioning, the

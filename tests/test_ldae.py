@@ -51,7 +51,7 @@ def test_vit_b_sizes_like_the_paper():
     assert 85e6 < enc < 87e6
     assert m.t_embedder.mlp[2].out_features == 768 // 4
     assert m.blocks[0].adaLN_modulation[1].in_features == 192
-    # issue 7: ~276 GFLOPs per training image at 256 px
+    # the MFU figures rest on it: ~276 GFLOPs per training image at 256 px
     assert 270e9 < m.train_flops_per_image() < 285e9
 
 
@@ -217,7 +217,7 @@ def test_grad_checkpoint_same_gradients():
 
 
 def test_analytic_flops_match_flop_counter():
-    """issue 7: the MFU figure rests on train_flops_per_image; hold it against torch's own
+    """The MFU figure rests on train_flops_per_image; hold it against torch's own
     FlopCounterMode on one forward + backward (the math SDPA path is counted as matmuls)."""
     from torch.utils.flop_counter import FlopCounterMode
     m = tiny()

@@ -46,7 +46,7 @@ def probe(ckpt, out, *extra):
 
 def blobs(n, d=16, c=4, seed=0, sep=4.0):
     """Linearly separable Gaussian blobs: (n, d) features, labels (n,); one dominant nuisance
-    direction (scale 100) makes them badly conditioned, as network features are (issue 6)."""
+    direction (scale 100) makes them badly conditioned, as network features are."""
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(c, d, generator=torch.Generator().manual_seed(123)) * sep
     y = torch.arange(n) % c
@@ -380,7 +380,7 @@ def test_gathered_shards_come_back_in_dataset_order(monkeypatch):
 
 
 def test_compare_prints_learned_random_init_and_pixels_in_one_table(ckpt, tmp_path, capsys):
-    """issue 6: one command gives the learned features and both baselines, same probe and data."""
+    """One command gives the learned features and both baselines, same probe and data."""
     res = probe(ckpt, tmp_path, "--protocol", "cached", "--compare")
     out = capsys.readouterr().out.strip().splitlines()
     assert json.loads(out[-1]) == json.loads(json.dumps(res))
