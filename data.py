@@ -39,6 +39,7 @@ import resource
 import shutil
 import sys
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -439,18 +440,26 @@ def _prepare_fashion_mnist(path):
         if os.path.isfile(dst) and os.path.getmtime(dst) >= os.path.getmtime(src):
             continue
         opener = gzip.open if src.endswith(".gz") else open
+        # A temporary name of this process's own, then an atomic rename: any number of processes
+        # (torchrun ranks, parallel jobs) may prepare the same cache at once; each rename puts
+        # the same complete file in place, and a killed run leaves no half file behind.
+        tmp = f"{dst}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
         try:
             with opener(src, "rb") as f:
                 head = f.read(4)
                 if int.from_bytes(head, "big") != FMNIST_FILES[name]:
                     raise UserError(f"{src} is not an idx file of the expected kind "
                                     f"(magic {head.hex()}); re-install the Fashion-MNIST files")
-                with open(dst + ".tmp", "wb") as out:  # atomic: a killed run leaves no half file
+                with open(tmp, "wb") as out:
                     out.write(head)
                     shutil.copyfileobj(f, out)
+            os.replace(tmp, dst)
         except (OSError, EOFError) as e:
-            raise UserError(f"cannot read {src} ({e}); re-install the Fashion-MNIST files") from None
-        os.replace(dst + ".tmp", dst)
+            raise UserError(f"cannot prepare {dst} from {src} ({e}); re-install the Fashion-MNIST "
+                            f"files or set $LDAE_CACHE to a writable folder") from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return root
 
 

@@ -210,3 +210,31 @@ def test_transforms_shapes_and_range():
     assert torch.allclose(white, torch.ones(3, 8, 8))  # [-1, 1] normalisation
     with pytest.raises(UserError, match="unknown transform"):
         data.build_transform("bogus", 32)
+
+
+def test_concurrent_fashion_mnist_preparation_is_safe(tmp_path, monkeypatch):
+    # Several processes (torchrun ranks, parallel jobs) may decompress into the same cache at once.
+    # Interleave two preparers deterministically: while the first copies a file, a second one runs
+    # to the end. Both must succeed and leave complete files (a shared temporary name made the
+    # first one's rename fail, or left it writing into a file the second had already renamed).
+    src = tmp_path / "gz"
+    src.mkdir()
+    payload = os.urandom(1 << 16)
+    for name, magic in data.FMNIST_FILES.items():
+        with gzip.open(src / (name + ".gz"), "wb", compresslevel=1) as f:
+            f.write(magic.to_bytes(4, "big") + payload)
+    monkeypatch.setenv("LDAE_CACHE", str(tmp_path / "cache"))
+    copy = data.shutil.copyfileobj
+    interleaved = []
+
+    def copy_with_a_rival(fsrc, fdst, *a):
+        if not interleaved:
+            interleaved.append(True)
+            data._prepare_fashion_mnist(str(src))          # the rival finishes first
+        return copy(fsrc, fdst, *a)
+    monkeypatch.setattr(data.shutil, "copyfileobj", copy_with_a_rival)
+    root = data._prepare_fashion_mnist(str(src))
+    cached = sorted((tmp_path / "cache").rglob("*"))
+    files = [p for p in cached if p.is_file()]
+    assert interleaved and len(files) == 4, cached                 # no temporary files left
+    assert all(p.read_bytes()[4:] == payload for p in files) and root
