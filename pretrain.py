@@ -102,6 +102,14 @@ class PresetParser(argparse.ArgumentParser):
     replace the preset's ImageNet-sized ones; then the command line is parsed again."""
 
     def parse_known_args(self, args=None, namespace=None):
+        # the layers are set for this one call: a parser used again starts from its own defaults
+        own = {a.dest: a.default for a in self._actions}
+        try:
+            return self._parse_layered(args, namespace)
+        finally:
+            self.set_defaults(**own)
+
+    def _parse_layered(self, args, namespace):
         ns, rest = super().parse_known_args(args, copy.copy(namespace))
         preset = getattr(ns, "preset", None)
         if preset and preset not in dit_baseline.PRESETS:
