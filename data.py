@@ -32,6 +32,7 @@ Contract: images are float (3, H, W) in [-1, 1] (DiT normalisation, RECIPE s2), 
 import argparse
 import collections
 import contextlib
+import errno
 import gzip
 import math
 import os
@@ -40,12 +41,14 @@ import shutil
 import sys
 import time
 import uuid
+import zlib
 
 import numpy as np
 import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
+from tqdm import tqdm
 
 DATASETS = ("synthetic", "imagefolder", "fashion-mnist", "cifar10", "packed")
 BICUBIC = T.InterpolationMode.BICUBIC
@@ -63,14 +66,175 @@ class UserError(Exception):
         super().__init__(msg)
 
 
+class Interrupted(Exception):
+    """A run stopped on purpose by a signal (SIGTERM from a cluster, Ctrl-C) after saving what
+    lets it resume: run_cli prints the message and exits with 128 + the signal number."""
+
+    def __init__(self, msg, signum):
+        super().__init__(msg)
+        self.exit_code = 128 + signum
+
+
 def run_cli(main, parser, argv=None):
-    """Parse argv, run main(args); a UserError becomes `error: msg` + exit 2 (house rule)."""
+    """Parse argv, run main(args). House rule: a UserError is one `error: msg` line and exit 2; a
+    signal-stopped run says what it saved; Ctrl-C outside a training loop exits 130, no traceback."""
     args = parser.parse_args(argv)
     try:
         return main(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the house conventions: every flag's default shown in --help, and a bad flag
+    reported as one `error: ...` line with exit 2 (argparse's own format adds a usage block)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        print(f"error: {message} (see python {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def bounded(kind, low, high=None, low_open=False, high_open=False):
+    """An argparse type: `kind` (int or float) checked to lie in [low, high]; *_open excludes the
+    end. `--epochs -3` then stops at parse time with one line instead of running a step."""
+    def parse(text):
+        value = kind(text)                                 # ValueError: argparse says "invalid"
+        too_low = value <= low if low_open else value < low
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            rule = f"> {low}" if low_open else f">= {low}"
+            if high is not None:
+                rule = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    parse.__name__ = kind.__name__                         # argparse's "invalid int value" text
+    return parse
+
+
+# ---- Files: one way to write them (atomic, durable, a full disk said plainly) and one way to
+# read the torch files a user names (missing, unreadable and code-running files refused by name).
+def temp_name(path):
+    """A temporary name beside `path` that no other process uses (pid + random): any number of
+    processes may write the same file at once, and each rename puts a complete file in place."""
+    return f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def clean_stale_temps(folder, names):
+    """Remove the temporary files (temp_name's) a killed writer left in `folder` for the files
+    whose names start with one of `names` -> their names."""
+    stale = [f for f in os.listdir(folder) if f.endswith(".tmp")
+             and any(f.startswith(n) for n in names)]
+    for f in stale:
+        os.remove(os.path.join(folder, f))
+    return stale
+
+
+def _fsync(path, directory=False):
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def nbytes(obj):
+    """Bytes of the tensors in a nested dict/list (what torch.save of it needs, about)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    return 0
+
+
+def write_error(e, path, size_hint=None):
+    """An OSError while writing `path` -> the UserError a user can act on."""
+    folder = os.path.dirname(os.path.abspath(path))
+    kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) \
+        else "nothing was written"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        need = f"it needs about {size_hint / 1e6:.1f} MB, " if size_hint else ""
+        free = shutil.disk_usage(folder).free / 1e6
+        return UserError(f"no space left on the device writing {path} ({need}{free:.1f} MB free "
+                         f"in {folder}); {kept}. Free some space or write elsewhere")
+    return UserError(f"cannot write {path} ({e.strerror or e}); {kept}. Choose a writable folder")
+
+
+def atomic_write(path, write, size_hint=None):
+    """write(tmp) fills a temporary file beside `path`; it is fsync'ed, renamed over `path`, and
+    the folder fsync'ed. So `path` always holds the old file or the whole new one, even after a
+    kill or a power loss; no temporary file is left; an OSError (full disk, read-only folder)
+    becomes a UserError naming the file and saying the old one is intact."""
+    tmp = temp_name(path)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(os.path.dirname(os.path.abspath(path)), directory=True)
+    except OSError as e:
+        raise write_error(e, path, size_hint) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def save_torch(obj, path):
+    """torch.save through atomic_write: the one way this project writes a .pt file."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), nbytes(obj))
+
+
+def load_torch(path, what, fix):
+    """torch.load(weights_only=True) of a file the user named. A missing or unreadable file, or
+    one that holds pickled Python objects (loading those would run code), is one UserError that
+    names `what` and the path and ends with `fix`."""
+    if not path or not os.path.isfile(path):
+        raise UserError(f"{what} {path} does not exist; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, pickled objects
+        if "Weights only load failed" in str(e):
+            raise UserError(f"refused {what} {path}: it holds pickled Python objects, and loading "
+                            f"them would run their code; only tensors and plain containers are "
+                            f"read. {fix}") from None
+        raise UserError(f"cannot read {what} {path} ({type(e).__name__}: {str(e)[:200]}); "
+                        f"{fix}") from None
+
+
+def write_lines(path, lines):
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def progress(**kwargs):
+    """A tqdm bar. Written to a file (a cluster log) rather than a terminal, it redraws once a
+    minute instead of several times a second: ~100 bytes per step would be ~27 MB per run."""
+    interactive = sys.stderr.isatty()
+    return tqdm(mininterval=0.1 if interactive else 60, dynamic_ncols=interactive, **kwargs)
+
+
+def check_writable_dir(folder, flag):
+    """Create `folder` if needed and prove it takes a file, before any work is done."""
+    probe = os.path.join(folder, f".write_test_{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {folder} is not writable ({e.strerror}); pass another {flag}") from None
 
 
 def add_data_args(parser):
@@ -84,10 +248,14 @@ def add_data_args(parser):
                    "augment in DataLoader workers; gpu (pretrain.py) = on the training device")
     g.add_argument("--download", action="store_true",
                    help="fashion-mnist/cifar10: let torchvision download into --data-path (needs internet)")
-    g.add_argument("--input-size", type=int, default=256, help="image side in pixels (paper: 256)")
-    g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
-    g.add_argument("--synthetic-size", type=int, default=2000, help="synthetic: train images")
-    g.add_argument("--synthetic-val-size", type=int, default=None, help="synthetic: val images (default: 1/4)")
+    g.add_argument("--input-size", type=bounded(int, 1), default=256,
+                   help="image side in pixels (paper: 256)")
+    g.add_argument("--num-workers", type=bounded(int, 0), default=min(4, os.cpu_count() or 1),
+                   help="DataLoader worker processes (0: load in the main process)")
+    g.add_argument("--synthetic-size", type=bounded(int, 1), default=2000,
+                   help="synthetic: train images")
+    g.add_argument("--synthetic-val-size", type=bounded(int, 1), default=None,
+                   help="synthetic: val images (default: 1/4 of --synthetic-size)")
     g.add_argument("--synthetic-seed", type=int, default=0, help="synthetic: seed (train/val: other streams)")
     return parser
 
@@ -213,7 +381,13 @@ def _checked_loader(path):
     from PIL import Image
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            img = Image.open(f)
+            if img.mode in ("I", "I;16", "I;16B", "I;16L"):
+                # 16-bit grayscale: PIL's convert("RGB") would clip every value above 255 to
+                # white; keep the high byte instead, as PIL does for 16-bit colour PNGs
+                high = (np.asarray(img, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8)
+                img = Image.fromarray(high)
+            return img.convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
         raise UserError(f"cannot read image file {path} ({type(e).__name__}: {e}); "
                         "remove or replace it") from None
@@ -238,6 +412,12 @@ def _build_imagefolder(path, split, transform):
     if len(ds) == 0:
         raise UserError(f"no images found in the class folders of {root} "
                         f"(extensions {', '.join(torchvision.datasets.folder.IMG_EXTENSIONS)})")
+    empty = sorted(set(ds.classes) - {ds.classes[y] for y in ds.targets})
+    if empty:
+        # the class keeps its index (so train and val agree), but no image teaches it: a probe
+        # head would have an output that never trains
+        print(f"[data] warning: {len(empty)} class folder(s) of {root} hold no images: "
+              f"{', '.join(empty[:10])}; add images or remove the folder(s)", flush=True)
     if has_splits:
         return ds, root
     return Subset(ds, _holdout(ds.targets, split)), f"{root} (flat root: every 10th image per class is val)"
@@ -268,8 +448,8 @@ class Packed(Dataset):
         if not os.path.isfile(meta_path):
             raise UserError(f"{meta_path} (labels, classes) is missing, so {path} was not written to the "
                             f"end; re-run `{PACK_CMD} {path}`")
+        meta = load_torch(meta_path, "packed meta file", f"re-write it with `{PACK_CMD} {path}`")
         try:
-            meta = torch.load(meta_path, weights_only=True)
             arr = np.load(path, mmap_mode="r")                # reads the header only
         except Exception as e:
             raise UserError(f"{path} is not a packed uint8 file ({type(e).__name__}: {str(e)[:200]}); "
@@ -401,10 +581,15 @@ def decode_batch(jpegs, size, kind, device, seeds=None, scale=(0.2, 1.0), names=
 
 
 def _decode_any(raw, name):
+    """Any image file torchvision reads -> uint8 (3, H, W). A 16-bit PNG decodes to uint16: keep
+    its high byte, as the PIL path does (values 0..65535 would otherwise reach the model)."""
     try:
-        return torchvision.io.decode_image(raw, mode=torchvision.io.ImageReadMode.RGB)
+        img = torchvision.io.decode_image(raw, mode=torchvision.io.ImageReadMode.RGB)
     except RuntimeError as e:
         raise UserError(f"cannot decode image file {name} ({str(e)[:200]}); remove or replace it") from None
+    if img.dtype == torch.uint16:
+        img = (img.to(torch.int32) >> 8).to(torch.uint8)
+    return img
 
 
 # ---- Fashion-MNIST from the original gz files, offline. torchvision (0.29) only checks that the four
@@ -421,6 +606,23 @@ def cache_dir(*parts):
     return os.path.join(root, *parts)
 
 
+def _decompress_idx(src, dst, name):
+    """Copy one (gzipped) idx file to dst, checking its magic number first. A broken source is
+    blamed on the source (atomic_write reports the other OSErrors as the destination's)."""
+    opener = gzip.open if src.endswith(".gz") else open
+    try:
+        with opener(src, "rb") as f:
+            head = f.read(4)
+            if int.from_bytes(head, "big") != FMNIST_FILES[name]:
+                raise UserError(f"{src} is not an idx file of the expected kind "
+                                f"(magic {head.hex()}); re-install the Fashion-MNIST files")
+            with open(dst, "wb") as out:
+                out.write(head)
+                shutil.copyfileobj(f, out)
+    except (EOFError, gzip.BadGzipFile, zlib.error, PermissionError) as e:
+        raise UserError(f"cannot read {src} ({e}); re-install the Fashion-MNIST files") from None
+
+
 def _prepare_fashion_mnist(path):
     """-> root that torchvision's FashionMNIST(root, download=False) accepts."""
     if all(os.path.isfile(os.path.join(path, "FashionMNIST", "raw", n)) for n in FMNIST_FILES):
@@ -434,32 +636,18 @@ def _prepare_fashion_mnist(path):
                         f"(-> {DEBIAN_FMNIST}) or pass --download")
     root = cache_dir("fashion-mnist", os.path.abspath(path).strip(os.sep).replace(os.sep, "_"))
     raw = os.path.join(root, "FashionMNIST", "raw")
-    os.makedirs(raw, exist_ok=True)
+    try:
+        os.makedirs(raw, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the Fashion-MNIST cache {raw} ({e.strerror}); set "
+                        f"$LDAE_CACHE to a writable folder") from None
     for name, src in found.items():
         dst = os.path.join(raw, name)
         if os.path.isfile(dst) and os.path.getmtime(dst) >= os.path.getmtime(src):
             continue
-        opener = gzip.open if src.endswith(".gz") else open
-        # A temporary name of this process's own, then an atomic rename: any number of processes
-        # (torchrun ranks, parallel jobs) may prepare the same cache at once; each rename puts
-        # the same complete file in place, and a killed run leaves no half file behind.
-        tmp = f"{dst}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-        try:
-            with opener(src, "rb") as f:
-                head = f.read(4)
-                if int.from_bytes(head, "big") != FMNIST_FILES[name]:
-                    raise UserError(f"{src} is not an idx file of the expected kind "
-                                    f"(magic {head.hex()}); re-install the Fashion-MNIST files")
-                with open(tmp, "wb") as out:
-                    out.write(head)
-                    shutil.copyfileobj(f, out)
-            os.replace(tmp, dst)
-        except (OSError, EOFError) as e:
-            raise UserError(f"cannot prepare {dst} from {src} ({e}); re-install the Fashion-MNIST "
-                            f"files or set $LDAE_CACHE to a writable folder") from None
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        # atomic_write: a temporary name of this process's own, then a rename, so any number of
+        # processes (torchrun ranks, parallel jobs) may prepare the same cache at once
+        atomic_write(dst, lambda tmp, src=src, name=name: _decompress_idx(src, tmp, name))
     return root
 
 
@@ -576,25 +764,27 @@ def pack_dataset(ds, out, S, num_workers=0, batch_size=64, source=None):
     if N * 3 * S * S > (free := shutil.disk_usage(folder).free):
         raise UserError(f"{out} needs {N * 3 * S * S / 1e9:.1f} GB but {folder} has {free / 1e9:.1f} GB "
                         f"free; pass another --out or a smaller size")
-    try:
-        arr = np.lib.format.open_memmap(out + ".tmp", mode="w+", dtype=np.uint8, shape=(N, 3, S, S))
-    except OSError as e:
-        raise UserError(f"cannot write {out}.tmp ({e.strerror}); pass another --out") from None
-    labels, i, t0 = torch.empty(N, dtype=torch.int64), 0, time.time()
-    # Workers decode in parallel; no shuffling, so batches arrive in order and labels line up.
-    with tqdm(total=N, unit="img", desc=f"pack {S}px", dynamic_ncols=True) as bar:
-        for x, y in DataLoader(ds, batch_size=batch_size, num_workers=num_workers):   # (B, 3, S, S) uint8
-            arr[i:i + len(x)], labels[i:i + len(x)] = x.numpy(), y
-            i += len(x)
-            bar.update(len(x))
-    arr.flush()
-    del arr
-    torch.save({"version": 1, "shape": [N, 3, S, S], "size": S, "labels": labels, "classes": classes(ds),
-                "source": source or {}}, out + ".meta.pt.tmp")
-    if os.path.exists(out + ".meta.pt"):   # a crash between the two replaces leaves no stale pair behind
+    labels, t0 = torch.empty(N, dtype=torch.int64), time.time()
+
+    def write_images(tmp):
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(N, 3, S, S))
+        i = 0
+        # Workers decode in parallel; no shuffling, so batches arrive in order and labels line up.
+        with tqdm(total=N, unit="img", desc=f"pack {S}px", dynamic_ncols=True) as bar:
+            for x, y in DataLoader(ds, batch_size=batch_size, num_workers=num_workers):
+                arr[i:i + len(x)] = x.numpy()                   # (B, 3, S, S) uint8
+                labels[i:i + len(x)] = y
+                i += len(x)
+                bar.update(len(x))
+        arr.flush()
+
+    # The meta file goes first and last: a run killed in between leaves no stale pair behind
+    # (Packed refuses an image file without its meta file)
+    if os.path.exists(out + ".meta.pt"):
         os.remove(out + ".meta.pt")
-    os.replace(out + ".tmp", out)
-    os.replace(out + ".meta.pt.tmp", out + ".meta.pt")
+    atomic_write(out, write_images, N * 3 * S * S)
+    save_torch({"version": 1, "shape": [N, 3, S, S], "size": S, "labels": labels,
+                "classes": classes(ds), "source": source or {}}, out + ".meta.pt")
     print(f"[pack] {N} images -> {out} ({N * 3 * S * S / 1e9:.2f} GB, {N / (time.time() - t0):.0f} img/s)")
     return out
 
@@ -666,7 +856,8 @@ def bench(args):
           f"| load avg |\n|---|---|---|---|---|---|")
     for name, w, rate, per, load in rows:
         print(f"| {name} | {w} | {rate:.0f} | {per:.0f} | {args.target / per:.1f} | {load:.2f} |")
-    os.remove(out), os.remove(out + ".meta.pt")
+    os.remove(out)
+    os.remove(out + ".meta.pt")
     return rows
 
 
