@@ -119,6 +119,8 @@ class DiT(nn.Module):
             raise UserError(f"--dit-input must be pca or latents, not {input!r}")
         if prediction not in PREDICTIONS:
             raise UserError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
+        if patch_size < 1 or img_size < 1:
+            raise UserError(f"--patch-size {patch_size} and --input-size {img_size} must be >= 1")
         if input == "pca":
             if pca.patch_size != patch_size or pca.channels != 3:
                 raise UserError(f"the PCA has {pca.patch_size}px patches but the model wants "

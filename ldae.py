@@ -236,6 +236,25 @@ MODEL_FLAGS = ("img_size", "patch_size", "latent_dim", "latent_scale", "latent_n
                "grad_checkpoint")
 
 
+def check_config(pca, img_size, patch_size, in_chans, latent_dim, latent_norm, noise, target):
+    """ValueError, in words a user of pretrain.py's flags can act on, for a config LDAE cannot take."""
+    if patch_size < 1 or img_size < 1 or img_size % patch_size:
+        raise ValueError(f"the image size {img_size} (--input-size) must be a positive multiple "
+                         f"of the patch size {patch_size} (--patch-size)")
+    D = patch_size * patch_size * in_chans
+    if not 1 <= latent_dim <= D:
+        raise ValueError(f"latent_dim {latent_dim} (--latent-dim) must be in 1..{D}: D = "
+                         f"{patch_size} x {patch_size} x {in_chans} coordinates per patch")
+    if pca.patch_size != patch_size or pca.channels != in_chans:
+        raise ValueError(f"the PCA has {pca.patch_size}px x {pca.channels}ch patches, the model "
+                         f"{patch_size}px x {in_chans}ch (RECIPE s2): refit it")
+    choices = {"latent_norm": (latent_norm, LATENT_NORMS), "noise": (noise, ("multi", "single")),
+               "target": (target, ("latent", "projected", "original"))}
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+
+
 class LDAE(nn.Module):
     def __init__(self, pca, img_size=256, patch_size=16, in_chans=3, hidden_size=768, depth=24,
                  num_heads=12, mlp_ratio=4.0, cond_ratio=0.25, latent_dim=32, latent_scale=None,
@@ -243,13 +262,8 @@ class LDAE(nn.Module):
                  single_sigma=math.sqrt(1 / 3), num_steps=1000,
                  sigma_max=math.sqrt(2), target="original", grad_checkpoint=False, name="custom"):
         super().__init__()
-        assert pca.patch_size == patch_size and pca.channels == in_chans, \
-            "the PCA must be fitted on the model's patches (RECIPE s2: 16x16x3 -> D = 768)"
-        assert noise in ("multi", "single"), noise
-        assert target in ("latent", "projected", "original"), target
+        check_config(pca, img_size, patch_size, in_chans, latent_dim, latent_norm, noise, target)
         D = patch_size * patch_size * in_chans
-        assert 1 <= latent_dim <= D, f"latent_dim must be in 1..{D}"
-        assert latent_norm in LATENT_NORMS, f"latent_norm must be one of {LATENT_NORMS}"
         # RECIPE s2: the latent's scale is a choice the model owns (the PCA object is not changed):
         # z = latent_scale * norm_gain * V_d x, with norm_gain from --latent-norm
         self.latent_scale = float(pca.scale if latent_scale is None else latent_scale)
