@@ -1,39 +1,40 @@
-"""Pre-train an l-DAE (RECIPE s3, s4, s6) -- or a DiT baseline row -- on a CPU, one GPU, or many under torchrun.
+"""Pre-train an l-DAE (RECIPE s3, s4, s6), or a DiT baseline row, on a CPU, one GPU, or many.
 
 Quick start (CPU, synthetic shapes, ~1 min; writes out/tiny/{checkpoint.pt,log.jsonl,grid.png,pca.pt}):
   python pretrain.py --model vit_tiny --output-dir out/tiny
   (the small models' defaults: SMALL_DEFAULTS below and d = 8, whitened latents in ldae.MODELS)
 Same with DDP (2 CPU processes over gloo; same losses as one process with --accum-iter 2):
   torchrun --nproc_per_node=2 pretrain.py --model vit_tiny --output-dir out/tiny_ddp
-ImageNet, final ViT-B l-DAE (RECIPE s6: batch 2048, blr 1e-4, 100 warmup of 400 epochs, random crops):
-  torchrun --nproc_per_node=8 pretrain.py --model vit_b --dataset imagefolder --data-path IMNET \
-      --batch-size 2048 --epochs 400 --warmup-epochs 100 --aug rrc --pca-images 10000 --output-dir out/vit_b
-  (add --resume auto to continue a killed run from out/vit_b/checkpoint.pt, bit-identically; add
-  --decode gpu to decode the JPEGs on the GPU when the CPUs cannot keep up: see data.py)
+ImageNet, final ViT-B l-DAE (RECIPE s6: batch 2048, blr 1e-4, 100 warmup of 400 epochs, rrc):
+  torchrun --nproc_per_node=8 pretrain.py --model vit_b --dataset imagefolder --data-path IMNET \\
+      --batch-size 2048 --epochs 400 --warmup-epochs 100 --aug rrc --pca-images 10000 \\
+      --output-dir out/vit_b
+  Continue a stopped run with --resume auto (bit-identical to an uninterrupted run). Under
+  `torchrun --max-restarts N` a restarted worker group resumes by itself. SIGTERM or Ctrl-C:
+  the run finishes its step, saves, and exits 128 + the signal number. --decode gpu decodes the
+  JPEGs on the GPU when the CPUs cannot keep up (see data.py).
 A paper row: python pretrain.py --preset t3_ldae ...   (dit_baseline.PRESETS; explicit flags win)
-Speed:       python pretrain.py --model vit_b --benchmark 20 --batch-size 256 [--compile]   (img/s, MFU)
-             python tests/bench_vit_step.py   (CPU: our vit_b step vs a plain torchvision ViT)
+Speed:       python pretrain.py --model vit_b --benchmark 20 --batch-size 256 [--compile]
 
-Determinism: data order, augmentation and noise are pure functions of (seed, epoch, index) and (seed,
-step, micro-batch) (GlobalBatchSampler, Indexed, Engine.step), so resume is exact and any layout with the
-same world*accum (8 GPUs, or 1 GPU with --accum-iter 8) sees the same examples and noise.
+Determinism: data order, augmentation and noise are pure functions of (seed, epoch, index) and
+(seed, step, micro-batch) (GlobalBatchSampler, Indexed, Engine.step), so a resume is exact and any
+layout with the same world x accum (8 GPUs, or 1 GPU with --accum-iter 8) computes the same steps.
 """
-import argparse
 import contextlib
 import copy
 import datetime
 import json
 import math
 import os
-import random
+import shutil
+import signal
+import threading
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torchvision
-from tqdm import tqdm
 
 import data
 import dit_baseline
@@ -43,60 +44,98 @@ from tokenizer_pca import PatchPCA, fit_pca
 
 FAMILIES = {"ldae": ldae, "dit": dit_baseline}
 ALL_MODELS = {**ldae.MODELS, **dit_baseline.MODELS}
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # bf16 dense
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,
+               "L40S": 362.0}                                    # dense bf16, per GPU
 GRID_T = (100, 300, 500, 700, 900)
 # Training defaults of the CPU-sized models (32 px), measured to learn on the synthetic set and
 # Fashion-MNIST (README, Reproduction); every other model keeps the paper's (RECIPE s6). They sit
 # under explicit flags and replace a --preset's ImageNet-sized batch, lr and length.
 _SMALL = dict(batch_size=64, lr=4e-3, epochs=10, warmup_epochs=1, ema=0.999, pca_images=500,
-              save_every=5, grid_every=5, log_every=10, input_size=None)   # None: the model's 32 px
+              save_every=5, grid_every=5, log_every=10, input_size=None)   # None: the model's
 SMALL_DEFAULTS = {name: _SMALL for name in ("vit_tiny", "vit_small", "dit_tiny_1", "dit_tiny_2")}
+# The flags of the "model flags" group: the model config (stored in the checkpoint) holds them
+MODEL_ARGS = ("latent_dim", "latent_scale", "latent_norm", "cond_ratio", "residual_weight",
+              "noise", "single_sigma", "target", "patch_size", "grad_checkpoint", "schedule",
+              "prediction", "class_cond", "dit_input", "latents_file")
+# What --resume may change: nothing here alters the data order, the schedule or the model
+RESUME_MAY_CHANGE = ("max_steps", "save_every", "log_every", "grid_every", "num_workers",
+                     "compile", "precision", "resume", "overwrite", "output_dir", "download",
+                     "peak_tflops", "benchmark", "pca", "pca_images", "pca_center", "preset",
+                     "synthetic_val_size", "accum_iter")
+
+
+# ---- Models and checkpoints -------------------------------------------------------------------
+def family_of(name):
+    """'ldae' or 'dit': the one place that decides which model file a --model name lives in."""
+    if name in ldae.MODELS:
+        return "ldae"
+    if name in dit_baseline.MODELS:
+        return "dit"
+    raise UserError(f"unknown --model {name!r}; choose from {', '.join(sorted(ALL_MODELS))}")
 
 
 def build_model(name, pca=None, **overrides):
-    """Contract: the family's build_model with only the flags it lists in MODEL_FLAGS (None = default)."""
-    if name not in ALL_MODELS:
-        raise UserError(f"unknown --model {name!r}; choose from {', '.join(sorted(ALL_MODELS))}")
-    fam = ldae if name in ldae.MODELS else dit_baseline
-    return fam.build_model(name, pca, **{k: v for k, v in overrides.items() if k in fam.MODEL_FLAGS and v is not None})
+    """The family's build_model with its MODEL_FLAGS (None = the registry's value). A flag of the
+    other family is refused, not dropped: `--class-cond true` means nothing to an l-DAE."""
+    fam = FAMILIES[family_of(name)]
+    given = {k: v for k, v in overrides.items() if v is not None and v is not False}
+    foreign = sorted(k for k in given if k not in fam.MODEL_FLAGS and k in MODEL_ARGS)
+    if foreign:
+        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        kind = "an l-DAE" if fam is ldae else "a DiT"
+        raise UserError(f"{flags}: not a flag of --model {name} ({kind}); drop it, or pick a "
+                        f"model of the other family (a --preset sets the flags of its own family)")
+    kept = {k: v for k, v in overrides.items() if k in fam.MODEL_FLAGS and v is not None}
+    try:
+        return fam.build_model(name, pca, **kept)
+    except (ValueError, KeyError, TypeError) as e:       # a size or flag the model cannot take
+        raise UserError(f"--model {name}: {e}") from None
 
 
 def load_checkpoint(path):
     """-> checkpoint dict, read with weights_only=True. UserError if missing or not one of ours."""
-    if not path or not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist; pass a checkpoint.pt written by pretrain.py")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, pickled objects
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:200]})") from None
-    missing = [k for k in ("model", "model_config", "pca", "step") if not isinstance(ckpt, dict) or k not in ckpt]
+    ckpt = data.load_torch(path, "checkpoint", "pass a checkpoint.pt written by pretrain.py")
+    missing = [k for k in ("model", "model_config", "pca", "step")
+               if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path} is not a pretrain.py checkpoint (no {', '.join(missing)})")
     return ckpt
 
 
+def load_weights(model, state_dict, what="checkpoint"):
+    """load_state_dict, strictly, with a mismatch said in one line instead of a traceback."""
+    try:
+        res = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:                              # shape mismatches
+        raise UserError(f"{what} weights do not fit its model config: {str(e)[:300]}") from None
+    if res.missing_keys or res.unexpected_keys:
+        raise UserError(f"{what} does not match the model: missing keys {res.missing_keys[:8]}, "
+                        f"unexpected keys {res.unexpected_keys[:8]}")
+
+
 def model_from_checkpoint(ckpt, weights="ema", device="cpu"):
-    """The checkpoint's exact model (its config + PCA basis) with its EMA or raw weights, strictly."""
+    """The checkpoint's exact model (its config + PCA basis) with its EMA or raw weights."""
     cfg = dict(ckpt["model_config"])
-    fam, name = cfg.pop("family", "ldae"), cfg.pop("name")
+    fam, name = cfg.pop("family", "ldae"), cfg.pop("name", None)
     cfg.setdefault("latent_norm", "none")      # checkpoints from before --latent-norm
-    if fam not in FAMILIES:
-        raise UserError(f"checkpoint model family {fam!r} is unknown; have {sorted(FAMILIES)}")
+    if fam not in FAMILIES or name not in FAMILIES[fam].MODELS:
+        raise UserError(f"the checkpoint's model {fam!r} / {name!r} is not in this version's "
+                        f"registry ({', '.join(sorted(ALL_MODELS))})")
     sd = ckpt.get("ema") if weights == "ema" else ckpt["model"]
     if sd is None:
         print("[ckpt] no EMA weights in this checkpoint (trained with --ema 0): using the raw weights")
-    model = FAMILIES[fam].build_model(name, PatchPCA.from_dict(ckpt["pca"]), **cfg)
+        sd = ckpt["model"]
     try:
-        res = model.load_state_dict(sd if sd is not None else ckpt["model"], strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise UserError(f"checkpoint weights do not fit its model config: {str(e)[:300]}") from None
-    if res.missing_keys or res.unexpected_keys:
-        raise UserError(f"checkpoint does not match the model: missing keys {res.missing_keys[:8]}, "
-                        f"unexpected keys {res.unexpected_keys[:8]}")
+        model = FAMILIES[fam].build_model(name, PatchPCA.from_dict(ckpt["pca"]), **cfg)
+    except (ValueError, KeyError, TypeError, UserError) as e:
+        raise UserError(f"the checkpoint's model config cannot be built ({e}); was it written by "
+                        f"another version of pretrain.py?") from None
+    load_weights(model, sd)
     return model.to(device).eval()
 
 
-class PresetParser(argparse.ArgumentParser):
+# ---- Flags ------------------------------------------------------------------------------------
+class PresetParser(data.ArgumentParser):
     """Defaults in layers, explicit flags always win: --preset NAME sets dit_baseline.PRESETS[NAME],
     then a small model's training defaults (SMALL_DEFAULTS: CPU-sized batch, lr, length)
     replace the preset's ImageNet-sized ones; then the command line is parsed again."""
@@ -113,8 +152,7 @@ class PresetParser(argparse.ArgumentParser):
         ns, rest = super().parse_known_args(args, copy.copy(namespace))
         preset = getattr(ns, "preset", None)
         if preset and preset not in dit_baseline.PRESETS:
-            names = ", ".join(sorted(dit_baseline.PRESETS))
-            self.error(f"unknown --preset {preset!r}; choose from {names}")
+            self.error(f"unknown --preset {preset!r}; choose from {', '.join(sorted(dit_baseline.PRESETS))}")
         if preset:
             self.set_defaults(**dit_baseline.PRESETS[preset])
             ns, rest = super().parse_known_args(args, copy.copy(namespace))
@@ -126,57 +164,111 @@ class PresetParser(argparse.ArgumentParser):
 
 
 def get_args_parser():
-    p = PresetParser("l-DAE pre-training (RECIPE s3, s4, s6)")
-    a = p.add_argument
-    a("--model", default="vit_b", help=f"one of {', '.join(sorted(ALL_MODELS))}")
-    a("--preset", default=None, help="a dit_baseline.PRESETS row (sets defaults; explicit flags win)")
-    a("--epochs", type=float, default=400, help="may be fractional")
-    a("--max-steps", type=int, default=None, help="stop (and save) after this many optimizer steps")
-    a("--batch-size", type=int, default=2048, help="GLOBAL batch over ranks and accumulation steps")
-    a("--accum-iter", type=int, default=1, help="micro-batches per optimizer step and rank")
-    a("--blr", type=float, default=1e-4, help="lr = blr * batch_size / 256")
-    a("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
-    a("--min-lr", type=float, default=0.0)
-    a("--warmup-epochs", type=float, default=100)
-    a("--weight-decay", type=float, default=0.0, help="paper: 0 (if > 0: matrices only, as MAE)")
-    a("--ema", type=float, default=0.9999, help="EMA decay (warmed up as (1+step)/(10+step)), 0 = off")
-    a("--clip-grad", type=float, default=None, help="max grad norm (default: no clipping)")
-    a("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-      help="auto: bf16 on CUDA if supported, else fp16 + GradScaler; fp32 on CPU")
-    a("--compile", action="store_true", help="torch.compile the loss path")
-    a("--aug", default="center", choices=["center", "rrc"], help="ablations: center; final models: rrc")
-    a("--pca", default=None, help="PatchPCA file; default: fit on the train set, save OUTPUT_DIR/pca.pt")
-    a("--pca-images", type=int, default=1000, help="images for that fit (ImageNet: 10000+)")
-    a("--pca-center", action="store_true", help="subtract the mean patch in that fit")
-    g = p.add_argument_group("model flags (default None = the registry's value; see ldae/dit_baseline MODEL_FLAGS)")
-    for flag, kw in [("latent-dim", dict(type=int)), ("latent-scale", dict(type=float)),
-                     ("latent-norm", dict(choices=["none", "global", "whiten"])),
-                     ("cond-ratio", dict(type=float)),
-                     ("residual-weight", dict(type=float)), ("noise", dict(choices=["multi", "single"])),
-                     ("single-sigma", dict(type=float)), ("target", dict(choices=["original", "projected", "latent"])),
-                     ("patch-size", dict(type=int)), ("grad-checkpoint", dict(action="store_true")),
-                     ("schedule", {}), ("prediction", {}), ("class-cond", {}), ("dit-input", {}), ("latents-file", {})]:
-        g.add_argument("--" + flag, default=None, **kw)
-    a("--seed", type=int, default=0)
-    a("--output-dir", default="out")
-    a("--resume", default=None, help="'auto' (OUTPUT_DIR/checkpoint.pt if present) or a checkpoint path")
-    a("--save-every", type=int, default=20, help="epochs between checkpoints (and one at the end)")
-    a("--log-every", type=int, default=50, help="steps between log lines (the only host syncs)")
-    a("--grid-every", type=int, default=20, help="epochs between denoising grids (and one at the end)")
-    a("--benchmark", type=int, default=0, metavar="N", help="time N steps on random data: img/s, MFU, memory")
-    a("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: known-GPU table)")
+    num = data.bounded
+    p = PresetParser(prog="pretrain.py", description="Pre-train an l-DAE or a DiT baseline row "
+                     "(RECIPE.md s3, s4, s6). Defaults are the paper's ImageNet recipe; the 32 px "
+                     "CPU models (vit_tiny, vit_small, dit_tiny_*) get pretrain.SMALL_DEFAULTS.")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vit_b", help=f"one of {', '.join(sorted(ALL_MODELS))}")
+    g.add_argument("--preset", default=None, help="a paper row, dit_baseline.PRESETS (sets "
+                   "defaults; explicit flags win)")
+    g = p.add_argument_group("schedule and optimiser")
+    g.add_argument("--epochs", type=num(float, 0, low_open=True), default=400,
+                   help="length of the run (may be fractional)")
+    g.add_argument("--max-steps", type=num(int, 1), default=None,
+                   help="stop (and save) after this many optimizer steps; the schedule is unchanged")
+    g.add_argument("--batch-size", type=num(int, 1), default=2048, help="the GLOBAL batch: "
+                   "ranks x --accum-iter x micro-batch (MAE's --batch_size is per GPU)")
+    g.add_argument("--accum-iter", type=num(int, 1), default=1,
+                   help="micro-batches per optimizer step and rank")
+    g.add_argument("--blr", type=num(float, 0), default=1e-4, help="lr = blr x batch / 256")
+    g.add_argument("--lr", type=num(float, 0), default=None, help="absolute lr (overrides --blr)")
+    g.add_argument("--min-lr", type=num(float, 0), default=0.0, help="floor of the cosine")
+    g.add_argument("--warmup-epochs", type=num(float, 0), default=100, help="linear warmup")
+    g.add_argument("--weight-decay", type=num(float, 0), default=0.0,
+                   help="AdamW decay of the matrices (paper: 0)")
+    g.add_argument("--ema", type=num(float, 0, 1, high_open=True), default=0.9999,
+                   help="EMA decay, warmed up as (1+step)/(10+step); 0 = off")
+    g.add_argument("--clip-grad", type=num(float, 0, low_open=True), default=None,
+                   help="max gradient norm (default: no clipping)")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 on CUDA where supported, else fp16 + GradScaler; fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the loss path")
+    g.add_argument("--aug", default="center", choices=["center", "rrc"],
+                   help="center crop (the ablations) or RandomResizedCrop + flip (final models)")
+    g.add_argument("--seed", type=int, default=0, help="fixes init, data order, crops and noise")
+    g = p.add_argument_group("PCA tokenizer (RECIPE s2)")
+    g.add_argument("--pca", default=None,
+                   help="a tokenizer_pca.py file; default: fit on the train set -> OUTPUT_DIR/pca.pt")
+    g.add_argument("--pca-images", type=num(int, 1), default=1000,
+                   help="train images for that fit (ImageNet: 10000+)")
+    g.add_argument("--pca-center", action="store_true", help="subtract the mean patch in that fit")
+    g = p.add_argument_group("model flags (default: the registry's value; ldae.py / "
+                             "dit_baseline.py MODEL_FLAGS)")
+    g.add_argument("--latent-dim", type=num(int, 0), default=None,
+                   help="d: PCA coordinates the noise goes into (DiT: 0 = all D, the pixel row)")
+    g.add_argument("--latent-norm", default=None, choices=["none", "global", "whiten"],
+                   help="latent normalisation before the noise (RECIPE s2)")
+    g.add_argument("--latent-scale", type=num(float, 0, low_open=True), default=None,
+                   help="z = scale x gain x V_d x")
+    g.add_argument("--cond-ratio", type=num(float, 0, low_open=True), default=None,
+                   help="conditioning width / model width (paper rows 0.25, official DiT 1)")
+    g.add_argument("--patch-size", type=num(int, 1), default=None, help="image patch side p")
+    g.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute activations in the backward pass (memory)")
+    g.add_argument("--residual-weight", type=num(float, 0), default=None,
+                   help="l-DAE: loss weight of the coordinates beyond d (paper 0.1)")
+    g.add_argument("--noise", default=None, choices=["multi", "single"], help="l-DAE: noise levels")
+    g.add_argument("--single-sigma", type=num(float, 0, low_open=True), default=None,
+                   help="l-DAE: the one level of --noise single (sqrt(1/3))")
+    g.add_argument("--target", default=None, choices=["original", "projected", "latent"],
+                   help="l-DAE: what the network predicts (Table 3's last rows)")
+    g.add_argument("--schedule", default=None, choices=list(dit_baseline.SCHEDULES),
+                   help="DiT: noise schedule")
+    g.add_argument("--prediction", default=None, choices=list(dit_baseline.PREDICTIONS),
+                   help="DiT: eps or x0 prediction")
+    g.add_argument("--class-cond", default=None, choices=["true", "false"],
+                   help="DiT: class-conditional (Table 1 row 1)")
+    g.add_argument("--dit-input", default=None, choices=["pca", "latents"],
+                   help="DiT: the PCA latent of the images, or --latents-file")
+    g.add_argument("--latents-file", default=None,
+                   help="DiT: {'latents': (N, C, h, w), 'labels': (N,)} from your tokenizer")
+    g = p.add_argument_group("run: outputs, resume, benchmark")
+    g.add_argument("--output-dir", default="out",
+                   help="checkpoint.pt, checkpoint-EPOCH.pt, log.jsonl, grid*.png, pca.pt")
+    g.add_argument("--resume", default=None,
+                   help="'auto' (OUTPUT_DIR/checkpoint.pt when present) or a checkpoint path")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an OUTPUT_DIR that holds a previous run's checkpoint")
+    g.add_argument("--save-every", type=num(int, 1), default=20,
+                   help="epochs between kept checkpoints (and one at the end)")
+    g.add_argument("--log-every", type=num(int, 1), default=50,
+                   help="steps between log lines (the only host syncs)")
+    g.add_argument("--grid-every", type=num(int, 1), default=20,
+                   help="epochs between denoising grids (and one at the end)")
+    g.add_argument("--benchmark", type=num(int, 0), default=0, metavar="N",
+                   help="time N steps on random data: img/s, TFLOP/s, MFU, memory; then exit")
+    g.add_argument("--peak-tflops", type=num(float, 0, low_open=True), default=None,
+                   help="per-device peak for MFU (default: a table of known GPUs)")
     data.add_data_args(p)
-    p.set_defaults(input_size=None)   # None: the model's img_size (vit_tiny: 32, vit_b: 256)
+    p.set_defaults(input_size=None)            # None: the model's img_size (vit_tiny 32, vit_b 256)
     return p
 
 
+def model_overrides(args, **extra):
+    """The model flags of args (build_model keeps the family's); --input-size is img_size."""
+    given = {k: getattr(args, k) for k in MODEL_ARGS if hasattr(args, k)}
+    return {**given, "img_size": args.input_size, **extra}
+
+
+# ---- Schedule and determinism -----------------------------------------------------------------
 def lr_at(step, steps_per_epoch, base_lr, warmup_epochs, epochs, min_lr=0.0):
-    """RECIPE s6: linear warmup then half-cycle cosine, per iteration on the fractional epoch (as MAE)."""
-    e = step / steps_per_epoch
-    if e < warmup_epochs:
-        return base_lr * e / warmup_epochs
-    frac = min(1.0, (e - warmup_epochs) / max(1e-12, epochs - warmup_epochs))
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    """RECIPE s6: linear warmup, then half-cycle cosine, per iteration on the fractional epoch (MAE)."""
+    epoch = step / steps_per_epoch
+    if epoch < warmup_epochs:
+        return base_lr * epoch / warmup_epochs
+    progress = min(1.0, (epoch - warmup_epochs) / max(1e-12, epochs - warmup_epochs))
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def mix_seed(*xs):
@@ -202,27 +294,102 @@ class Indexed(torch.utils.data.Dataset):
 
 class GlobalBatchSampler:
     """DistributedSampler's job (set_epoch, a slice per rank), but each global batch is cut into
-    world*accum contiguous micro-batches (rank r owns k = r*accum + a) and an epoch can start at any
-    step. Permutation = f(seed, epoch); the incomplete last global batch is dropped."""
+    world x accum contiguous micro-batches (rank r owns k = r x accum + a) and an epoch can start at
+    any step. Permutation = f(seed, epoch); the incomplete last global batch is dropped."""
 
     def __init__(self, n, global_batch, world, rank, accum, seed):
-        self.n, self.G, self.rank, self.accum, self.seed = n, global_batch, rank, accum, seed
-        self.m = global_batch // (world * accum)                  # micro-batch size
+        self.n, self.global_batch, self.rank, self.accum, self.seed = n, global_batch, rank, accum, seed
+        self.micro = global_batch // (world * accum)
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start_step=0):
         self.epoch, self.start = epoch, start_step
 
     def __iter__(self):
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed(self.seed, 2, self.epoch)))
-        for s in range(self.start, self.n // self.G):
+        order = torch.Generator().manual_seed(mix_seed(self.seed, 2, self.epoch))
+        perm = torch.randperm(self.n, generator=order)
+        for step in range(self.start, self.n // self.global_batch):
             for a in range(self.accum):
-                lo = s * self.G + (self.rank * self.accum + a) * self.m
-                yield [(self.epoch, int(i)) for i in perm[lo:lo + self.m]]
+                first = step * self.global_batch + (self.rank * self.accum + a) * self.micro
+                yield [(self.epoch, int(i)) for i in perm[first:first + self.micro]]
 
 
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave SIGTERM / SIGINT to the main process, which finishes the step,
+    saves and then shuts them down (a worker killed first would fail the step being finished)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ---- Distributed ------------------------------------------------------------------------------
+def setup_distributed():
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE: NCCL on GPUs, gloo on CPU; else one process."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # long timeout: rank 0 may fit the PCA while the others wait at a barrier
+        timeout = datetime.timedelta(minutes=60)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun keeps its store across an elastic restart (--max-restarts): keys of this
+        # attempt's own, or a restarted worker may read the previous attempt's addresses and hang
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}/", store),
+                                rank=rank, world_size=world, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+class StopSignal:
+    """SIGTERM (a cluster's notice before it kills a job) or SIGINT (Ctrl-C) asks the run to stop:
+    it finishes the step, saves a resumable checkpoint and exits. Under torchrun all ranks must
+    stop after the same step, so each step all-reduces the flag (max) on a CPU gloo group,
+    asynchronously, and uses the result one step later: no rank waits for its GPU. A second
+    signal stops at once, the default way."""
+
+    def __init__(self, world):
+        self.world, self.received, self.previous = world, 0, {}
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        self.flag, self.pending = None, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():   # signal.signal's rule
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        if self.pending is not None:
+            self.pending.wait()                    # every rank launched it: it completes
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame):
+        if self.received:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.received = signum
+
+    def agreed(self):
+        """Call once per step on every rank -> the signal all ranks stop on now (0: go on)."""
+        if self.world == 1:
+            return self.received
+        signum = 0
+        if self.pending is not None:
+            self.pending.wait()
+            signum = int(self.flag.item())         # a CPU tensor: no device sync
+        self.flag = torch.tensor([self.received], dtype=torch.int64)
+        self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group,
+                                       async_op=True)
+        return signum
+
+
+# ---- One optimizer step -----------------------------------------------------------------------
 class LossModule(nn.Module):
-    """DDP syncs gradients of what ran through its forward(), so forward = the model's loss."""
+    """DDP syncs the gradients of what ran through its forward(), so forward = the model's loss."""
 
     def __init__(self, model):
         super().__init__()
@@ -232,131 +399,190 @@ class LossModule(nn.Module):
         return self.model.loss(x, y)
 
 
-def setup_distributed():
-    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: NCCL on GPUs, gloo on CPU; otherwise one plain process."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()) if cuda \
-        else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():   # long timeout: rank 0 may fit the PCA while others wait
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
-                                timeout=datetime.timedelta(minutes=60))
-    return rank, world, device
-
-
-def model_overrides(args, **extra):
-    """Every flag is offered; build_model keeps the family's MODEL_FLAGS. --input-size -> img_size."""
-    flags = set(ldae.MODEL_FLAGS) | set(dit_baseline.MODEL_FLAGS)
-    return {**{k: v for k, v in vars(args).items() if k in flags}, "img_size": args.input_size, **extra}
-
-
-def get_pca(args, cfg, rank, world, device, train_base):
-    """--pca FILE, or a fit on a sample of the train set by rank 0 (the others wait, then load it)."""
-    if cfg.get("input") == "latents":
-        return None                                       # DiT on user latents: no PCA involved
-    path = args.pca or os.path.join(args.output_dir, "pca.pt")
-    if args.pca and not os.path.isfile(path):
-        raise UserError(f"--pca file {path} does not exist; fit one with tokenizer_pca.py or drop --pca")
-    if not args.pca and rank == 0:   # RECIPE s2: fit on DiT center crops (as tokenizer_pca.py), not rrc
-        fit_ds = train_base if args.aug == "center" else data.build_dataset(
-            args, "train", data.build_transform("center", cfg["img_size"]), decode_gpu_ok=True)
-        print(f"[pca] fitting on {args.pca_images} train images (RECIPE s2) -> {path}", flush=True)
-        fit_pca(data.decoded(fit_ds), cfg["patch_size"], args.pca_images, center=args.pca_center, seed=args.seed,
-                device=device, num_workers=args.num_workers, meta={"dataset": args.dataset}).save(path)
-    if not args.pca and world > 1:
-        dist.barrier()                                    # (one node, or a shared OUTPUT_DIR)
-    try:
-        pca = PatchPCA.load(path)
-    except Exception as e:
-        raise UserError(f"cannot read --pca file {path} ({type(e).__name__}: {str(e)[:200]})") from None
-    if pca.patch_size != cfg["patch_size"] or pca.channels != cfg.get("in_chans", 3):
-        raise UserError(f"the PCA {args.pca or ''} has {pca.patch_size}px x {pca.channels}ch patches but --model "
-                        f"{args.model} uses {cfg['patch_size']}px x {cfg.get('in_chans', 3)}ch; refit it")
-    if pca.img_size != cfg["img_size"] and rank == 0:     # the basis is per patch: any image size works
-        print(f"[pca] note: fitted on {pca.img_size}px images, training at {cfg['img_size']}px")
-    return pca
-
-
 class Diverged(UserError):
     """A non-finite loss or gradient: the run stops (exit 2 via data.run_cli) and saves nothing."""
 
 
+def pick_precision(choice, device):
+    if choice != "auto":
+        return choice
+    if device.type != "cuda":
+        return "fp32"
+    if torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp16"
+
+
 class Engine:
-    """Model + EMA (RECIPE s6: our choice) + AdamW + precision + DDP. step() = one optimizer step with no
-    host sync inside: losses and the first bad step stay on the device until flush()."""
+    """Model + EMA (RECIPE s6: our choice) + AdamW + precision + DDP. step() is one optimizer step
+    with no host sync inside: losses and the first bad step stay on the device until flush()."""
 
     def __init__(self, model, args, rank, world, device):
         self.model, self.args, self.rank, self.world, self.device = model, args, rank, world, device
-        prec = args.precision if args.precision != "auto" else "fp32" if device.type != "cuda" \
-            else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        self.prec, self.amp_dtype = prec, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[prec]
+        self.prec = pick_precision(args.precision, device)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[self.prec]
         self.params = [p for p in model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in self.params if p.ndim >= 2], "weight_decay": args.weight_decay},
                   {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}]
-        self.opt = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), fused=device.type == "cuda")  # RECIPE s6
-        self.scaler = torch.amp.GradScaler(device.type) if prec == "fp16" else None
-        self.ema = copy.deepcopy(model).float().eval().requires_grad_(False) if args.ema > 0 else None  # fp32
-        self.ema_params = [q for q, p in zip(self.ema.parameters(), model.parameters()) if p.requires_grad] \
-            if self.ema else None
-        fn = LossModule(model)
-        self.ddp = nn.parallel.DistributedDataParallel(fn, device_ids=[device] if device.type == "cuda" else None) \
-            if world > 1 else None             # compile(DDP(m)): DDPOptimizer splits graphs at bucket borders
-        self.fn = torch.compile(self.ddp or fn) if args.compile else self.ddp or fn
-        self.acc = torch.zeros(4, device=device)   # sums: window loss, window steps, epoch loss, epoch steps
-        self.bad = torch.tensor([math.inf, 0.0], device=device)   # first bad step (inf: none), its grad norm
+        # RECIPE s6: AdamW (0.9, 0.999); the fused kernel on CUDA (unfused it is ~26% of a step)
+        self.opt = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), fused=device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(device.type) if self.prec == "fp16" else None
+        self.ema, self.ema_params = None, None
+        if args.ema > 0:                           # an fp32 copy, never trained
+            self.ema = copy.deepcopy(model).float().eval().requires_grad_(False)
+            self.ema_params = [q for q, p in zip(self.ema.parameters(), model.parameters())
+                               if p.requires_grad]
+        self.ddp = None
+        if world > 1:                              # compile(DDP(m)): graphs split at bucket borders
+            ids = [device] if device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(LossModule(model), device_ids=ids)
+        self.fn = self.ddp or LossModule(model)
+        if args.compile:
+            self.fn = torch.compile(self.fn)
+        # running sums on the device, read at flush(): (loss sum, steps) of the log window and epoch
+        self.window = torch.zeros(2, device=device)
+        self.epoch = torch.zeros(2, device=device)
+        self.first_bad_step = torch.tensor(math.inf, device=device)   # inf: none yet
+        self.first_bad_gnorm = torch.tensor(0.0, device=device)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def step(self, micro, step, lr):
         """micro: this rank's accum (images, labels) micro-batches of optimizer step `step`."""
-        for g in self.opt.param_groups:
-            g["lr"] = lr                       # set every step from the pure schedule: exact on resume
+        for group in self.opt.param_groups:
+            group["lr"] = lr                       # set every step from the pure schedule: exact resume
         accum, total = len(micro), 0.0
         for a, (x, y) in enumerate(micro):
-            # the noise (t, eps) of global micro-batch k = rank * accum + a of step s is seeded by
-            # (seed, s, k): the same whichever rank / accumulation step runs it
+            # the noise (t, eps) of global micro-batch k = rank x accum + a of step s is seeded by
+            # (seed, s, k): the same whichever rank or accumulation step computes it
             torch.manual_seed(mix_seed(self.args.seed, 3, step, self.rank * accum + a))
-            x, y = data.batch_to_images(x, self.device), y.to(self.device, non_blocking=True)   # --decode gpu
-            with contextlib.nullcontext() if self.ddp is None or a == accum - 1 else self.ddp.no_sync():
+            x = data.batch_to_images(x, self.device)          # --decode gpu decodes here
+            y = y.to(self.device, non_blocking=True)
+            sync_now = self.ddp is None or a == accum - 1
+            with contextlib.nullcontext() if sync_now else self.ddp.no_sync():
                 with self.autocast():
-                    loss = self.fn(x, y)               # scalar: mean over the micro-batch
-                scaled = loss / accum                  # DDP then averages ranks: mean over the global batch
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                    loss = self.fn(x, y)           # mean over the micro-batch
+                # / accum, and DDP averages the ranks: the mean over the global batch
+                self.backward(loss / accum)
             total = total + loss.detach().float()
-        if self.scaler:
-            self.scaler.unscale_(self.opt)
-        gnorm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]).float()
-        if self.args.clip_grad:
-            nn.utils.clip_grads_with_norm_(self.params, self.args.clip_grad, gnorm)
-        self.scaler.step(self.opt) if self.scaler else self.opt.step()
-        self.scaler.update() if self.scaler else None
-        self.opt.zero_grad(set_to_none=True)
-        if self.ema is not None:   # decay warms up as (1 + s) / (10 + s) -> --ema, so a short run's EMA
-            decay = min(self.args.ema, (1 + step) / (10 + step))      # is not mostly the random init
+        self.update()
+        if self.ema is not None:
+            # the decay warms up as (1 + s) / (10 + s): a short run's EMA is not mostly its init
+            decay = min(self.args.ema, (1 + step) / (10 + step))
             torch._foreach_lerp_(self.ema_params, [p.detach() for p in self.params], 1.0 - decay)
         mean = total / accum
-        self.acc += torch.stack([mean, torch.ones_like(mean)]).repeat(2)
-        # fp16: an inf gradient now and then is normal (GradScaler skips that step); else it is divergence
-        ok = torch.isfinite(mean) & (torch.isfinite(gnorm) | (self.scaler is not None))
-        first = ~ok & torch.isinf(self.bad[0])
-        self.bad = torch.where(first, torch.stack([torch.full_like(mean, step + 1), gnorm]), self.bad)
+        self.window += torch.stack([mean, torch.ones_like(mean)])
+        self.epoch += torch.stack([mean, torch.ones_like(mean)])
+        self.last_gnorm_check(mean, step)
+
+    def backward(self, loss):
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        loss.backward()
+
+    def update(self):
+        """Unscale, clip, step, zero: the optimizer half of step()."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        self.gnorm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]).float()
+        if self.args.clip_grad:
+            nn.utils.clip_grads_with_norm_(self.params, self.args.clip_grad, self.gnorm)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def last_gnorm_check(self, mean, step):
+        # fp16: an inf gradient now and then is normal (GradScaler skips that step); else divergence
+        finite = torch.isfinite(mean) & (torch.isfinite(self.gnorm) | (self.scaler is not None))
+        first = ~finite & torch.isinf(self.first_bad_step)
+        self.first_bad_step = torch.where(first, torch.full_like(mean, step + 1), self.first_bad_step)
+        self.first_bad_gnorm = torch.where(first, self.gnorm, self.first_bad_gnorm)
 
     def flush(self, lr_fn, epoch_too=False):
-        """The only host sync: all-reduce the sums -> (window loss, epoch loss); Diverged if non-finite."""
-        acc, bad = self.acc.clone(), self.bad[:1].clone()
+        """The only host sync: all-reduce the sums -> (window loss, epoch loss or None); raises
+        Diverged if a loss or gradient was non-finite."""
+        sums, bad = torch.cat([self.window, self.epoch]), self.first_bad_step.clone()
         if self.world > 1:
-            dist.all_reduce(acc)
+            dist.all_reduce(sums)
             dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-        acc, bad_step = acc.tolist(), bad.item()
-        self.acc[:4 if epoch_too else 2] = 0
-        if math.isfinite(bad_step) or not all(map(math.isfinite, acc)):
+        window_loss, window_steps, epoch_loss, epoch_steps = sums.tolist()
+        bad_step = bad.item()
+        self.window.zero_()
+        if epoch_too:
+            self.epoch.zero_()
+        if math.isfinite(bad_step) or not all(map(math.isfinite, (window_loss, epoch_loss))):
             s = int(bad_step) if math.isfinite(bad_step) else None
             raise Diverged(f"non-finite loss at step {s} (lr {lr_fn(max(s or 1, 1) - 1):.3g}, "
-                           f"grad norm {self.bad[1].item():.3g})")
-        return (acc[0] / acc[1] if acc[1] else None), (acc[2] / acc[3] if acc[3] else None)
+                           f"grad norm {self.first_bad_gnorm.item():.3g})")
+        window = window_loss / window_steps if window_steps else None
+        epoch = epoch_loss / epoch_steps if epoch_steps and epoch_too else None
+        return window, epoch
+
+    def state(self):
+        return {"model": self.model.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def restore(self, ckpt):
+        load_weights(self.model, ckpt["model"])
+        if self.ema is not None:
+            load_weights(self.ema, ckpt["ema"] or ckpt["model"], "checkpoint EMA")
+        self.opt.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+
+
+# ---- Outputs: log, checkpoints, grids ---------------------------------------------------------
+class RunLog:
+    """OUTPUT_DIR/log.jsonl, written by rank 0. A resumed run reads as one run: the records past
+    the step it resumes from (written after that checkpoint, so replayed now) are dropped and a
+    "resume" record marks the join. A fresh run starts an empty log."""
+
+    def __init__(self, path, active, resume=None):
+        self.path, self.active = path, active
+        if not active:
+            return
+        kept = []
+        if resume is not None and os.path.isfile(path):
+            with open(path) as f:
+                for line in f:
+                    with contextlib.suppress(ValueError):          # a line torn by a kill
+                        if json.loads(line).get("step", math.inf) <= resume["step"]:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+        if resume is not None:
+            kept.append(json.dumps(resume) + "\n")
+        data.atomic_write(path, lambda tmp: data.write_lines(tmp, kept))
+
+    def write(self, record):
+        if not self.active:
+            return
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise data.write_error(e, self.path) from None
+
+
+def link_or_copy(src, dst):
+    try:
+        os.link(src, dst)                          # no second write of a multi-GB file
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def save_checkpoint(ckpt, latest, kept=None):
+    """checkpoint.pt, and at kept epoch ends checkpoint-EPOCH.pt. The kept copy is written first
+    and checkpoint.pt then made its hard link, so a kill between the two leaves checkpoint.pt at
+    the previous save, and the resumed run writes the same kept copy again: none is lost."""
+    if kept is None:
+        return data.save_torch(ckpt, latest)
+    data.save_torch(ckpt, kept)
+    return data.atomic_write(latest, lambda tmp: link_or_copy(kept, tmp), data.nbytes(ckpt))
 
 
 @torch.no_grad()
@@ -364,209 +590,380 @@ def save_grid(model, x, path, engine, seed):
     """Rows: clean images, then for each t in GRID_T a noised row and the model's denoised row."""
     model.eval()
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), engine.autocast():
-        torch.manual_seed(seed)                    # same noise every time: grids compare across epochs
-        rows = [x[:, :3]] + [r for t in GRID_T for r in model.denoise(x, t)]   # (DiT latents: false colour)
+        torch.manual_seed(seed)                    # the same noise every time: grids compare
+        rows = [x[:, :3]] + [r for t in GRID_T for r in model.denoise(x, t)]   # DiT: false colour
     model.train()
-    g = torch.cat([r.float() for r in rows]).clamp(-1, 1) * 0.5 + 0.5
-    if g.shape[-1] < 96:                           # small images: nearest upscale, readable grid
-        g = nn.functional.interpolate(g, scale_factor=96 // g.shape[-1], mode="nearest")
-    torchvision.utils.save_image(g, path, nrow=len(x), padding=2, pad_value=1.0)
-    return path
+    grid = torch.cat([r.float() for r in rows]).clamp(-1, 1) * 0.5 + 0.5
+    if grid.shape[-1] < 96:                        # small images: a nearest upscale, readable
+        grid = nn.functional.interpolate(grid, scale_factor=96 // grid.shape[-1], mode="nearest")
+    return data.atomic_write(path, lambda tmp: torchvision.utils.save_image(
+        grid, tmp, format="png", nrow=len(x), padding=2, pad_value=1.0))
 
 
+# ---- Resume -----------------------------------------------------------------------------------
+def resume_source(args, latest):
+    """-> the checkpoint this run continues, or None for a fresh run. A restarted torchrun worker
+    group (--max-restarts) resumes by itself; a fresh run never replaces a previous run's
+    checkpoint unless told to (--overwrite)."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if args.resume is None and restarts > 0 and os.path.isfile(latest):
+        print(f"[resume] torchrun restart {restarts}: resuming from {latest}", flush=True)
+        return latest
+    if args.resume is None:
+        if os.path.isfile(latest) and not args.overwrite:
+            raise UserError(f"{latest} holds a previous run; continue it with --resume auto, "
+                            f"start over in another --output-dir, or pass --overwrite to replace it")
+        return None
+    if args.overwrite:
+        raise UserError("--overwrite starts over and --resume continues: pass one of them")
+    if args.resume == "auto":
+        return latest if os.path.isfile(latest) else None
+    return args.resume
+
+
+def check_resume(ckpt, args, world, keys=None):
+    """--resume continues the same run: every flag that fixes the data order, the schedule or the
+    model must be as saved (the model config is compared as a whole in train()); the safe ones
+    (RESUME_MAY_CHANGE) may change. -> the changed safe flags, "--flag old -> new" each."""
+    saved = {"decode": "pil", **ckpt["args"]}    # checkpoints from before --decode: pil
+    now = vars(args)
+    keys = keys or [k for k in now if k in saved and k not in MODEL_ARGS]
+    wrong = [k for k in keys if k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    layout = (ckpt.get("world", world) * saved.get("accum_iter", args.accum_iter), world * args.accum_iter)
+    problems = [f"the checkpoint was trained with --{k.replace('_', '-')} {saved[k]}, this run "
+                f"asks for {now[k]}" for k in wrong]
+    if layout[0] != layout[1]:
+        problems.append(f"the checkpoint was trained with world x --accum-iter = {layout[0]}, this "
+                        f"run has {layout[1]} (the micro-batch layout fixes the noise)")
+    if problems:
+        raise UserError(f"--resume: {'; '.join(problems)}. Pass the same values (a longer run is a "
+                        f"new run: the cosine schedule depends on --epochs)")
+    return [f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in keys
+            if k in RESUME_MAY_CHANGE and k != "resume" and saved[k] != now[k]]
+
+
+# ---- Benchmark --------------------------------------------------------------------------------
 def benchmark(args, rank, world, device):
     """--benchmark N: the real training step (same Engine) on random data: img/s, FLOPs, MFU, memory."""
     torch.manual_seed(args.seed)
     model = build_model(args.model, None, **model_overrides(args)).to(device)
-    cfg, m, cuda = model.config, args.batch_size // (world * args.accum_iter), device.type == "cuda"
-    engine, lat = Engine(model, args, rank, world, device), cfg.get("input") == "latents"
-    C, S = (cfg.get("latent_channels", 3), cfg.get("latent_size")) if lat else (3, cfg["img_size"])
-    micro = [(torch.rand(m, C, S, S, device=device) * 2 - 1, torch.zeros(m, dtype=torch.long, device=device))]
-    warmup = 10 if args.compile else 3                 # compile: 2 graphs
+    cfg, micro_size = model.config, args.batch_size // (world * args.accum_iter)
+    engine, cuda = Engine(model, args, rank, world, device), device.type == "cuda"
+    if cfg.get("input") == "latents":
+        shape = (cfg.get("latent_channels", 3), cfg["latent_size"], cfg["latent_size"])
+    else:
+        shape = (3, cfg["img_size"], cfg["img_size"])
+    x = torch.rand(micro_size, *shape, device=device) * 2 - 1
+    micro = [(x, torch.zeros(micro_size, dtype=torch.long, device=device))] * args.accum_iter
+    warmup = 10 if args.compile else 3             # compile: 2 graphs
     for i in range(warmup + args.benchmark):
-        if i == warmup:                                # synced at both ends of the timed steps
-            torch.cuda.synchronize() if cuda else None
+        if i == warmup:                            # synced at both ends of the timed steps
+            if cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
-        engine.step(micro * args.accum_iter, i, 1e-4)
-    torch.cuda.synchronize() if cuda else None
+        engine.step(micro, i, 1e-4)
+    if cuda:
+        torch.cuda.synchronize()
     secs = time.perf_counter() - t0
     ips, flops = args.benchmark * args.batch_size / secs, model.train_flops_per_image()
-    tflops, name = ips * flops / world / 1e12, torch.cuda.get_device_name(device) if cuda else "cpu"  # per device
+    tflops = ips * flops / world / 1e12            # per device
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if cuda and k in name), None)
-    res = {"kind": "benchmark", "model": args.model, "img_size": cfg["img_size"], "precision": engine.prec,
-           "compile": bool(args.compile), "world": world, "global_batch": args.batch_size, "steps": args.benchmark,
+    res = {"kind": "benchmark", "model": args.model, "img_size": cfg["img_size"],
+           "precision": engine.prec, "compile": bool(args.compile), "world": world,
+           "global_batch": args.batch_size, "steps": args.benchmark,
            "step_s": round(secs / args.benchmark, 4), "img_per_s": round(ips, 2),
            "train_gflops_per_img": round(flops / 1e9, 2), "tflops_per_device": round(tflops, 3),
            "peak_tflops": peak, "mfu": round(tflops / peak, 4) if peak else None, "device": name,
            "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None}
     if rank == 0:
-        print(f"[benchmark] {res['img_per_s']} img/s, {res['train_gflops_per_img']} GFLOPs/img, {res['tflops_per_device']} "
-              f"TFLOP/s per device, MFU {res['mfu'] if peak else 'n/a (give --peak-tflops)'}")
+        mfu = res["mfu"] if peak else "n/a (give --peak-tflops)"
+        print(f"[benchmark] {res['img_per_s']} img/s, {res['train_gflops_per_img']} GFLOPs/img, "
+              f"{res['tflops_per_device']} TFLOP/s per device, MFU {mfu}")
         print(json.dumps(res), flush=True)
     return res
 
 
+# ---- Training ---------------------------------------------------------------------------------
 def main(args):
     rank, world, device = setup_distributed()
     try:
         return train(args, rank, world, device)
     finally:
-        dist.destroy_process_group() if dist.is_initialized() else None
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def check_resume(saved, args, keys):
-    """--resume continues the same run: these flags (data order, schedule) must not change."""
-    for k in keys:
-        if saved.get(k) != getattr(args, k):
-            raise UserError(f"--resume: the checkpoint was trained with --{k.replace('_', '-')} "
-                            f"{saved.get(k)}, this run asks for {getattr(args, k)}; pass the same")
+def print_settings(args, model, engine, world, n_images, spe, last, base_lr, start):
+    """The effective settings in one block (as MAE prints them): what this run really does."""
+    cfg = model.config
+    latent = ""
+    if "latent_dim" in cfg:
+        latent = (f", latent d = {cfg['latent_dim']}, norm {cfg['latent_norm']}, "
+                  f"scale {cfg['latent_scale']:g}")
+    micro = args.batch_size // (world * args.accum_iter)
+    lines = [
+        f"model       {cfg['name']} ({cfg['family']}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        f"params, {cfg['img_size']} px, patch {cfg['patch_size']}{latent}",
+        f"data        {args.dataset}: {n_images} train images, aug {args.aug}",
+        f"batch       global {args.batch_size} = {world} rank(s) x accum {args.accum_iter} x "
+        f"micro-batch {micro}; {spe} steps per epoch",
+        f"lr          base {base_lr:.4g} ({'--lr' if args.lr is not None else f'--blr {args.blr:g} x batch / 256'})"
+        f", warmup {args.warmup_epochs:g} epochs ({round(args.warmup_epochs * spe)} steps), cosine "
+        f"to {args.min_lr:g} over {args.epochs:g} epochs",
+        f"steps       {start} -> {last}" + (f" (--max-steps {args.max_steps})" if args.max_steps else ""),
+        f"ema         {args.ema:g}" if args.ema else "ema         off",
+        f"precision   {engine.prec}{', compiled' if args.compile else ''}",
+        f"output      {args.output_dir}",
+    ]
+    print("[pretrain] effective settings\n  " + "\n  ".join(lines), flush=True)
+
+
+def get_pca(args, cfg, rank, world, device, train_base):
+    """--pca FILE, or a fit on a sample of the train set by rank 0 (the others wait, then load it)."""
+    path = args.pca or os.path.join(args.output_dir, "pca.pt")
+    fix = "fit one with tokenizer_pca.py, or drop --pca to fit one here"
+    if args.pca and not os.path.isfile(path):
+        raise UserError(f"--pca file {path} does not exist; {fix}")
+    if not args.pca and rank == 0:
+        # RECIPE s2: fitted on DiT center crops (as tokenizer_pca.py does), even for rrc runs
+        fit_ds = train_base
+        if args.aug != "center":
+            center = data.build_transform("center", cfg["img_size"])
+            fit_ds = data.build_dataset(args, "train", center, decode_gpu_ok=True)
+        print(f"[pca] fitting on {args.pca_images} train images (RECIPE s2) -> {path}", flush=True)
+        pca = fit_pca(data.decoded(fit_ds), cfg["patch_size"], args.pca_images,
+                      center=args.pca_center, seed=args.seed, device=device,
+                      num_workers=args.num_workers, meta={"dataset": args.dataset})
+        data.save_torch(pca.to_dict(), path)
+    if not args.pca and world > 1:
+        dist.barrier()                             # one node, or an OUTPUT_DIR all nodes share
+    pca = PatchPCA.from_dict(data.load_torch(path, "--pca file", fix))
+    if pca.patch_size != cfg["patch_size"] or pca.channels != cfg.get("in_chans", 3):
+        raise UserError(f"the PCA {args.pca or ''} has {pca.patch_size}px x {pca.channels}ch patches "
+                        f"but --model {args.model} uses {cfg['patch_size']}px x "
+                        f"{cfg.get('in_chans', 3)}ch; refit it")
+    if pca.img_size != cfg["img_size"] and rank == 0:   # the basis is per patch: any size works
+        print(f"[pca] note: fitted on {pca.img_size}px images, training at {cfg['img_size']}px")
+    return pca
+
+
+def check_layout(args, world):
+    if args.batch_size % (world * args.accum_iter):
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) must be a positive "
+                        f"multiple of world size {world} x --accum-iter {args.accum_iter}")
+
+
+def cap_batch(args, n, world, lead):
+    """A default batch (the paper's 2048) on a small set becomes one global batch of the whole
+    set (a multiple of world x accum), so the defaults run on any data; said, not silent."""
+    layout = world * args.accum_iter
+    if args.batch_size <= n:
+        return
+    capped = n // layout * layout
+    if capped == 0:
+        raise UserError(f"the training set ({n} images) is smaller than world size {world} x "
+                        f"--accum-iter {args.accum_iter}")
+    if lead:
+        print(f"[pretrain] note: --batch-size {args.batch_size} exceeds the training set ({n} "
+              f"images); using a global batch of {capped}", flush=True)
+    args.batch_size = capped
 
 
 def train(args, rank, world, device):
     t_start, lead = time.time(), rank == 0
-    if args.batch_size <= 0 or args.accum_iter <= 0 or args.batch_size % (world * args.accum_iter):
-        raise UserError(f"--batch-size {args.batch_size} (the global batch) must be a positive multiple of "
-                        f"world size {world} x --accum-iter {args.accum_iter}")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True      # TF32 on
-    with torch.device("meta"):                                 # the config alone, nothing allocated
+    check_layout(args, world)
+    torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matmuls and convolutions on CUDA
+    torch.backends.cudnn.allow_tf32 = True
+    with torch.device("meta"):                     # the config alone, nothing allocated
         cfg = build_model(args.model, None, **model_overrides(args)).config
     args.input_size = cfg["img_size"]
     if args.benchmark:
         return benchmark(args, rank, world, device)
-    out, ckpt = args.output_dir, None
-    ckpt_path, log_path, probe = (os.path.join(out, f) for f in ("checkpoint.pt", "log.jsonl", f".write_test_{rank}"))
-    try:
-        os.makedirs(out, exist_ok=True)
-        open(probe, "w").close() or os.remove(probe)
-    except OSError as e:
-        raise UserError(f"output dir {out} is not writable ({e.strerror}); pass another --output-dir") from None
-    if args.resume and (args.resume != "auto" or os.path.isfile(ckpt_path)):
-        ckpt = load_checkpoint(ckpt_path if args.resume == "auto" else args.resume)
-        saved = {"decode": "pil", **ckpt["args"]}              # checkpoints from before --decode: pil
-        check_resume(saved, args, ("model", "seed", "dataset", "decode", "epochs", "warmup_epochs"))
+    out = args.output_dir
+    latest, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl")
+    data.check_writable_dir(out, "--output-dir")
+    source = resume_source(args, latest)
+    ckpt = load_checkpoint(source) if source else None
+    if ckpt is not None:
+        check_resume(ckpt, args, world, [k for k in vars(args) if k in ckpt["args"]
+                                         and k not in MODEL_ARGS and k != "batch_size"])
+    if lead:
+        stale = data.clean_stale_temps(out, ["checkpoint", "pca.pt", "log.jsonl", "grid"])
+        if stale:
+            print(f"[pretrain] removed {len(stale)} temporary file(s) a killed run left: "
+                  f"{', '.join(stale[:4])}", flush=True)
     if cfg.get("input") == "latents" and args.decode == "gpu":
-        raise UserError("--decode gpu decodes JPEG files, but this model reads --latents-file; drop --decode gpu")
-    train_base = dit_baseline.make_latent_dataset(args.latents_file) if cfg.get("input") == "latents" else \
-        data.build_dataset(args, "train", data.build_transform(args.aug, args.input_size), decode_gpu_ok=True)
-    if args.batch_size > len(train_base):
-        # a default batch (2048, the paper's) on a small set: one global batch of the whole set
-        # (a multiple of world x accum), so the defaults run on any data; said, not silent
-        capped = len(train_base) // (world * args.accum_iter) * world * args.accum_iter
-        if capped == 0:
-            raise UserError(f"the training set ({len(train_base)} images) is smaller than world "
-                            f"size {world} x --accum-iter {args.accum_iter}")
-        if lead:
-            print(f"[pretrain] note: --batch-size {args.batch_size} exceeds the training set "
-                  f"({len(train_base)} images); using a global batch of {capped}", flush=True)
-        args.batch_size = capped
-    if ckpt is not None:                                       # after the cap (saved capped)
-        check_resume(saved, args, ("batch_size",))
-    spe = len(train_base) // args.batch_size                   # optimizer steps per epoch (drop last)
-    pca = PatchPCA.from_dict(ckpt["pca"]) if ckpt else get_pca(args, cfg, rank, world, device, train_base)
-    torch.manual_seed(args.seed)                               # identical init on every rank
-    model = build_model(args.model, pca, **model_overrides(args, num_classes=data.num_classes(train_base))).to(device)
+        raise UserError("--decode gpu decodes JPEG files, but this model reads --latents-file; "
+                        "drop --decode gpu")
+    if cfg.get("input") == "latents":
+        train_base = dit_baseline.make_latent_dataset(args.latents_file)
+    else:
+        transform = data.build_transform(args.aug, args.input_size)
+        train_base = data.build_dataset(args, "train", transform, decode_gpu_ok=True)
+    cap_batch(args, len(train_base), world, lead)
+    changed = check_resume(ckpt, args, world) if ckpt is not None else []
+    spe = len(train_base) // args.batch_size       # optimizer steps per epoch (drop last)
+    if cfg.get("input") == "latents":
+        pca = None                                 # a DiT on the user's latents: no PCA
+    elif ckpt is not None:
+        pca = PatchPCA.from_dict(ckpt["pca"])      # the run's own basis, never refitted
+    else:
+        pca = get_pca(args, cfg, rank, world, device, train_base)
+    torch.manual_seed(args.seed)                   # the same init on every rank
+    overrides = model_overrides(args, num_classes=data.num_classes(train_base))
+    model = build_model(args.model, pca, **overrides).to(device)
     engine, step = Engine(model, args, rank, world, device), 0
     if ckpt is not None:
-        if ckpt["model_config"] != model.config:
-            raise UserError(f"--resume: the checkpoint's model {ckpt['model_config']} differs from this run's "
-                            f"{model.config}; pass the same model flags")
-        model.load_state_dict(ckpt["model"])
-        if engine.ema is not None:
-            engine.ema.load_state_dict(ckpt["ema"] or ckpt["model"])
-        engine.opt.load_state_dict(ckpt["optimizer"])
-        if engine.scaler is not None and ckpt["scaler"]:
-            engine.scaler.load_state_dict(ckpt["scaler"])
+        ignore = ("grad_checkpoint",)              # recomputing activations changes no number
+        same = {k: v for k, v in ckpt["model_config"].items() if k not in ignore}
+        if same != {k: v for k, v in model.config.items() if k not in ignore}:
+            raise UserError(f"--resume: the checkpoint's model {ckpt['model_config']} differs from "
+                            f"this run's {model.config}; pass the same model flags")
+        engine.restore(ckpt)
         torch.set_rng_state(ckpt["rng"]["torch"])
         step = ckpt["step"]
-    random.seed(args.seed + rank)     # python/numpy: offset by rank; torch is re-seeded per step / item
-    np.random.seed((args.seed + rank) % 2**32)
-    sampler = GlobalBatchSampler(len(train_base), args.batch_size, world, rank, args.accum_iter, args.seed)
+    sampler = GlobalBatchSampler(len(train_base), args.batch_size, world, rank, args.accum_iter,
+                                 args.seed)
     indexed = Indexed(train_base, args.seed)
-    loader = torch.utils.data.DataLoader(indexed, batch_sampler=sampler, num_workers=args.num_workers,
-                                         collate_fn=data.collate,   # --decode gpu: a batch of JPEG bytes
-                                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
-    stop = min(max(1, round(args.epochs * spe)), args.max_steps or math.inf)
-    base_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256      # RECIPE s6
-    lr_fn = lambda s: lr_at(s, spe, base_lr, args.warmup_epochs, args.epochs, args.min_lr)  # noqa: E731
-    warmup_steps = args.warmup_epochs * spe
-    if lead and warmup_steps >= stop:
-        print(f"[pretrain] warning: the warmup ({warmup_steps:g} steps) is as long as the run "
-              f"({stop} steps): the lr never leaves warmup and peaks at {lr_fn(stop - 1):.3g}, not "
-              f"{base_lr:.3g}; shorten --warmup-epochs", flush=True)
-    grid_x = data.batch_to_images(data.collate([indexed[(0, i)] for i in range(min(8, len(train_base)))])[0], device)
-    if lead:
-        print(f"[pretrain] {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-              f"{cfg['img_size']}px, {world} rank(s) x accum {args.accum_iter} = global batch {args.batch_size}, "
-              f"lr {base_lr:.3g}, {engine.prec}, {spe} steps/epoch, step {step} -> {stop}", flush=True)
-    bar = tqdm(total=stop, initial=step, disable=not lead, unit="step", dynamic_ncols=True)
-    st = dict(loss=None, saved=step if ckpt else None, log=(time.time(), step), epoch=(time.time(), step))
+    loader = torch.utils.data.DataLoader(
+        indexed, batch_sampler=sampler, num_workers=args.num_workers,
+        collate_fn=data.collate,                   # --decode gpu: a batch of JPEG bytes
+        worker_init_fn=ignore_stop_signals, pin_memory=device.type == "cuda",
+        persistent_workers=args.num_workers > 0)
+    last = min(max(1, round(args.epochs * spe)), args.max_steps or math.inf)
+    base_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256   # RECIPE s6
 
-    def log(kind, loss):   # one JSON line; img/s over the steps since the previous line of this kind
-        (t0, s0), now = st[kind], time.time()
-        rec = {"kind": kind, "step": step, "epoch": round(step / spe, 4), "loss": loss, "lr": lr_fn(step - 1),
-               "img_per_s": round((step - s0) * args.batch_size / max(now - t0, 1e-9), 2),
-               "seconds": round(now - t_start, 2), "interval_seconds": round(now - t0, 2),
-               "gpu_max_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda" else None}
-        st[kind] = (now, step)
+    def lr_fn(s):
+        return lr_at(s, spe, base_lr, args.warmup_epochs, args.epochs, args.min_lr)
+
+    if lead:
+        print_settings(args, model, engine, world, len(train_base), spe, last, base_lr, step)
+        if ckpt is not None:
+            print(f"[resume] {source} at step {step}; changed: {', '.join(changed) or 'nothing'} "
+                  f"(the data order, schedule and model are the checkpoint's)", flush=True)
+        warmup_steps = args.warmup_epochs * spe
+        if warmup_steps >= last:
+            print(f"[pretrain] warning: the warmup ({warmup_steps:g} steps) is as long as the run "
+                  f"({last} steps): the lr never leaves warmup and peaks at {lr_fn(last - 1):.3g}, "
+                  f"not {base_lr:.3g}; shorten --warmup-epochs", flush=True)
+    resume_record = None
+    if ckpt is not None:
+        resume_record = {"kind": "resume", "step": step, "from": source, "changed": changed,
+                         "seconds": 0.0}
+    log = RunLog(log_path, lead, resume_record)
+    if ckpt is not None and lead and step % spe == 0:
+        # a kill in an older version's save could lose a kept epoch copy: restore it
+        kept = os.path.join(out, f"checkpoint-{step // spe:04d}.pt")
+        if (step // spe) % args.save_every == 0 and not os.path.exists(kept):
+            data.atomic_write(kept, lambda tmp: link_or_copy(source, tmp))
+    first_images = [indexed[(0, i)] for i in range(min(8, len(train_base)))]
+    grid_x = data.batch_to_images(data.collate(first_images)[0], device)
+    return run_loop(args, engine, loader, sampler, log, lr_fn, step, last, spe, world, grid_x,
+                    latest, t_start, saved_at=step if ckpt is not None else None)
+
+
+class LoopClock:
+    """Wall time and step at the previous record of each kind: img/s over that interval."""
+
+    def __init__(self, step):
+        now = time.time()
+        self.marks = {"log": (now, step), "epoch": (now, step)}
+
+    def since(self, kind, step):
+        (t0, s0), now = self.marks[kind], time.time()
+        self.marks[kind] = (now, step)
+        return step - s0, now - t0
+
+
+def run_loop(args, engine, loader, sampler, log, lr_fn, step, last, spe, world, grid_x, latest,
+             t_start, saved_at):
+    """Steps from `step` to `last`: logs, kept checkpoints, grids; a signal stops it cleanly."""
+    lead, out, model = engine.rank == 0, args.output_dir, engine.model
+    clock, final_loss = LoopClock(step), None
+
+    def record(kind, loss):
+        steps, secs = clock.since(kind, step)
+        rec = {"kind": kind, "step": step, "epoch": round(step / spe, 4), "loss": loss,
+               "lr": lr_fn(step - 1), "img_per_s": round(steps * args.batch_size / max(secs, 1e-9), 2),
+               "seconds": round(time.time() - t_start, 2), "interval_seconds": round(secs, 2),
+               "gpu_max_mem_gb": None}
+        if engine.device.type == "cuda":
+            rec["gpu_max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         if kind == "log":
-            st["loss"] = loss
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", img_s=rec["img_per_s"])
+        log.write(rec)
+
+    def save(epoch_end):                           # right after a flush: weights known finite
         if lead:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    def save(by_epoch):    # only ever right after a flush() on every rank: the weights are known finite
-        st["saved"] = step
-        if not lead:
-            return
-        ck = {"model": model.state_dict(), "ema": engine.ema.state_dict() if engine.ema else None,
-              "optimizer": engine.opt.state_dict(), "scaler": engine.scaler.state_dict() if engine.scaler else None,
-              "step": step, "epoch": step // spe, "model_config": model.config, "pca": model.pca.to_dict(),
-              "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-              "rng": {"torch": torch.get_rng_state()}, "version": 1}
-        # epoch ends also keep checkpoint-{epoch:04d}.pt; tmp file + os.replace: a crash mid-write never
-        # leaves a truncated checkpoint behind
-        for path in [ckpt_path] + [os.path.join(out, f"checkpoint-{step // spe:04d}.pt")] * by_epoch:
+            epoch = step // spe
+            ck = {**engine.state(), "step": step, "epoch": epoch, "model_config": model.config,
+                  "pca": model.pca.to_dict(),
+                  "args": {k: v for k, v in vars(args).items()
+                           if isinstance(v, (int, float, str, bool, type(None)))},
+                  "world": world, "rng": {"torch": torch.get_rng_state()}, "version": 1}
+            kept = os.path.join(out, f"checkpoint-{epoch:04d}.pt") if epoch_end else None
             try:
-                torch.save(ck, path + ".tmp")
-                os.replace(path + ".tmp", path)
-            finally:
-                if os.path.exists(path + ".tmp"):
-                    os.remove(path + ".tmp")
+                save_checkpoint(ck, latest, kept)
+            except UserError as e:                 # a full disk: say what is still safe
+                good = f"{latest} still holds step {saved_at}"
+                if saved_at is None:
+                    good = "this run has no checkpoint yet"
+                raise UserError(f"{e}; {good}") from None
+        return step
 
+    signum = 0
     try:
-        while step < stop:
-            sampler.set_epoch(step // spe, step % spe)         # mid-epoch resume: skip consumed batches
-            it = iter(loader)
-            for _ in range(min(spe - step % spe, stop - step)):
-                engine.step([next(it) for _ in range(args.accum_iter)], step, lr_fn(step))
-                step += 1
-                bar.update(1)
-                if step % args.log_every == 0:
-                    log("log", engine.flush(lr_fn)[0])
-            del it
-            ep_end = step % spe == 0                           # else: the end, mid-epoch (--max-steps)
-            win, ep_loss = engine.flush(lr_fn, epoch_too=ep_end)
-            if win is not None:
-                log("log", win)
-            if ep_end:
-                log("epoch", ep_loss)
-            if not ep_end or (step // spe) % args.save_every == 0 or step >= stop:
-                save(by_epoch=ep_end)
-            if lead and ep_end and ((step // spe) % args.grid_every == 0 or step >= stop):
-                save_grid(model, grid_x, os.path.join(out, f"grid-{step // spe:04d}.png"), engine, args.seed)
+        with StopSignal(world) as stop, data.progress(total=last, initial=step, disable=not lead,
+                                                      unit="step") as bar:
+            while step < last and not signum:
+                sampler.set_epoch(step // spe, step % spe)   # mid-epoch resume: skip what was seen
+                batches = iter(loader)
+                for _ in range(min(spe - step % spe, last - step)):
+                    engine.step([next(batches) for _ in range(args.accum_iter)], step, lr_fn(step))
+                    step += 1
+                    bar.update(1)
+                    if step % args.log_every == 0:
+                        final_loss = engine.flush(lr_fn)[0]
+                        record("log", final_loss)
+                    signum = stop.agreed()
+                    if signum:
+                        break
+                del batches
+                epoch_end = step % spe == 0        # else: the end of the run mid-epoch, or a stop
+                window, epoch_loss = engine.flush(lr_fn, epoch_too=epoch_end)
+                if window is not None:
+                    final_loss = window
+                    record("log", window)
+                if epoch_end:
+                    record("epoch", epoch_loss)
+                kept_epoch = epoch_end and (step // spe) % args.save_every == 0
+                if not epoch_end or kept_epoch or step >= last or signum:
+                    saved_at = save(epoch_end)
+                due = epoch_end and ((step // spe) % args.grid_every == 0 or step >= last)
+                if lead and due:
+                    save_grid(model, grid_x, os.path.join(out, f"grid-{step // spe:04d}.png"),
+                              engine, args.seed)
     except Diverged as e:
-        kept = f"{ckpt_path} (step {st['saved']}) is untouched" if st["saved"] is not None else "no checkpoint was written"
+        kept = f"{latest} (step {saved_at}) is untouched"
+        if saved_at is None:
+            kept = "no checkpoint was written"
         raise Diverged(f"{e}; stopped without saving: {kept}. Lower --lr/--blr or set --clip-grad") from None
-    finally:
-        bar.close()
-    if lead:
-        grid = save_grid(model, grid_x, os.path.join(out, "grid.png"), engine, args.seed)
-        res = {"final_loss": st["loss"], "steps": step, "seconds": round(time.time() - t_start, 2),
-               "checkpoint": ckpt_path, "log": log_path, "grid": grid}
-        print(f"[pretrain] done. {grid}: rows = clean, then noised / denoised at t = {', '.join(map(str, GRID_T))}")
-        print(json.dumps(res), flush=True)
-        return res
+    if signum:
+        name = signal.Signals(signum).name
+        log.write({"kind": "stopped", "step": step, "signal": name,
+                   "seconds": round(time.time() - t_start, 2)})
+        raise data.Interrupted(f"[pretrain] stopped by {name} at step {step} of {last}: saved "
+                               f"{latest}; continue with the same command and --resume auto", signum)
+    if not lead:
+        return None
+    grid = save_grid(model, grid_x, os.path.join(out, "grid.png"), engine, args.seed)
+    res = {"final_loss": final_loss, "steps": step, "seconds": round(time.time() - t_start, 2),
+           "checkpoint": latest, "log": log.path, "grid": grid}
+    print(f"[pretrain] done. {grid}: rows = clean, then noised / denoised at t = "
+          f"{', '.join(map(str, GRID_T))}")
+    print(json.dumps(res), flush=True)
+    return res
 
 
 if __name__ == "__main__":
