@@ -391,6 +391,8 @@ def main(args):
         if bad:
             raise UserError(msg)
     rank, world, device = pretrain.setup_distributed()
+    if rank == 0:
+        data.check_writable_dir(args.output_dir, "--output-dir")
     model = None if pixels else load_backbone(args, device)   # pixels: a checkpoint only fixes the size
     cfg = model.config if model else pretrain.load_checkpoint(args.ckpt)["model_config"] if args.ckpt else {}
     S = cfg.get("img_size")
@@ -405,12 +407,18 @@ def main(args):
     depths = (args.grid_depths or list(range(max(1, L // 4), 3 * L // 4 + 1, max(1, L // 8)))) if args.grid else \
         [args.probe_depth or L // 2]
     keys = [(None, None, False)] if pixels else probe_keys(args, depths, model)
+    steps = cfg.get("num_steps", 1000)
+    if not pixels and not all(0 <= k[1] < steps for k in keys):
+        raise UserError(f"probe levels t must be in 0..{steps - 1} (the model's noise steps), got "
+                        f"{sorted({k[1] for k in keys})}")
     if not pixels and not all(1 <= d <= L for d in depths):
         raise UserError(f"probe depths must be in 1..{L} (the blocks of {cfg.get('name')}), got {depths}")
     tf_eval = data.build_transform("eval", S)
     tf_rrc = data.build_transform("rrc", S, scale=(0.08, 1.0))          # MAE's probe crop scale
     train_ds = data.build_dataset(args, "train", tf_rrc if protocol == "mae" else tf_eval)
-    train_sets = [train_ds] + [data.build_dataset(args, "train", tf_rrc)] * (protocol == "cached" and args.views > 1)
+    train_sets = [train_ds]
+    if protocol == "cached" and args.views > 1:  # views 1..K-1: random crops of the train set
+        train_sets.append(data.build_dataset(args, "train", tf_rrc))
     val_ds = data.build_dataset(args, "val", tf_eval)
     C = data.num_classes(train_ds)
     if data.num_classes(val_ds) != C or (args.nb_classes or C) != C:
@@ -420,14 +428,20 @@ def main(args):
         raise UserError(f"images come out as {shape}, the model takes {(cfg.get('in_chans', 3), S, S)}")
     featurize = make_featurizer(model, keys, args)
     base_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
-    os.makedirs(args.output_dir, exist_ok=True)
-    log_f = open(os.path.join(args.output_dir, "log.jsonl"), "w") if rank == 0 else None
+    log_path = os.path.join(args.output_dir, "log.jsonl")
+    if rank == 0:
+        data.atomic_write(log_path, lambda tmp: data.write_lines(tmp, []))   # a fresh log
 
     def log(rec, echo=False):
-        if log_f:
-            print(json.dumps(rec), file=log_f, flush=True)
-            if echo:
-                print(json.dumps(rec), flush=True)
+        if rank != 0:
+            return
+        try:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            raise data.write_error(e, log_path) from None
+        if echo:
+            print(json.dumps(rec), flush=True)
     t0 = time.time()
     if protocol == "mae":
         results, t_feat = {keys[0]: probe_mae(featurize, keys[0], train_ds, val_ds, base_lr, args, C, device,
@@ -457,11 +471,9 @@ def main(args):
     if len(keys) > 1:
         res["grid"] = [{"depth": k[0], "t": k[1], "noisy": k[2], **v} for k, v in short.items()]
     if rank == 0:
-        log_f.close()
-        path = os.path.join(args.output_dir, "head.pt")
-        torch.save({"heads": {head_name(k): {**r[0], **short[k]} for k, r in results.items()},
-                    "settings": {k: v for k, v in res.items() if k != "grid"}}, path + ".tmp")
-        os.replace(path + ".tmp", path)         # atomic (house rule)
+        data.save_torch({"heads": {head_name(k): {**r[0], **short[k]} for k, r in results.items()},
+                         "settings": {k: v for k, v in res.items() if k != "grid"}},
+                        os.path.join(args.output_dir, "head.pt"))
         if len(keys) > 1:                       # DDAE-style table: rows depth, columns t, val top-1
             print_grid(keys, results)
         setting = f"depth {best[0]}, t {best[1]}, {'noisy' if best[2] else 'clean'} input"
@@ -474,29 +486,31 @@ def main(args):
 
 def get_args_parser():
     ints, floats = (lambda s: [int(v) for v in s.split(",")]), (lambda s: [float(v) for v in s.split(",")])
-    p = argparse.ArgumentParser("Linear probe of a frozen l-DAE / DiT encoder (RECIPE s5)")
+    num = data.bounded
+    p = data.ArgumentParser(prog="linprobe.py", description="Linear probe of a frozen l-DAE / "
+                            "DiT encoder (RECIPE.md s5)")
     add = p.add_argument
     add("ckpt", nargs="?", help="checkpoint of pretrain.py (optional with --baseline pixels)")
     add("--protocol", choices=("mae", "cached"), help="default: mae (the paper's); cached with --grid")
-    add("--epochs", type=int, default=90)
-    add("--warmup-epochs", type=int, default=10)
-    add("--batch-size", type=int, default=16384, help="global batch (all ranks and micro-batches)")
-    add("--blr", type=float, default=0.1, help="lr = blr * batch / 256 (MAE: 6.4 at 16384)")
-    add("--lr", type=float, default=None,
+    add("--epochs", type=num(int, 1), default=90, help="probe epochs")
+    add("--warmup-epochs", type=num(int, 0), default=10, help="linear warmup epochs")
+    add("--batch-size", type=num(int, 1), default=16384, help="global batch (all ranks and micro-batches)")
+    add("--blr", type=num(float, 0), default=0.1, help="lr = blr * batch / 256 (MAE: 6.4 at 16384)")
+    add("--lr", type=num(float, 0), default=None,
         help="absolute lr (overrides --blr; the paper's 6.4e-3 is the per-step relative move "
              "under LARS, i.e. lr 6.4 here)")
-    add("--accum-iter", type=int, default=None, help="mae: micro-batches per step (default: auto)")
-    add("--max-device-batch", type=int, default=1024, help="images per forward on one device")
+    add("--accum-iter", type=num(int, 1), default=None, help="mae: micro-batches per step (default: auto)")
+    add("--max-device-batch", type=num(int, 1), default=1024, help="images per forward on one device")
     add("--weights", choices=("ema", "raw"), default="ema")
-    add("--probe-t", type=int, default=None,
+    add("--probe-t", type=num(int, 0), default=None,
         help="noise level the network is told (default: 10, the paper's; a single-level model: "
              "the level it was trained at)")
-    add("--probe-depth", type=int, default=None, help="block to read (default: last encoder block)")
+    add("--probe-depth", type=num(int, 1), default=None, help="block to read (default: last encoder block)")
     add("--noisy-input", action="store_true", help="add level-t noise to the input (paper Sec. 5)")
     add("--random-init", action="store_true", help="baseline: fresh weights, active blocks")
     add("--baseline", choices=("pixels",), default=None, help="baseline: probe raw pixels")
     add("--compare", action="store_true", help="learned vs --random-init vs --baseline pixels, one table")
-    add("--views", type=int, default=1, help="cached: center crop + K-1 random crops per image")
+    add("--views", type=num(int, 1), default=1, help="cached: center crop + K-1 random crops per image")
     add("--grid", action="store_true", help="a head per (depth, t) pair (DDAE protocol)")
     add("--grid-depths", type=ints, default=None, help="e.g. 6,9,12 (default: around depth/2)")
     add("--grid-ts", type=ints, default=[0, 10, 20, 40, 80],
@@ -508,11 +522,11 @@ def get_args_parser():
     add("--solver", choices=("lbfgs", "lars"), default="lbfgs", help="cached: converge, or mae's LARS")
     add("--wd-grid", type=floats, default=[1e-5, 1e-4, 1e-3, 1e-2, 1e-1], help="cached lbfgs: L2 values swept")
     add("--lr-grid", type=floats, default=[0.25, 0.5, 1, 2, 4], help="cached lars: lr factors swept")
-    add("--holdout", type=float, default=0.1, help="cached: train fraction that does the choosing")
-    add("--max-iter", type=int, default=500, help="cached lbfgs: iteration cap")
+    add("--holdout", type=num(float, 0, 1, low_open=True, high_open=True), default=0.1, help="cached: train fraction that does the choosing")
+    add("--max-iter", type=num(int, 1), default=500, help="cached lbfgs: iteration cap")
     add("--spread", action="store_true", help="cached: also report val top-1 per grid value")
     add("--compile", action="store_true", help="torch.compile the feature pass")
-    add("--nb-classes", type=int, default=None, help="expected class count (checked)")
+    add("--nb-classes", type=num(int, 1), default=None, help="expected class count (checked)")
     add("--seed", type=int, default=0)
     add("--output-dir", default="out/probe")
     data.add_data_args(p)

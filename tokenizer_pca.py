@@ -165,8 +165,11 @@ class PatchPCA(nn.Module):
                    d.get("img_size", 256), d.get("center", False), d.get("scale", 1.0), d.get("meta"))
 
     def save(self, path):
-        torch.save(self.to_dict(), path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: readers never see a half-written basis
+        # atomic (a temporary name of this process's own, then a rename): readers never see a
+        # half-written basis. The scripts write through data.save_torch, which also fsyncs.
+        tmp = f"{path}.{os.getpid()}.tmp"
+        torch.save(self.to_dict(), tmp)
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path, map_location="cpu"):
@@ -289,19 +292,24 @@ REPORT_DIMS = (8, 16, 32, 64, 128)  # Table 2's d values
 
 def get_args_parser():
     import data
-    p = argparse.ArgumentParser("Fit the patch-wise PCA tokenizer (RECIPE s2)")
+    num = data.bounded
+    p = data.ArgumentParser(prog="tokenizer_pca.py",
+                            description="Fit the patch-wise PCA tokenizer (RECIPE.md s2)")
     p.add_argument("--out", default="pca.pt", help="basis file; PNGs are written next to it")
-    p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--num-images", type=int, default=10000, help="random sample of the train split")
-    p.add_argument("--patches-per-image", type=int, default=0, help="0 = all patches, k = k random ones")
+    p.add_argument("--patch-size", type=num(int, 1), default=16, help="patch side p: D = 3 p^2")
+    p.add_argument("--num-images", type=num(int, 1), default=10000,
+                   help="random sample of the train split")
+    p.add_argument("--patches-per-image", type=num(int, 0), default=0,
+                   help="0 = all patches, k = k random ones")
     p.add_argument("--center", action="store_true", help="subtract the mean patch (default: no)")
     p.add_argument("--latent-scale", type=float, default=1.0, help="z = scale * V_d (x - mean)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=num(int, 1), default=64, help="images per batch of the fit")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--benchmark", action="store_true",
                    help="time the accumulation on 1M random 768-dim patches vs numpy, then exit")
-    p.add_argument("--benchmark-patches", type=int, default=1_000_000)
+    p.add_argument("--benchmark-patches", type=num(int, 1), default=1_000_000,
+                   help="rows of the --benchmark matrix")
     data.add_data_args(p)
     return p
 
@@ -379,8 +387,11 @@ def main(args):
     if args.num_images <= 0 or args.patches_per_image < 0:
         raise data.UserError("--num-images must be > 0 and --patches-per-image >= 0")
     out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out):
+        raise data.UserError(f"--out {args.out} is a folder; pass a file name such as {args.out}/pca.pt")
     if not os.path.isdir(out_dir):
         raise data.UserError(f"output folder {out_dir} does not exist; create it (mkdir -p {out_dir}) or pick another --out")
+    data.check_writable_dir(out_dir, "the folder of --out")
     # The tokenizer sees the images the ablation models see: DiT center crop (RECIPE s2, s6).
     ds = data.build_dataset(args, "train", data.build_transform("center", args.input_size))
     t0 = time.time()
@@ -389,7 +400,7 @@ def main(args):
                   meta={"dataset": args.dataset, "data_path": args.data_path or ""})
     secs = time.time() - t0
     pca.meta["seconds"] = round(secs, 3)
-    pca.save(args.out)
+    data.save_torch(pca.to_dict(), args.out)
     m = pca.meta
     print(f"fitted on {m['num_images']} images, {m['num_patches']} patches (D = {pca.dim}) in {secs:.1f} s "
           f"({m['num_patches'] / secs:,.0f} patches/s end to end, incl. decoding)")
@@ -402,12 +413,15 @@ def main(args):
         f"{std[i - 1]:.3g}" for i in (1, 2, 4, 8, 16, 32, 64, 128) if i <= pca.dim))
     stem = os.path.splitext(args.out)[0]
     comp_png, recon_png = stem + "_components.png", stem + "_recon.png"
-    torchvision.utils.save_image(_component_grid(pca), comp_png, nrow=8, padding=2, pad_value=0.5)
+    components = _component_grid(pca)
+    data.atomic_write(comp_png, lambda tmp: torchvision.utils.save_image(
+        components, tmp, format="png", nrow=8, padding=2, pad_value=0.5))
     x = torch.stack([ds[i][0] for i in range(min(8, len(ds)))])
     recon = _recon_grid(pca, x, dims)
     if args.input_size < 128:  # upscale small images so the grid is readable
         recon = nn.functional.interpolate(recon, scale_factor=max(1, 128 // args.input_size), mode="nearest")
-    torchvision.utils.save_image(recon, recon_png, nrow=len(x), padding=2, pad_value=1.0)
+    data.atomic_write(recon_png, lambda tmp: torchvision.utils.save_image(
+        recon, tmp, format="png", nrow=len(x), padding=2, pad_value=1.0))
     print(f"wrote {args.out}\ncomponents: {comp_png}\nreconstructions (rows: original, d = "
           f"{', '.join(map(str, dims))}): {recon_png}")
     summary = {"path": args.out, "images": m["num_images"], "patches": m["num_patches"],
