@@ -322,12 +322,13 @@ def test_every_bad_input_has_its_message(ckpt, tmp_path):
     for flags, msg in [(("--grid", "--protocol", "mae"),
                         "--grid and --select-setting need --protocol cached"),
                        (("--baseline", "pixels", "--random-init"), "--baseline pixels has no network"),
-                       (("--views", "0", "--protocol", "cached"), "must be >= 1"),
                        (("--warmup-epochs", "9"), "--warmup-epochs must be in")]:
         with pytest.raises(UserError, match=msg):
             probe(ckpt, tmp_path, *flags)
     with pytest.raises(UserError, match="give the checkpoint"):
         probe(None, tmp_path)
+    with pytest.raises(SystemExit):             # a bad number stops at parse time, exit 2
+        probe(ckpt, tmp_path, "--views", "0", "--protocol", "cached")
 
 
 def test_cli_error_exits_2_without_traceback(tmp_path):

@@ -48,8 +48,13 @@ def logged(out, kind="log"):
 
 def test_registry_dispatch_and_vit_b_size():
     with torch.device("meta"):
-        m = pretrain.build_model("vit_b", schedule="ddpm", img_size=None)   # DiT-only flag is dropped
+        m = pretrain.build_model("vit_b", img_size=None)
         dit = pretrain.build_model("dit_tiny_1", schedule="ddpm")
+    # a flag of the other family is refused, not silently dropped
+    with pytest.raises(UserError, match="--schedule: not a flag of --model vit_b"):
+        pretrain.build_model("vit_b", schedule="ddpm")
+    with pytest.raises(UserError, match="--residual-weight: not a flag of --model dit_tiny_1"):
+        pretrain.build_model("dit_tiny_1", residual_weight=0.1)
     assert m.config["family"] == "ldae" and dit.config["family"] == "dit" and dit.config["schedule"] == "ddpm"
     # RECIPE s4: the encoder (x_embedder + first 12 blocks) without its t-conditioning is a ViT-B
     enc = sum(p.numel() for k, p in m.named_parameters() if k.startswith("x_embedder") or (
