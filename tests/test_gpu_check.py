@@ -78,7 +78,8 @@ class DrySession:
 
 
 def test_the_device_runner_children_give_results_and_are_killed_at_their_time_limit(tmp_path):
-    args = parse("--out", str(tmp_path / "out"), "--dry-run", "--budget-s", "300")
+    args = parse("--out", str(tmp_path / "out"), "--dry-run", "--budget-s", "300",
+                 "--work-dir", str(tmp_path / "work"))
     gpu_check.check_inputs(args, cuda=False)
     ctx = gpu_check.Session(args, torch.device("cpu"), dry=True)
     ctx.isolate = True                       # what the device does: each script in a child
