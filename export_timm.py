@@ -178,10 +178,10 @@ def main(args):
     depth = cfg["depth"] // 2 if args.probe_depth is None else args.probe_depth
     if not 1 <= depth <= cfg["depth"]:
         raise UserError(f"--probe-depth must be in 1..{cfg['depth']} (the blocks of {cfg['name']})")
+    if args.probe_t is not None and not 0 <= args.probe_t < cfg["num_steps"]:
+        raise UserError(f"--probe-t must be in 0..{cfg['num_steps'] - 1}, got {args.probe_t}")
     model = pretrain.model_from_checkpoint(ckpt, args.weights, "cpu")
     t = model.probe_t if args.probe_t is None else args.probe_t
-    if not 0 <= t < model.num_steps:
-        raise UserError(f"--probe-t must be in 0..{model.num_steps - 1}, got {t}")
     weights = args.weights if ckpt.get("ema") is not None else "raw"
     source = {"checkpoint": os.path.abspath(args.ckpt), "step": int(ckpt["step"]),
               "model": cfg["name"], "t": t, "depth": depth, "weights": weights,
