@@ -1,0 +1,216 @@
+"""Export an l-DAE encoder as a plain timm VisionTransformer: the same function as the checkpoint's
+forward_features (last encoder block, t = 10, clean input, average pooling; RECIPE s5), exactly.
+
+  python export_timm.py out/tiny/checkpoint.pt --out out/tiny/vit_timm.pt
+  python export_timm.py out/vit_b/checkpoint.pt --out vit_b_ldae_timm.pt --weights ema
+  python export_timm.py CKPT --out FILE --probe-t 20 --probe-depth 10    # another (t, block)
+
+The file is a plain dict {"state_dict", "timm_kwargs", "source"} (torch.load(FILE,
+weights_only=True)). This script needs only torch; timm is needed by whoever loads the file:
+
+  ck = torch.load(FILE, weights_only=True)
+  vit = timm.models.vision_transformer.VisionTransformer(**ck["timm_kwargs"])
+  vit.load_state_dict(ck["state_dict"])                                   # strict
+  feats = vit.forward_head(vit.forward_features(images), pre_logits=True)   # (B, D)
+  # images in [-1, 1] as in pre-training (timm's train.py: --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5)
+
+What folds where, at the fixed t (all linear algebra, no approximation):
+  input       the clean probe input is V_d^T V_d (x - mean) + mean per patch (ldae.LDAE.add_noise
+              at sigma 0; the latent gain multiplies, then divides: it cancels), linear per patch,
+              so it folds into the patch-embedding convolution's weight and bias;
+  adaLN       c = t_embedder(t) is a constant, so each block's shift and scale become the LayerNorm
+              affine (weight 1 + scale, bias shift) and its gates become timm's LayerScale gammas;
+  the rest    the sin-cos table becomes pos_embed; no class token, average pooling, no final norm
+              and no fc_norm (final_norm=False, fc_norm=False: timm >= 1.0.11), tanh-GELU.
+Before writing, the export runs a pure-torch model with timm's layout and parameter names on random
+images and compares it with the checkpoint's forward_features (--check-images; 0 skips it).
+The last JSON line also gives the export's shape as flags of timm's train.py (train_py_flags);
+fine-tuning with that script under the paper's App. B recipe: README.
+"""
+import argparse
+import json
+import os
+
+import torch
+import torch.nn as nn
+
+import data
+import ldae
+import pretrain
+from data import UserError
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Export an l-DAE encoder as a timm VisionTransformer")
+    p.add_argument("ckpt", help="checkpoint.pt written by pretrain.py (an l-DAE model)")
+    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    p.add_argument("--probe-t", type=int, default=None,
+                   help="noise level folded in (default: the model's probe_t: 10, or a "
+                        "single-level model's own level)")
+    p.add_argument("--probe-depth", type=int, default=None,
+                   help="blocks exported (default: the encoder, half the blocks)")
+    p.add_argument("--check-images", type=int, default=2,
+                   help="random images for the self-check before writing (0 = skip)")
+    return p
+
+
+def fold_patch_embed(model):
+    """Conv weight and bias of conv(V_d^T V_d (x - m) + m), in float64 then float32."""
+    pca = model.pca
+    V = pca.components[:model.d].double()                               # (d, D)
+    proj = V.T @ V                                                      # (D, D), symmetric
+    conv = model.x_embedder.proj
+    out, C, p, _ = conv.weight.shape
+    # PatchPCA flattens a patch in (row, column, channel) order; the conv weight is (C, p, p)
+    W = conv.weight.double().permute(0, 2, 3, 1).reshape(out, -1)       # (out, D) in PCA order
+    mean = pca.mean.double()
+    weight = (W @ proj).reshape(out, p, p, C).permute(0, 3, 1, 2)
+    bias = conv.bias.double() + W @ (mean - proj @ mean)
+    return weight.float().contiguous(), bias.float()
+
+
+def timm_kwargs(cfg, depth):
+    """VisionTransformer(**kwargs) with exactly the l-DAE encoder's shape; primitives only."""
+    return dict(img_size=cfg["img_size"], patch_size=cfg["patch_size"], in_chans=cfg["in_chans"],
+                num_classes=0, global_pool="avg", embed_dim=cfg["hidden_size"], depth=depth,
+                num_heads=cfg["num_heads"], mlp_ratio=float(cfg["mlp_ratio"]), qkv_bias=True,
+                init_values=1.0, class_token=False, final_norm=False, fc_norm=False,
+                act_layer="gelu_tanh")
+
+
+def train_flags(kw):
+    """The export's shape as flags of timm's train.py, which passes global_pool, num_classes and
+    in_chans itself and builds the model from --model-kwargs (every dimension is given, so any
+    vit_* name works; img_size matters: without it timm resamples pos_embed to 224 px)."""
+    own = ("global_pool", "num_classes", "in_chans")
+    model_kwargs = " ".join(f"{k}={v}" for k, v in kw.items() if k not in own)
+    return f"--gp {kw['global_pool']} --in-chans {kw['in_chans']} --model-kwargs {model_kwargs}"
+
+
+@torch.no_grad()
+def export_model(model, t, depth):
+    """-> (state_dict with timm's names, timm_kwargs) for blocks 1..depth at noise level t."""
+    weight, bias = fold_patch_embed(model)
+    sd = {"patch_embed.proj.weight": weight, "patch_embed.proj.bias": bias,
+          "pos_embed": model.pos_embed.detach().clone()}
+    c = model.t_embedder(torch.tensor([t]))                             # (1, cond_dim)
+    for i, block in enumerate(model.blocks[:depth]):
+        shift1, scale1, gate1, shift2, scale2, gate2 = block.adaLN_modulation(c)[0].chunk(6)
+        pre = f"blocks.{i}."
+        # x * (1 + scale) + shift after an affine-free LayerNorm is a LayerNorm with that affine
+        sd.update({pre + "norm1.weight": 1 + scale1, pre + "norm1.bias": shift1,
+                   pre + "ls1.gamma": gate1, pre + "norm2.weight": 1 + scale2,
+                   pre + "norm2.bias": shift2, pre + "ls2.gamma": gate2})
+        # attn.qkv/attn.proj and mlp.fc1/mlp.fc2 already carry timm's names and layout
+        for part in ("attn", "mlp"):
+            for name, tensor in getattr(block, part).state_dict().items():
+                sd[f"{pre}{part}.{name}"] = tensor
+    sd = {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
+    return sd, timm_kwargs(model.config, depth)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class TimmLayoutBlock(nn.Module):
+    """timm's pre-norm Block with LayerScale, built from the project's Attention and Mlp (whose
+    parameter names are timm's), for the self-check."""
+
+    def __init__(self, dim, num_heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = ldae.Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = ldae.Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class TimmLayoutViT(nn.Module):
+    """What timm computes for timm_kwargs (average-pooled tokens), without timm."""
+
+    def __init__(self, kw):
+        super().__init__()
+        D, grid = kw["embed_dim"], kw["img_size"] // kw["patch_size"]
+        self.patch_embed = ldae.PatchEmbed(kw["patch_size"], kw["in_chans"], D)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, D))
+        self.blocks = nn.Sequential(*[TimmLayoutBlock(D, kw["num_heads"], kw["mlp_ratio"])
+                                      for _ in range(kw["depth"])])
+
+    def forward(self, x):
+        return self.blocks(self.patch_embed(x) + self.pos_embed).mean(dim=1)
+
+
+@torch.no_grad()
+def self_check(model, sd, kw, t, depth, n):
+    """Max |difference| between the export (strictly loaded) and forward_features on n images."""
+    plain = TimmLayoutViT(kw)
+    plain.load_state_dict(sd, strict=True)
+    S = kw["img_size"]
+    images = torch.rand(n, kw["in_chans"], S, S, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    want = model.forward_features(images, t=t, depth=depth)
+    return (plain.eval()(images) - want).abs().max().item(), want.abs().max().item()
+
+
+def main(args):
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"output folder {out_dir} does not exist; create it or pick another --out")
+    if args.check_images < 0:
+        raise UserError("--check-images must be >= 0")
+    ckpt = pretrain.load_checkpoint(args.ckpt)
+    cfg = ckpt["model_config"]
+    if cfg.get("family", "ldae") != "ldae":
+        raise UserError(f"{args.ckpt} holds a {cfg.get('family')} model ({cfg.get('name')}); "
+                        "only l-DAE checkpoints export: a DiT-baseline's input is a latent grid, "
+                        "not an image")
+    depth = cfg["depth"] // 2 if args.probe_depth is None else args.probe_depth
+    if not 1 <= depth <= cfg["depth"]:
+        raise UserError(f"--probe-depth must be in 1..{cfg['depth']} (the blocks of {cfg['name']})")
+    if args.probe_t is not None and not 0 <= args.probe_t < cfg["num_steps"]:
+        raise UserError(f"--probe-t must be in 0..{cfg['num_steps'] - 1}, got {args.probe_t}")
+    model = pretrain.model_from_checkpoint(ckpt, args.weights, "cpu")
+    t = model.probe_t if args.probe_t is None else args.probe_t
+    weights = args.weights if ckpt.get("ema") is not None else "raw"
+    source = {"checkpoint": os.path.abspath(args.ckpt), "step": int(ckpt["step"]),
+              "model": cfg["name"], "t": t, "depth": depth, "weights": weights,
+              "latent_dim": model.d, "patch_dim": model.pca.dim, "latent_norm": model.latent_norm,
+              "pca_center": model.pca.center}
+    print(f"[export] {cfg['name']} step {source['step']} ({weights} weights): blocks 1..{depth} of "
+          f"{cfg['depth']}, t = {t}, clean input = PCA projection d = {model.d} of "
+          f"{model.pca.dim} (centred: {model.pca.center}), {cfg['img_size']} px -> {args.out}",
+          flush=True)
+    sd, kw = export_model(model, t, depth)
+    res = {"out": args.out, "timm_kwargs": kw, "train_py_flags": train_flags(kw), "source": source,
+           "self_check_max_abs_diff": None}
+    if args.check_images:
+        diff, scale = self_check(model, sd, kw, t, depth, args.check_images)
+        res["self_check_max_abs_diff"] = diff
+        print(f"[export] self-check on {args.check_images} random images: max |diff| {diff:.2e} "
+              f"(features up to {scale:.3g})", flush=True)
+        if not diff <= 1e-4 * max(1.0, scale):
+            raise RuntimeError(f"export self-check failed: max |diff| {diff:.3g}; nothing written")
+    tmp = args.out + ".tmp"
+    try:
+        torch.save({"state_dict": sd, "timm_kwargs": kw, "source": source}, tmp)
+        os.replace(tmp, args.out)        # atomic: a reader never sees a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(json.dumps(res), flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    data.run_cli(main, get_args_parser())
