@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 
 from data import UserError
-from ldae import (DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, init_dit_weights, run_blocks,
-                  sincos_pos_embed, transformer_flops)
+from ldae import (DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, init_dit_weights,
+                  noise_levels, run_blocks, sincos_pos_embed, transformer_flops)
 from tokenizer_pca import LATENT_NORMS, PatchPCA
 
 
@@ -288,8 +288,7 @@ class DiT(nn.Module):
         must not see labels through the input). depth may be a list: one pass, a list out."""
         depths = [depth or self.depth // 2] if not isinstance(depth, (list, tuple)) else depth
         z0 = self.encode(images)
-        t = self.probe_t if t is None else int(t)
-        tt = torch.full((z0.shape[0],), t, device=z0.device, dtype=torch.long)
+        tt = noise_levels(t, self.probe_t, z0)                      # (B,): an int or per image
         x = self.add_noise(z0, tt, None if noisy else torch.zeros_like(z0))[0]
         x, c = self._cond(x, tt, None, False)
         feats = {}

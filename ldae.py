@@ -201,6 +201,16 @@ def run_blocks(blocks, x, c, depth=None, checkpoint=False):
     return x
 
 
+def noise_levels(t, default, images):
+    """t for every image: None (the model's default level), one int, or a (B,) tensor (one level
+    per image, as distill.py's policy picks them) -> (B,) long on the images' device."""
+    if t is None:
+        t = default
+    if isinstance(t, torch.Tensor) and t.ndim == 1:
+        return t.to(images.device, torch.long)
+    return torch.full((images.shape[0],), int(t), device=images.device, dtype=torch.long)
+
+
 def transformer_flops(num_tokens, dim, depth, mlp_ratio, cond_dim, in_dim, out_dim):
     """Analytic forward FLOPs (2 x multiply-adds) of the token stack for one image (the MFU figures rest on it)."""
     L, D = num_tokens, dim
@@ -380,7 +390,8 @@ class LDAE(nn.Module):
     def forward_features(self, images, t=None, depth=None, noisy=False):
         """What the linear probe reads (RECIPE s5): the tokens after the last encoder block
         (depth = half the blocks), average-pooled (no class token), with the network told noise
-        level t (None: probe_t, i.e. 10, or the level a single-level model was trained at) and
+        level t (None: probe_t, i.e. 10, or the level a single-level model was trained at; or a
+        (B,) tensor of levels) and
         given a clean input, i.e. the image projected onto the d-dim PCA subspace (sigma = 0: the
         only kind of input the network saw in training). noisy=True adds the noise of level t
         instead (the paper's Sec. 5 probe ablation).
@@ -389,8 +400,7 @@ class LDAE(nn.Module):
         grid protocol). Returns (B, D) or a list of them.
         """
         depths = [depth or self.depth // 2] if not isinstance(depth, (list, tuple)) else depth
-        t = self.probe_t if t is None else int(t)
-        tt = torch.full((images.shape[0],), t, device=images.device, dtype=torch.long)
+        tt = noise_levels(t, self.probe_t, images)
         if noisy:
             x = self.add_noise(images, tt)
         else:

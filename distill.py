@@ -1,0 +1,361 @@
+"""RepFusion (Yang & Wang, "Diffusion Model as Representation Learner", ICCV 2023) on this
+project's checkpoints: a frozen denoising model (an l-DAE or DiT-baseline checkpoint of
+pretrain.py) is the teacher; its features at a noise level t supervise a student network for
+recognition, and t is chosen per image by a policy trained with reinforcement learning.
+RECIPE.md s8 has the method as we read it from the paper and the authors' code.
+
+  python distill.py --teacher out/tiny/checkpoint.pt --student vit_tiny --output-dir out/student
+  python distill.py --teacher CKPT --student vit_tiny --t-policy fixed --t 10 ...   # the baseline
+  torchrun --nproc_per_node=8 distill.py --teacher out/vit_b/checkpoint.pt --student resnet18 \\
+      --dataset imagefolder --data-path IMNET --input-size 256 --output-dir out/repfusion
+  python linprobe.py out/student/student.pt --protocol cached --compare        # probe the student
+
+Per image x with label y (RepFusion's classification recipe):
+  t ~ pi(. | x)        the policy: a small conv net on the image -> softmax over t = 0..T-1
+  z = teacher.forward_features(x, t)      clean input (no noise, as the authors' code), frozen
+  s = adaptor(student features(x))        pooled student features, a linear map to z's width
+  loss = MSE(s, z) + CE(head(z), y) - mean(log pi(t|x) r) - lambda H(pi(.|x)),  r = -CE(head(z), y)
+The head is an MLP on the teacher's features: its cross-entropy rewards the t whose features say
+most about the label (REINFORCE, no baseline, as the authors); lambda decays linearly from
+--entropy-reg to 0 over --entropy-epochs. The student gets no label loss here. Training runs on
+trainer.py (the same DDP, precision, EMA, checkpoints, exact resume and log as pre-training); the
+student is written to OUTPUT_DIR/student.pt as a checkpoint linprobe.py and export_timm.py read.
+"""
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import data
+import ldae
+import pretrain
+import trainer
+from data import UserError
+from tokenizer_pca import PatchPCA
+
+STUDENTS = ("resnet18", "vit_tiny", "vit_small")
+
+
+# ---- Students ---------------------------------------------------------------------------------
+class ResNetStudent(nn.Module):
+    """torchvision's ResNet-18 adapted to small images as RepFusion does (a 3 x 3 stride-1 first
+    convolution, no max-pool) with the probe interface of this project's models: forward_features
+    (images, t, depth) -> the average-pooled output of stage `depth` (1..4; t is ignored)."""
+
+    probe_t = 0
+
+    def __init__(self, img_size=32, name="resnet18"):
+        super().__init__()
+        self.config = dict(family="resnet", name=name, img_size=img_size, in_chans=3, depth=8,
+                           patch_size=1)        # depth 8: a probe reads stage depth // 2 = 4
+        self.net = torchvision.models.resnet18(num_classes=1)
+        self.net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.net.maxpool = nn.Identity()
+        self.net.fc = nn.Identity()
+        self.pca = None
+        self.dim = 512
+
+    def init_weights(self, active=True):
+        """A fresh random network (torchvision's initialisation), for --random-init probes."""
+        for m in self.modules():
+            if hasattr(m, "reset_parameters") and m is not self:
+                m.reset_parameters()
+
+    def forward_features(self, images, t=None, depth=None, noisy=False):
+        depths = depth if isinstance(depth, (list, tuple)) else [depth or 4]
+        if not all(1 <= d <= 4 for d in depths):
+            raise UserError(f"a ResNet student has stages 1..4, not {depths}")
+        net, feats = self.net, {}
+        x = net.relu(net.bn1(net.conv1(images)))
+        for i, stage in enumerate((net.layer1, net.layer2, net.layer3, net.layer4)):
+            x = stage(x)
+            feats[i + 1] = x.mean(dim=(2, 3))                     # (B, C) average pool
+        out = [feats[d] for d in depths]
+        if isinstance(depth, (list, tuple)):
+            return out
+        return out[0]
+
+
+MODELS = {"resnet18": {}}
+
+
+def build_model(name, pca=None, img_size=32, **ignored):
+    """The 'resnet' family of pretrain.model_from_checkpoint (student checkpoints)."""
+    if name not in MODELS:
+        raise KeyError(f"unknown student {name!r}; choose from {', '.join(MODELS)}")
+    return ResNetStudent(img_size, name)
+
+
+def build_student(name, teacher, img_size):
+    """A student that sees the raw image. A ViT student is a registry l-DAE network read as an
+    encoder (last encoder block, t = 10): built on the teacher's PCA basis with d = D, its clean
+    input V^T V x is the image itself, and its checkpoint is an ordinary l-DAE checkpoint."""
+    if name == "resnet18":
+        return ResNetStudent(img_size)
+    pca = teacher.pca
+    if pca is None or pca.patch_size != ldae.MODELS[name]["patch_size"]:
+        patch = ldae.MODELS[name]["patch_size"]
+        pca = PatchPCA.empty(patch, 3, img_size)          # orthonormal identity basis
+    D = pca.patch_size ** 2 * pca.channels
+    student = ldae.build_model(name, pca, img_size=img_size, latent_dim=D, latent_norm="none",
+                               latent_scale=1.0)
+    # the decoder half and output layer take no part in the features: frozen (DDP would fail
+    # on parameters without gradients), kept so that the checkpoint loads as an l-DAE's
+    for block in student.blocks[student.depth // 2:]:
+        block.requires_grad_(False)
+    student.final_layer.requires_grad_(False)
+    return student
+
+
+def student_features(student, images):
+    """The student's pooled features: what the adaptor maps to the teacher and a probe reads."""
+    return student.forward_features(images)
+
+
+# ---- RepFusion --------------------------------------------------------------------------------
+class Frozen:
+    """Holds the teacher outside the trained module: not in its state dict, parameters or DDP,
+    and shared, not copied, by the EMA copy (a frozen network needs no average)."""
+
+    def __init__(self, model):
+        self.model = model.eval().requires_grad_(False)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class PolicyNet(nn.Module):
+    """pi(t | x): a LeNet-5-sized conv net on the image -> logits over the T noise levels (the
+    authors' CIFAR policy; an adaptive pool makes it take any image size)."""
+
+    def __init__(self, num_levels):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(5))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+            nn.Linear(84, num_levels))
+
+    def forward(self, images):
+        return self.classifier(self.features(images))
+
+
+class RepFusion(nn.Module):
+    """The module the engine trains: student + adaptor + reward head + policy; loss(x, y)."""
+
+    def __init__(self, teacher, student, num_classes, t_policy, fixed_t, teacher_depth,
+                 entropy_reg, teacher_source):
+        super().__init__()
+        self.teacher = Frozen(teacher)
+        self.student = student
+        self.t_policy, self.fixed_t, self.teacher_depth = t_policy, fixed_t, teacher_depth
+        width = teacher.config["hidden_size"]
+        self.num_levels = teacher.config.get("num_steps", 1000)
+        student_dim = getattr(student, "dim", None) or student.config["hidden_size"]
+        # a linear map of pooled features = the authors' 1 x 1 conv before the pooling
+        self.adaptor = nn.Linear(student_dim, width)
+        self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width),
+                                  nn.ReLU(), nn.Linear(width, num_classes))
+        self.policy = PolicyNet(self.num_levels) if t_policy == "rl" else None
+        # the entropy weight lambda, set every step by the run (a tensor: no recompiles)
+        self.register_buffer("entropy_weight", torch.tensor(float(entropy_reg)), persistent=False)
+        self.pca = teacher.pca
+        self.config = dict(family="repfusion", student=student.config, teacher=teacher_source,
+                           t_policy=t_policy, fixed_t=fixed_t, teacher_depth=teacher_depth,
+                           num_classes=num_classes)
+
+    def choose_t(self, images):
+        """-> (t (B,) long, the policy's distribution or None)."""
+        if self.policy is None:
+            t = torch.full((images.shape[0],), self.fixed_t, device=images.device)
+            return t, None
+        levels = torch.distributions.Categorical(logits=self.policy(images).float())
+        return levels.sample(), levels
+
+    def loss(self, images, labels):
+        t, levels = self.choose_t(images)
+        with torch.no_grad():
+            target = self.teacher.model.forward_features(images, t=t, depth=self.teacher_depth)
+        target = target.float()
+        mimic = self.adaptor(student_features(self.student, images)).float()
+        loss = F.mse_loss(mimic, target)
+        label_loss = F.cross_entropy(self.head(target), labels, reduction="none")   # (B,)
+        loss = loss + label_loss.mean()
+        if levels is not None:
+            reward = -label_loss.detach()          # informative teacher features: a high reward
+            loss = loss - (levels.log_prob(t) * reward).mean()
+            loss = loss - self.entropy_weight * levels.entropy().mean()
+        return loss
+
+    @torch.no_grad()
+    def sampled_t(self, images):
+        """The noise levels the policy picks for these images (a report of what it learned)."""
+        return self.choose_t(images)[0]
+
+
+# ---- Flags ------------------------------------------------------------------------------------
+def get_args_parser():
+    num = data.bounded
+    p = data.ArgumentParser(prog="distill.py", description="RepFusion: distil a denoising "
+                            "model's features (a pretrain.py checkpoint) into a student network, "
+                            "with the noise level chosen per image by a learned policy (RECIPE.md "
+                            "s8).")
+    g = p.add_argument_group("teacher and student")
+    g.add_argument("--teacher", required=True, help="a pretrain.py checkpoint (l-DAE or DiT)")
+    g.add_argument("--teacher-weights", default="ema", choices=["ema", "raw"],
+                   help="the teacher checkpoint's EMA or raw weights")
+    g.add_argument("--teacher-depth", type=num(int, 1), default=None,
+                   help="teacher block whose pooled tokens are the target (default: the last "
+                   "encoder block, the probe's)")
+    g.add_argument("--random-teacher", action="store_true",
+                   help="baseline: the teacher's network with fresh weights (active blocks, as "
+                   "linprobe --random-init), its PCA kept")
+    g.add_argument("--student", default="resnet18", choices=STUDENTS,
+                   help="resnet18: RepFusion's (3x3 stem, no max-pool); vit_*: a registry ViT")
+    g = p.add_argument_group("noise level t (RepFusion's policy)")
+    g.add_argument("--t-policy", default="rl", choices=["rl", "fixed"],
+                   help="rl: a policy over t trained by REINFORCE; fixed: --t for every image")
+    g.add_argument("--t", type=num(int, 0), default=None,
+                   help="--t-policy fixed: the level (default: the teacher's probe level, 10)")
+    g.add_argument("--entropy-reg", type=num(float, 0), default=0.1,
+                   help="initial weight of the policy's entropy bonus (the authors': 0.1)")
+    g.add_argument("--entropy-epochs", type=num(float, 0), default=None,
+                   help="epochs over which that weight decays linearly to 0 (default: half the "
+                   "run)")
+    trainer.add_training_args(p)
+    data.add_data_args(p)
+    # RepFusion trains from scratch for longer than a probe; small-data defaults that run on CPU
+    p.set_defaults(epochs=10, batch_size=64, lr=1e-3, warmup_epochs=1, ema=0.999, save_every=5,
+                   grid_every=1000, log_every=10, input_size=None, output_dir="out/student")
+    return p
+
+
+# ---- Training ---------------------------------------------------------------------------------
+def load_teacher(args, device):
+    ckpt = pretrain.load_checkpoint(args.teacher)
+    teacher = pretrain.model_from_checkpoint(ckpt, args.teacher_weights, device)
+    if args.random_teacher:
+        # fixed by --seed, drawn before the student's init (which re-seeds)
+        torch.manual_seed(args.seed)
+        teacher.init_weights(active=True)
+        teacher.requires_grad_(False)
+    if teacher.config.get("input") == "latents":
+        raise UserError("a DiT teacher on --latents-file latents reads no images; distil from an "
+                        "l-DAE or a DiT on the PCA latent")
+    depth = args.teacher_depth or teacher.depth // 2
+    if not 1 <= depth <= teacher.depth:
+        raise UserError(f"--teacher-depth {depth} is outside 1..{teacher.depth}")
+    levels = teacher.config.get("num_steps", 1000)
+    t = teacher.probe_t if args.t is None else args.t
+    if not 0 <= t < levels:
+        raise UserError(f"--t {t} is outside the teacher's noise levels 0..{levels - 1}")
+    return teacher, depth, t, ckpt
+
+
+def save_student(model, engine, path, args, step):
+    """OUTPUT_DIR/student.pt: the student alone, as a checkpoint of its own family (l-DAE for a
+    ViT student, 'resnet' for ResNet-18), raw and EMA weights."""
+    def student_part(state):
+        return {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+    state = engine.state()
+    ema = student_part(state["ema"]) if state["ema"] is not None else None
+    student = model.student
+    pca = student.pca.to_dict() if student.pca is not None else None
+    primitives = (int, float, str, bool, type(None))
+    keep = {k: v for k, v in vars(args).items() if isinstance(v, primitives)}
+    data.save_torch({"model": student_part(state["model"]), "ema": ema, "step": step,
+                     "model_config": student.config, "pca": pca, "args": keep,
+                     "distilled_from": args.teacher, "version": 1}, path)
+    return path
+
+
+def train(args, rank, world, device):
+    is_main = rank == 0
+    trainer.check_layout(args, world)
+    teacher, depth, fixed_t, teacher_ckpt = load_teacher(args, device)
+    args.input_size = args.input_size or teacher.config["img_size"]
+    if args.input_size != teacher.config["img_size"]:
+        raise UserError(f"the teacher takes {teacher.config['img_size']} px images, not "
+                        f"--input-size {args.input_size}")
+    source, ckpt = trainer.open_run(args, is_main, world, ignore=())
+    train_set = data.build_dataset(args, "train", data.build_transform(args.aug, args.input_size))
+    trainer.cap_batch(args, len(train_set), world, is_main)
+    changed = trainer.check_resume(ckpt, args, world) if ckpt is not None else []
+    torch.manual_seed(args.seed)                   # the same init on every rank
+    student = build_student(args.student, teacher, args.input_size)
+    model = RepFusion(teacher, student, data.num_classes(train_set), args.t_policy, fixed_t,
+                      depth, args.entropy_reg, os.path.abspath(args.teacher)).to(device)
+    engine = trainer.Engine(model, args, rank, world, device)
+    start = trainer.restore(engine, ckpt, model.config)
+    steps_per_epoch = len(train_set) // args.batch_size
+    last = min(max(1, round(args.epochs * steps_per_epoch)), args.max_steps or float("inf"))
+    base_lr = trainer.scaled_lr(args, args.batch_size)
+    entropy_steps = (args.entropy_epochs or args.epochs / 2) * steps_per_epoch
+
+    def lr_fn(step):
+        # the entropy weight decays with the same step clock as the lr (exact on resume)
+        weight = args.entropy_reg * max(0.0, 1.0 - step / max(entropy_steps, 1e-9))
+        model.entropy_weight.fill_(weight)
+        return trainer.lr_at(step, steps_per_epoch, base_lr, args.warmup_epochs, args.epochs,
+                             args.min_lr)
+
+    def describe():
+        return {"model_config": model.config, "pca": teacher_ckpt["pca"]}
+
+    run = trainer.TrainingRun(args, engine, train_set, world, lr_fn, last, describe)
+    if is_main:
+        print_settings(args, teacher, student, depth, fixed_t, len(train_set), world, last,
+                       base_lr, start)
+    res = run.run(start, source, changed)
+    if is_main:
+        res["student"] = save_student(model, engine, os.path.join(args.output_dir, "student.pt"),
+                                      args, run.step)
+        res["policy_t"] = policy_report(model, run.first_images(64))
+        print(f"[distill] done. student: {res['student']} (python linprobe.py {res['student']} "
+              f"--protocol cached --compare)")
+        print(json.dumps(res), flush=True)
+    return res
+
+
+def policy_report(model, images):
+    """Quantiles of the t the (EMA-free, current) policy picks for some training images."""
+    if model.policy is None:
+        return {"fixed": model.fixed_t}
+    model.eval()
+    t = model.sampled_t(images).float()
+    model.train()
+    q = torch.quantile(t, torch.tensor([0.1, 0.5, 0.9], device=t.device)).tolist()
+    return {"p10": round(q[0]), "median": round(q[1]), "p90": round(q[2])}
+
+
+def print_settings(args, teacher, student, depth, fixed_t, n_images, world, last, base_lr, start):
+    how = f"fixed t = {fixed_t}"
+    if args.t_policy == "rl":
+        how = (f"policy over t = 0..{teacher.config.get('num_steps', 1000) - 1} (REINFORCE), "
+               f"entropy {args.entropy_reg:g} -> 0")
+    weights = f"{args.teacher_weights} weights"
+    if args.random_teacher:
+        weights = "RANDOM weights (--random-teacher)"
+    lines = [f"teacher     {args.teacher} ({teacher.config['name']}, {weights}), block {depth}, "
+             f"clean input",
+             f"t           {how}",
+             f"student     {args.student}",
+             f"data        {args.dataset}: {n_images} train images, {args.input_size} px, "
+             f"aug {args.aug}",
+             f"batch       global {args.batch_size} = {world} rank(s) x accum {args.accum_iter}",
+             f"lr          {base_lr:.4g}, warmup {args.warmup_epochs:g} of {args.epochs:g} epochs",
+             f"steps       {start} -> {last}",
+             f"output      {args.output_dir}"]
+    print("[distill] effective settings\n  " + "\n  ".join(lines), flush=True)
+
+
+def main(args):
+    return trainer.run_distributed(train, args)
+
+
+if __name__ == "__main__":
+    data.run_cli(main, get_args_parser())

@@ -1,0 +1,170 @@
+"""distill.py (RepFusion): the objective term by term, the policy learning which noise level is
+informative, student checkpoints that linprobe.py and export_timm.py read, exact resume, DDP,
+and a distilled student probing above a randomly initialised one."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import distill
+import linprobe
+import pretrain
+import trainer
+from data import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    """A tiny l-DAE trained a few steps on the synthetic set (its weights are what matters here,
+    not its quality)."""
+    out = tmp_path_factory.mktemp("teacher")
+    pretrain.main(pretrain.get_args_parser().parse_args(
+        ["--model", "vit_tiny", "--synthetic-size", "64", "--batch-size", "16", "--epochs", "2",
+         "--num-workers", "0", "--pca-images", "64", "--output-dir", str(out)]))
+    return str(out / "checkpoint.pt")
+
+
+def distill_args(teacher, out, *extra):
+    return distill.get_args_parser().parse_args(
+        ["--teacher", teacher, "--student", "vit_tiny", "--synthetic-size", "64", "--batch-size",
+         "16", "--epochs", "2", "--warmup-epochs", "0.5", "--num-workers", "0", "--log-every", "1",
+         "--save-every", "1", "--output-dir", str(out), *extra])
+
+
+def test_the_loss_is_repfusions_term_by_term(teacher_ckpt):
+    # MSE(adaptor(student), teacher at t) + CE(head(teacher)) + REINFORCE with r = -CE - entropy
+    teacher = pretrain.model_from_checkpoint(pretrain.load_checkpoint(teacher_ckpt))
+    student = distill.build_student("vit_tiny", teacher, 32)
+    model = distill.RepFusion(teacher, student, 10, "rl", 10, 2, 0.1, teacher_ckpt)
+    x, y = torch.rand(6, 3, 32, 32) * 2 - 1, torch.arange(6) % 10
+    torch.manual_seed(0)
+    loss = model.loss(x, y)
+    torch.manual_seed(0)
+    levels = torch.distributions.Categorical(logits=model.policy(x))
+    t = levels.sample()
+    z = teacher.forward_features(x, t=t)
+    for i in range(6):                     # a (B,) t is one level per image
+        assert torch.allclose(z[i], teacher.forward_features(x[i:i + 1], t=int(t[i]))[0], atol=1e-5)
+    ce = F.cross_entropy(model.head(z), y, reduction="none")
+    expected = (F.mse_loss(model.adaptor(student.forward_features(x)), z) + ce.mean()
+                + (levels.log_prob(t) * ce).mean() - 0.1 * levels.entropy().mean())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # the teacher is frozen and outside the trained module; the ViT student sees the raw image
+    assert not any(k.startswith("teacher") for k in model.state_dict())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert torch.allclose(student.add_noise(x, torch.zeros(6, dtype=torch.long)), x, atol=1e-5)
+
+
+class TwoLevelTeacher(nn.Module):
+    """A fake teacher whose features carry the label (the image's mean sign) only for t < 100:
+    the reward head can read the label there and nowhere else."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = {"hidden_size": 8, "num_steps": 1000, "img_size": 32, "name": "fake"}
+        self.pca, self.depth, self.probe_t = None, 2, 10
+        self.w = nn.Linear(1, 8)
+
+    def forward_features(self, images, t=None, depth=None, noisy=False):
+        signal = images.mean(dim=(1, 2, 3), keepdim=False)[:, None].sign()
+        noise = torch.randn(images.shape[0], 1)
+        informative = (t < 100).float()[:, None]
+        return self.w(informative * signal + (1 - informative) * noise)
+
+
+def test_the_policy_learns_the_informative_noise_levels():
+    torch.manual_seed(0)
+    teacher = TwoLevelTeacher()
+    student = distill.build_student("vit_tiny", teacher, 32)
+    model = distill.RepFusion(teacher, student, 2, "rl", 10, 2, 0.0, "fake")
+    args = distill.get_args_parser().parse_args(["--teacher", "x", "--ema", "0", "--lr", "3e-3"])
+    engine = trainer.Engine(model, args, 0, 1, torch.device("cpu"))
+
+    def mass_below_100():
+        x = torch.rand(256, 3, 32, 32) * 2 - 1
+        with torch.no_grad():
+            return model.policy(x).softmax(-1)[:, :100].sum(-1).mean().item()
+    before = mass_below_100()
+    for step in range(60):
+        x = torch.rand(32, 3, 32, 32) * 2 - 1 + torch.randn(32, 1, 1, 1)
+        y = (x.mean(dim=(1, 2, 3)) > 0).long()
+        engine.step([(x, y)], step, 3e-3)
+    after = mass_below_100()
+    assert before == pytest.approx(0.1, abs=0.03) and after > before + 0.1, (before, after)
+
+
+def test_students_are_checkpoints_linprobe_and_export_read(teacher_ckpt, tmp_path):
+    res = distill.main(distill_args(teacher_ckpt, tmp_path / "vit"))
+    assert res["steps"] == 8 and math.isfinite(res["final_loss"])
+    assert set(res["policy_t"]) == {"p10", "median", "p90"}
+    student = pretrain.load_checkpoint(res["student"])
+    assert student["model_config"]["family"] == "ldae" and student["model_config"]["latent_dim"] == 48
+    probe = linprobe.main(linprobe.get_args_parser().parse_args(
+        [res["student"], "--protocol", "cached", "--synthetic-size", "64", "--num-workers", "0",
+         "--output-dir", str(tmp_path / "probe")]))
+    assert probe["top1"] >= 0 and probe["backbone_unchanged"]
+    export = pytest.importorskip("export_timm")
+    assert export.main(export.get_args_parser().parse_args(
+        [res["student"], "--out", str(tmp_path / "vit_timm.pt")])) is not None
+    # a ResNet-18 student and the fixed-t baseline: a step each, and its checkpoint probes too
+    res = distill.main(distill_args(teacher_ckpt, tmp_path / "resnet", "--student", "resnet18",
+                                    "--t-policy", "fixed", "--max-steps", "2"))
+    model = pretrain.model_from_checkpoint(pretrain.load_checkpoint(res["student"]))
+    assert model.forward_features(torch.zeros(2, 3, 32, 32)).shape == (2, 512)
+    assert res["policy_t"] == {"fixed": 10}
+    with pytest.raises(UserError, match="distill.py run's checkpoint"):
+        pretrain.model_from_checkpoint(pretrain.load_checkpoint(res["checkpoint"]))
+
+
+def test_distillation_resumes_bit_identically(teacher_ckpt, tmp_path):
+    # the policy's draws are seeded per (seed, step, micro-batch) like the noise of pre-training
+    distill.main(distill_args(teacher_ckpt, tmp_path / "straight"))
+    distill.main(distill_args(teacher_ckpt, tmp_path / "split", "--max-steps", "3"))
+    distill.main(distill_args(teacher_ckpt, tmp_path / "split", "--resume", "auto"))
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]
+               if torch.is_tensor(a["model"][k]))
+    with pytest.raises(UserError, match="--t-policy rl, this run asks for fixed"):
+        distill.main(distill_args(teacher_ckpt, tmp_path / "split", "--resume", "auto",
+                                  "--t-policy", "fixed"))
+
+
+def test_two_ranks_under_torchrun_match_one_process(teacher_ckpt, tmp_path):
+    flags = ["--teacher", teacher_ckpt, "--student", "vit_tiny", "--synthetic-size", "64",
+             "--batch-size", "16", "--epochs", "1", "--num-workers", "0", "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "distill.py", *flags, "--accum-iter", "2",
+                          "--output-dir", str(tmp_path / "one")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", "distill.py", *flags, "--output-dir",
+                          str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    losses = []
+    for name in ("one", "two"):
+        with open(tmp_path / name / "log.jsonl") as f:
+            losses.append([r["loss"] for r in map(json.loads, f) if r["kind"] == "log"])
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-5)
+
+
+def test_bad_inputs_are_one_line(teacher_ckpt, tmp_path):
+    with pytest.raises(UserError, match="--teacher-depth 9 is outside 1..4"):
+        distill.main(distill_args(teacher_ckpt, tmp_path / "a", "--teacher-depth", "9"))
+    with pytest.raises(UserError, match="--t 1000 is outside"):
+        distill.main(distill_args(teacher_ckpt, tmp_path / "b", "--t", "1000"))
+    with pytest.raises(UserError, match="takes 32 px images"):
+        distill.main(distill_args(teacher_ckpt, tmp_path / "c", "--input-size", "64"))
+    with pytest.raises(UserError, match="does not exist"):
+        distill.main(distill_args(str(tmp_path / "none.pt"), tmp_path / "d"))
