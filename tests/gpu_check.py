@@ -606,7 +606,8 @@ def check_resume(ctx):
     plain = train(ctx, "plain", argv)
     out = ctx.fresh("resumed")
     proc = spawn(ctx, [sys.executable, "pretrain.py", *argv, "--output-dir", out], "killed")
-    first, deadline = os.path.join(out, "checkpoint-0001.pt"), time.time() + min(180, ctx.left())
+    # the epoch file is written first and checkpoint.pt linked to it: wait for the link
+    first, deadline = os.path.join(out, "checkpoint.pt"), time.time() + min(180, ctx.left())
     while proc.poll() is None and not os.path.exists(first) and time.time() < deadline:
         time.sleep(0.01)
     alive = proc.poll() is None
