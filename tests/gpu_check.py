@@ -1,4 +1,4 @@
-"""One command that verifies this project on a CUDA machine, offline, in under 8 minutes (issue 16):
+"""One command that verifies this project on a CUDA machine, offline, in under 8 minutes:
 correctness of the CUDA paths, the speed table, and a few minutes of learning. Every section runs
 through the project's own entry points (pretrain.py, linprobe.py, data.decode_batch).
 
