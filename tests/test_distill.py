@@ -81,25 +81,37 @@ class TwoLevelTeacher(nn.Module):
         return self.w(informative * signal + (1 - informative) * noise)
 
 
-def test_the_policy_learns_the_informative_noise_levels():
-    torch.manual_seed(0)
+def policy_mass_below_100(seed, steps=150):
+    """Train RepFusion's policy (no entropy bonus) against TwoLevelTeacher -> the policy's mass
+    on the informative levels t < 100 before and after."""
+    torch.manual_seed(seed)
     teacher = TwoLevelTeacher()
     student = distill.build_student("vit_tiny", teacher, 32)
     model = distill.RepFusion(teacher, student, 2, "rl", 10, 2, 0.0, "fake")
     args = distill.get_args_parser().parse_args(["--teacher", "x", "--ema", "0", "--lr", "3e-3"])
     engine = trainer.Engine(model, args, 0, 1, torch.device("cpu"))
 
-    def mass_below_100():
+    def mass():
         x = torch.rand(256, 3, 32, 32) * 2 - 1
         with torch.no_grad():
             return model.policy(x).softmax(-1)[:, :100].sum(-1).mean().item()
-    before = mass_below_100()
-    for step in range(60):
+    before = mass()
+    for step in range(steps):
         x = torch.rand(32, 3, 32, 32) * 2 - 1 + torch.randn(32, 1, 1, 1)
         y = (x.mean(dim=(1, 2, 3)) > 0).long()
         engine.step([(x, y)], step, 3e-3)
-    after = mass_below_100()
-    assert before == pytest.approx(0.1, abs=0.03) and after > before + 0.1, (before, after)
+    return before, mass()
+
+
+def test_the_policy_learns_the_informative_noise_levels():
+    # REINFORCE without a baseline (the authors') is a noisy learner: every reward is negative,
+    # so any sampled t is pushed down, the uninformative ones more. One run can collapse either
+    # way (measured: 3 of 5 seeds reach ~1.0, one stays, one collapses to 0), so the test asks
+    # it of the seeds together: most of them move their mass onto t < 100
+    runs = [policy_mass_below_100(seed) for seed in range(5)]
+    assert all(before == pytest.approx(0.1, abs=0.03) for before, _ in runs), runs
+    assert sum(after > 0.5 for _, after in runs) >= 3, runs
+    assert sum(after for _, after in runs) / len(runs) > 0.3, runs
 
 
 def test_students_are_checkpoints_linprobe_and_export_read(teacher_ckpt, tmp_path):
