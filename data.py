@@ -423,8 +423,8 @@ class SyntheticShapes(Dataset):
             return torch.rand(shape, generator=generator)
         # Draw at 2x and average-pool: cheap anti-aliasing so edges are not pure staircase.
         S = self.img_size * 2 if self.img_size <= 128 else self.img_size
-        ax = (torch.arange(S) + 0.5) / S * 2 - 1                          # pixel centres in [-1, 1]
-        yy, xx = torch.meshgrid(ax, ax, indexing="ij")                     # (S, S)
+        centres = (torch.arange(S) + 0.5) / S * 2 - 1                     # pixel centres in [-1, 1]
+        yy, xx = torch.meshgrid(centres, centres, indexing="ij")           # (S, S)
         cx, cy = (uniform(2) - 0.5) * 0.9                                  # object centre
         half_size = 0.3 + 0.3 * uniform(1)
         # +-20 degrees: keeps h/v stripes apart
@@ -700,7 +700,7 @@ def decode_batch(jpegs, size, kind, device, seeds=None, scale=(0.2, 1.0), names=
     measured on the GPU)."""
     device = torch.device(device)
     check_transform_kind(kind)
-    names = names or [f"image {b} of the batch" for b in range(len(jpegs))]
+    names = names or [f"image {index} of the batch" for index in range(len(jpegs))]
     if kind == "rrc" and seeds is None:
         seeds = torch.randint(2**62, (len(jpegs),)).tolist()
     try:   # one batched call: on CUDA nvJPEG decodes the batch together
@@ -709,9 +709,9 @@ def decode_batch(jpegs, size, kind, device, seeds=None, scale=(0.2, 1.0), names=
     except RuntimeError:   # a non-JPEG / odd file in the batch (ImageNet has a PNG and CMYK JPEGs)
         imgs = [_decode_any(raw, name).to(device) for raw, name in zip(jpegs, names)]
     out = []
-    for b, img in enumerate(imgs):                                  # (3, H, W) uint8, sizes differ
+    for index, img in enumerate(imgs):                              # (3, H, W) uint8, sizes differ
         if kind == "rrc":
-            out.append(_random_resized_crop(img, size, scale, seeds[b]))
+            out.append(_random_resized_crop(img, size, scale, seeds[index]))
         else:
             side = size if kind == "center" else eval_resize(size)
             resized = T.functional.resize(img, side, BICUBIC, antialias=True)

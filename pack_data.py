@@ -101,8 +101,8 @@ BenchRow = collections.namedtuple("BenchRow", "name workers images_per_s images_
 def cpu_seconds():
     """CPU time of this process and its reaped children (DataLoader workers are joined at the
     end of a pass)."""
-    who = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-    return sum(sum(resource.getrusage(w)[:2]) for w in who)
+    processes = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    return sum(sum(resource.getrusage(who)[:2]) for who in processes)
 
 
 def time_loader(name, ds, workers, batch_size, collate_fn=None):
@@ -158,22 +158,22 @@ def bench(args):
         print(f"[bench] writing {args.make} synthetic JPEGs to {args.data_path}", flush=True)
         data.write_jpeg_folder(args.data_path, args.make)
     size, batch_size, pack_size = args.input_size, args.batch_size, args.pack_size
-    workers = [int(w) for w in args.workers.split(",")]
+    workers = [int(count) for count in args.workers.split(",")]
     rrc = data.build_transform("rrc", size)
     print(f"[bench] {args.data_path}, first {args.images} images, {size}px, batch {batch_size}, "
           f"load avg {os.getloadavg()[0]:.2f}")
     pil_only = first_images(args.data_path, args.images, T.PILToTensor())
     rows = [time_loader("PIL decode only (RGB)", pil_only, 0, batch_size, len)]
-    for w in workers:
+    for count in workers:
         pil_rrc = first_images(args.data_path, args.images, rrc)
-        rows.append(time_loader("PIL decode + rrc + flip + ToTensor + Normalize", pil_rrc, w,
+        rows.append(time_loader("PIL decode + rrc + flip + ToTensor + Normalize", pil_rrc, count,
                                 batch_size))
     out = os.path.join(args.pack_dir, f"bench_{pack_size}.u8")
     to_pack = first_images(args.data_path, args.images, pack_transform(pack_size))
     pack_dataset(to_pack, out, pack_size, max(workers))
-    for w in workers:
+    for count in workers:
         rows.append(time_loader(f"packed {pack_size}px + rrc + flip + Normalize",
-                                data.Packed(out, rrc), w, batch_size))
+                                data.Packed(out, rrc), count, batch_size))
     # uint8 out of the workers (4x fewer bytes through shared memory, float on the GPU): the
     # cost of sending floats between processes
     uint8_rrc = T.Compose(rrc.transforms[:3])
