@@ -21,19 +21,22 @@ The network's "image" is a latent grid (B, C, h, w):
                    of the pixel patches and the noise is isotropic, so this is pixel-space
                    diffusion up to a fixed linear map at the network's input and output.
   input="latents"  precomputed latents of the user's tokenizer (e.g. a KL-VAE's (4, 32, 32)),
-                   read by `LatentDataset` from a .pt file {"latents": (N, C, h, w), "labels": (N,)}.
+                   read by `LatentDataset` from a .pt file
+                   {"latents": (N, C, h, w), "labels": (N,)}.
 Learned variance (DiT's learn_sigma) is not needed for representation learning: the paper
 probes features, never samples. learn_sigma=True only adds the output channels that official
 checkpoints carry (so they load); the loss ignores that half.
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
 
 from data import UserError
 from ldae import (DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, init_dit_weights,
-                  noise_levels, run_blocks, sincos_pos_embed, transformer_flops)
+                  noise_levels, pooled_features, registry_config, run_blocks,
+                  sincos_pos_embed, training_flops)
 from tokenizer_pca import LATENT_NORMS, PatchPCA
 
 
@@ -54,9 +57,7 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
-# ----------------------------------------------------------------------------------------------
-# Noise schedules (RECIPE s7). x_t = gamma_t z0 + sigma_t eps, t in {0..T-1}, T = 1000.
-# ----------------------------------------------------------------------------------------------
+# ---- Noise schedules (RECIPE s7). x_t = gamma_t z0 + sigma_t eps, t in {0..T-1}, T = 1000.
 SCHEDULES = ("ddpm", "linear_gamma2", "no_scaling")
 PREDICTIONS = ("eps", "x0")
 
@@ -87,10 +88,9 @@ def make_schedule(name, T=1000):
     return g2.sqrt(), (1 - g2).sqrt()
 
 
-# ----------------------------------------------------------------------------------------------
-# The DiT (official DiT module names: x_embedder.proj, t_embedder.mlp, y_embedder.embedding_table,
-# pos_embed, blocks.N.{attn.qkv, attn.proj, mlp.fc1, mlp.fc2, adaLN_modulation.1}, final_layer)
-# ----------------------------------------------------------------------------------------------
+# ---- The DiT (official DiT module names: x_embedder.proj, t_embedder.mlp,
+# y_embedder.embedding_table, pos_embed, blocks.N.{attn.qkv, attn.proj, mlp.fc1, mlp.fc2,
+# adaLN_modulation.1}, final_layer)
 _SIZES = dict(s=(384, 12, 6), b=(768, 12, 12), l=(1024, 24, 16), xl=(1152, 28, 16))
 MODELS = {f"dit_{s}_{p}": dict(hidden_size=w, depth=d, num_heads=h, dit_patch=p)
           for s, (w, d, h) in _SIZES.items() for p in (1, 2, 4, 8)}
@@ -107,6 +107,40 @@ MODEL_FLAGS = ("img_size", "patch_size", "latent_dim", "latent_scale", "latent_n
                "dit_input", "latents_file", "latent_channels", "latent_size", "grad_checkpoint")
 
 
+def check_config(pca, input, prediction, img_size, patch_size, latent_dim, latent_norm):
+    """UserError, in words a pretrain.py user can act on, for a config DiT cannot take; else the
+    latent width to use (input="pca": latent_dim 0 means all D coordinates, the Table 2 "pixel"
+    row; input="latents": the file's channels decide, latent_dim is unused)."""
+    if input not in ("pca", "latents"):
+        raise UserError(f"--dit-input must be pca or latents, not {input!r}")
+    if prediction not in PREDICTIONS:
+        raise UserError(f"unknown prediction {prediction!r}; "
+                        f"choose from {', '.join(PREDICTIONS)}")
+    if patch_size < 1 or img_size < 1:
+        raise UserError(f"--patch-size {patch_size} and --input-size {img_size} must be >= 1")
+    if input == "pca":
+        if pca.patch_size != patch_size or pca.channels != 3:
+            raise UserError(f"the PCA has {pca.patch_size}px patches but the model wants "
+                            f"{patch_size}px: refit the PCA or pass --patch-size {pca.patch_size}")
+        D = pca.dim
+        if not latent_dim or latent_dim <= 0:
+            latent_dim = D
+        if latent_dim > D:
+            raise UserError(f"latent_dim {latent_dim} exceeds D = {D} of "
+                            f"{patch_size}x{patch_size}x3 patches: use a smaller --latent-dim "
+                            f"or a larger patch size")
+        if img_size % patch_size:
+            raise UserError(f"image size {img_size} is not a multiple of the patch size "
+                            f"{patch_size}")
+    if latent_norm not in LATENT_NORMS:
+        raise UserError(f"--latent-norm must be one of {', '.join(LATENT_NORMS)}, "
+                        f"not {latent_norm!r}")
+    if input == "latents" and latent_norm != "none":
+        raise UserError("--latent-norm needs the PCA's eigenvalues; for --latents-file "
+                        "scale the latents yourself or pass --latent-scale")
+    return latent_dim
+
+
 class DiT(nn.Module):
     def __init__(self, pca, img_size=256, patch_size=16, latent_dim=32, latent_scale=None,
                  latent_norm="none", cond_ratio=1.0, input="pca", latent_channels=4,
@@ -115,37 +149,20 @@ class DiT(nn.Module):
                  class_dropout_prob=0.1, learn_sigma=False, schedule="ddpm", prediction="eps",
                  num_steps=1000, grad_checkpoint=False, name="custom"):
         super().__init__()
-        if input not in ("pca", "latents"):
-            raise UserError(f"--dit-input must be pca or latents, not {input!r}")
-        if prediction not in PREDICTIONS:
-            raise UserError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
-        if patch_size < 1 or img_size < 1:
-            raise UserError(f"--patch-size {patch_size} and --input-size {img_size} must be >= 1")
+        latent_dim = check_config(pca, input, prediction, img_size, patch_size, latent_dim,
+                                  latent_norm)
         if input == "pca":
-            if pca.patch_size != patch_size or pca.channels != 3:
-                raise UserError(f"the PCA has {pca.patch_size}px patches but the model wants "
-                                f"{patch_size}px: refit the PCA or pass --patch-size {pca.patch_size}")
-            D = pca.dim
-            latent_dim = D if not latent_dim or latent_dim <= 0 else latent_dim  # 0: pixel row
-            if latent_dim > D:
-                raise UserError(f"latent_dim {latent_dim} exceeds D = {D} of {patch_size}x{patch_size}x3 "
-                                f"patches: use a smaller --latent-dim or a larger patch size")
-            if img_size % patch_size:
-                raise UserError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
-            latent_channels, latent_size = latent_dim, img_size // patch_size
-        if latent_norm not in LATENT_NORMS:
-            raise UserError(f"--latent-norm must be one of {', '.join(LATENT_NORMS)}, "
-                            f"not {latent_norm!r}")
-        if input == "latents" and latent_norm != "none":
-            raise UserError("--latent-norm needs the PCA's eigenvalues; for --latents-file "
-                            "scale the latents yourself or pass --latent-scale")
+            # the network's "image" is the grid of PCA latents, one d-vector per patch
+            latent_channels = latent_dim
+            latent_size = img_size // patch_size
+        if latent_size % dit_patch:
+            raise UserError(f"the {latent_size}x{latent_size} latent grid does not tile into DiT "
+                            f"patches of {dit_patch}: pick a dit_*_{{1,2,4,8}} model that "
+                            f"divides it")
         # RECIPE s2: the latent's scale is a choice the model owns (the PCA object is not changed);
         # input="latents": latent_scale multiplies the file's latents
         self.latent_scale = float(pca.scale if latent_scale is None else latent_scale)
         self.latent_norm = latent_norm
-        if latent_size % dit_patch:
-            raise UserError(f"the {latent_size}x{latent_size} latent grid does not tile into DiT "
-                            f"patches of {dit_patch}: pick a dit_*_{{1,2,4,8}} model that divides it")
         self.config = dict(family="dit", name=name, img_size=img_size, patch_size=patch_size,
                            latent_dim=latent_dim, latent_scale=self.latent_scale,
                            latent_norm=latent_norm, cond_ratio=cond_ratio, input=input,
@@ -172,7 +189,8 @@ class DiT(nn.Module):
         if self.class_cond:          # unconditional models have no y_embedder at all
             self.y_embedder = LabelEmbedder(num_classes, cond_dim, class_dropout_prob)
         grid = latent_size // dit_patch
-        self.register_buffer("pos_embed", sincos_pos_embed(hidden_size, grid).unsqueeze(0))  # (1, L, D)
+        # (1, L, D): fixed, so a buffer, not a parameter (RECIPE s4)
+        self.register_buffer("pos_embed", sincos_pos_embed(hidden_size, grid).unsqueeze(0))
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, cond_dim)
                                     for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, dit_patch, self.out_channels, cond_dim)
@@ -194,9 +212,8 @@ class DiT(nn.Module):
 
     # --- latent <-> image ---------------------------------------------------------------------
     def latent_gain(self):
-        """(d,) multipliers of the PCA coordinates (--latent-scale x --latent-norm, RECIPE s2), the
-        same rule as ldae.LDAE (DiT's variance-preserving schedules assume ~unit-variance
-        latents)."""
+        """(d,) multipliers of the PCA coordinates, ldae.LDAE's rule (RECIPE s2): DiT's
+        variance-preserving schedules assume ~unit-variance latents."""
         return self.pca.latent_gain(self.C, self.latent_norm, self.latent_scale)
 
     def encode(self, images):
@@ -220,11 +237,12 @@ class DiT(nn.Module):
 
     # --- the network --------------------------------------------------------------------------
     def _labels(self, y, B, device):
+        num_classes = self.y_embedder.num_classes
         if y is None:                                                   # unconditional: null class
-            return torch.full((B,), self.y_embedder.num_classes, device=device, dtype=torch.long)
+            return torch.full((B,), num_classes, device=device, dtype=torch.long)
         # checked on CPU only: on GPU int(y.max()) would sync the host every step
-        if y.device.type == "cpu" and not 0 <= int(y.min()) <= int(y.max()) < self.y_embedder.num_classes:
-            raise UserError(f"labels must be in 0..{self.y_embedder.num_classes - 1}: pass "
+        if y.device.type == "cpu" and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
+            raise UserError(f"labels must be in 0..{num_classes - 1}: pass "
                             f"num_classes = the dataset's class count to build_model")
         return y
 
@@ -281,72 +299,60 @@ class DiT(nn.Module):
     probe_t = 10                        # RECIPE s5: the probe's default noise level
 
     def forward_features(self, images, t=None, depth=None, noisy=False):
-        """Average-pooled tokens after block `depth` (default: the first half, RECIPE s7: 12 of
-        24 for DiT-L), the network told level t. Clean input = x_t with eps = 0, i.e. gamma_t z0
-        (gamma_10^2 = 0.9985 for ddpm, 0.989 for linear_gamma2, 1 for no_scaling); noisy=True
-        draws eps. Class-conditional models get the null class, never the true label (a probe
-        must not see labels through the input). depth may be a list: one pass, a list out."""
-        depths = [depth or self.depth // 2] if not isinstance(depth, (list, tuple)) else depth
+        """ldae.pooled_features after block `depth` (default: the first half, RECIPE s7: 12 of
+        24 for DiT-L; a list: one pass, a list out), the network told level t (an int or one per
+        image). Clean input = x_t with eps = 0, i.e. gamma_t z0 (gamma_10^2 = 0.9985 for ddpm,
+        0.989 for linear_gamma2, 1 for no_scaling); noisy=True draws eps. Class-conditional
+        models get the null class, never the true label (a probe must not see labels through
+        the input)."""
         z0 = self.encode(images)
-        tt = noise_levels(t, self.probe_t, z0)                      # (B,): an int or per image
-        x = self.add_noise(z0, tt, None if noisy else torch.zeros_like(z0))[0]
-        x, c = self._cond(x, tt, None, False)
-        feats = {}
-        for i, block in enumerate(self.blocks[:max(depths)]):
-            x = block(x, c)
-            if i + 1 in depths:
-                feats[i + 1] = x.mean(dim=1)                            # (B, D)
-        out = [feats[k] for k in depths]
-        return out if isinstance(depth, (list, tuple)) else out[0]
+        levels = noise_levels(t, self.probe_t, z0)                  # (B,): an int or per image
+        eps = None if noisy else torch.zeros_like(z0)
+        xt, _ = self.add_noise(z0, levels, eps)
+        tokens, c = self._cond(xt, levels, None, False)
+        return pooled_features(self.blocks, tokens, c, depth, self.depth // 2)
 
     @torch.no_grad()
     def denoise(self, images, t):
         """(noisy, denoised) images at level t, through inverse PCA: the noisy latent x_t and the
         one-step x0 estimate decoded. Unconditional (null class) when class-conditional."""
         z0 = self.encode(images)
-        tt = torch.as_tensor(t, device=z0.device).long().expand(z0.shape[0])
-        xt, _ = self.add_noise(z0, tt)
-        out = self(xt, tt)[:, :self.C].float()                          # unconditional
-        g, s = self.gamma[tt].view(-1, 1, 1, 1), self.sigma[tt].view(-1, 1, 1, 1)
+        levels = torch.as_tensor(t, device=z0.device).long().expand(z0.shape[0])
+        xt, _ = self.add_noise(z0, levels)
+        out = self(xt, levels)[:, :self.C].float()                      # unconditional
+        g, s = self.gamma[levels].view(-1, 1, 1, 1), self.sigma[levels].view(-1, 1, 1, 1)
         x0 = out if self.prediction == "x0" else (xt - s * out) / g     # eps -> x0 estimate
         return self.decode(xt), self.decode(x0)
 
     def train_flops_per_image(self):
-        """Analytic training FLOPs per image: 3 x forward (ldae.transformer_flops)."""
-        cfg, p = self.config, self.p
-        L = (self.grid // p) ** 2
-        cond = max(1, int(cfg["hidden_size"] * cfg["cond_ratio"]))
-        return 3 * transformer_flops(L, cfg["hidden_size"], cfg["depth"], cfg["mlp_ratio"],
-                                     cond, p * p * self.C, p * p * self.out_channels)
+        return training_flops(self)
 
 
-# ----------------------------------------------------------------------------------------------
-# User latents (Table 1 and the VAE/AE rows of Table 2 need a real tokenizer's latents)
-# ----------------------------------------------------------------------------------------------
+# ---- User latents (Table 1 and the VAE/AE rows of Table 2 need a real tokenizer's latents)
 class LatentDataset(torch.utils.data.Dataset):
     """Precomputed latents from a .pt file {"latents": (N, C, h, w) float, "labels": (N,) long}
     (optional "classes": list of names). Memory-mapped, so a 1.28M x 4 x 32 x 32 fp16 file
     (10 GB) is not read into RAM. Items: (latent (C, h, w) float32, int label)."""
 
     def __init__(self, path):
-        import os
         if not path:
             raise UserError("this model reads precomputed latents: pass --latents-file FILE.pt "
                             "holding {'latents': (N, C, h, w), 'labels': (N,)}")
         if not os.path.isfile(path):
             raise UserError(f"latents file {path} does not exist")
         try:
-            d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             raise UserError(f"cannot read latents file {path}: {e}") from None
-        if not isinstance(d, dict) or "latents" not in d or "labels" not in d:
-            raise UserError(f"{path} must hold a dict with 'latents' (N, C, h, w) and 'labels' (N,)")
-        self.latents, self.labels = d["latents"], d["labels"].long()
+        if not isinstance(saved, dict) or "latents" not in saved or "labels" not in saved:
+            raise UserError(f"{path} must hold a dict with 'latents' (N, C, h, w) and "
+                            f"'labels' (N,)")
+        self.latents, self.labels = saved["latents"], saved["labels"].long()
         if self.latents.ndim != 4 or len(self.labels) != len(self.latents):
             raise UserError(f"{path}: latents must be (N, C, h, w) with N labels, got "
                             f"{tuple(self.latents.shape)} and {tuple(self.labels.shape)}")
-        n = int(self.labels.max()) + 1 if len(self.labels) else 0
-        self.classes = list(d.get("classes") or [str(i) for i in range(n)])  # data.num_classes
+        num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
+        self.classes = list(saved.get("classes") or map(str, range(num_classes)))
 
     def __len__(self):
         return len(self.latents)
@@ -363,23 +369,23 @@ def make_latent_dataset(path):
     return ds
 
 
-_BOOL = {**dict.fromkeys(("true", "1", "yes", "on"), True), **dict.fromkeys(("false", "0", "no", "off"), False)}
+# How a boolean flag may be spelled on the command line ("--class-cond false")
+_BOOL = {**dict.fromkeys(("true", "1", "yes", "on"), True),
+         **dict.fromkeys(("false", "0", "no", "off"), False)}
 
 
 def build_model(name, pca=None, **overrides):
     """Registry behind `pretrain.py --model dit_*`. None overrides are ignored; dit_input is an
     alias of input; latents_file sets input="latents" and reads (C, h, w) and the class count
     from the file. pca=None: an identity basis of the right shape (overwritten by a checkpoint)."""
-    if name not in MODELS:
-        raise KeyError(f"unknown DiT model {name!r}; choose from {sorted(MODELS)}")
-    cfg = {**MODELS[name], **{k: v for k, v in overrides.items() if v is not None}}
-    for k in ("family", "name"):
-        cfg.pop(k, None)
-    for k in ("class_cond", "learn_sigma", "grad_checkpoint"):   # "--class-cond false" from argparse
-        if isinstance(cfg.get(k), str):
-            if cfg[k].lower() not in _BOOL:
-                raise UserError(f"--{k.replace('_', '-')} must be true or false, not {cfg[k]!r}")
-            cfg[k] = _BOOL[cfg[k].lower()]
+    cfg = registry_config(MODELS, name, overrides, "DiT")
+    # argparse hands boolean flags over as the strings typed
+    for key in ("class_cond", "learn_sigma", "grad_checkpoint"):
+        if isinstance(cfg.get(key), str):
+            if cfg[key].lower() not in _BOOL:
+                flag = "--" + key.replace("_", "-")
+                raise UserError(f"{flag} must be true or false, not {cfg[key]!r}")
+            cfg[key] = _BOOL[cfg[key].lower()]
     if "dit_input" in cfg:
         cfg["input"] = cfg.pop("dit_input")
     cfg["input"] = {"latent": "latents"}.get(cfg.get("input"), cfg.get("input", "pca"))
@@ -396,9 +402,7 @@ def build_model(name, pca=None, **overrides):
     return DiT(pca, name=name, **cfg)
 
 
-# ----------------------------------------------------------------------------------------------
-# Presets: every row of RECIPE s7 + the section-5 ablations. Values are pretrain.py dest names.
-# ----------------------------------------------------------------------------------------------
+# ---- Presets: every row of RECIPE s7 + the section-5 ablations. Values are pretrain.py dest names.
 _BASE = dict(epochs=400, batch_size=2048, blr=1e-4, warmup_epochs=100, weight_decay=0.0,
              aug="center", input_size=256)                        # RECIPE s6 / s7: all rows
 # The paper's DiT rows shrink the conditioning MLP to 1/4 of DiT's, as its l-DAE does (RECIPE s4):

@@ -27,10 +27,7 @@ import torch.utils.checkpoint
 
 from tokenizer_pca import LATENT_NORMS, PatchPCA
 
-# ----------------------------------------------------------------------------------------------
-# Transformer pieces shared with dit_baseline.py (RECIPE s4: "a ViT built from DiT blocks")
-# ----------------------------------------------------------------------------------------------
-
+# ---- Transformer pieces shared with dit_baseline.py (RECIPE s4: "a ViT built from DiT blocks")
 
 def modulate(x, shift, scale):
     # adaLN: a per-example affine map of the normalised tokens. x (B, L, D); shift, scale (B, 1, D)
@@ -104,7 +101,7 @@ class Attention(nn.Module):
     def forward(self, x):                                               # (B, L, D)
         B, L, D = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                  # each (B, heads, L, D/heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                  # (B, heads, L, D/heads)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
@@ -201,6 +198,21 @@ def run_blocks(blocks, x, c, depth=None, checkpoint=False):
     return x
 
 
+def pooled_features(blocks, x, c, depth, default_depth):
+    """The probe's features (RECIPE s5): tokens x (B, L, D) through the blocks under conditioning
+    c, average-pooled (no class token) after block `depth` (None or 0: default_depth) -> (B, D).
+    A list of depths takes one pass and returns one (B, D) per depth (the DDAE grid protocol)."""
+    many = isinstance(depth, (list, tuple))
+    depths = list(depth) if many else [depth or default_depth]
+    pooled = {}
+    for index, block in enumerate(blocks[:max(depths)], start=1):
+        x = block(x, c)
+        if index in depths:
+            pooled[index] = x.mean(dim=1)
+    features = [pooled[k] for k in depths]
+    return features if many else features[0]
+
+
 def noise_levels(t, default, images):
     """t for every image: None (the model's default level), one int, or a (B,) tensor (one level
     per image, as distill.py's policy picks them) -> (B,) long on the images' device."""
@@ -211,20 +223,35 @@ def noise_levels(t, default, images):
     return torch.full((images.shape[0],), int(t), device=images.device, dtype=torch.long)
 
 
-def transformer_flops(num_tokens, dim, depth, mlp_ratio, cond_dim, in_dim, out_dim):
-    """Analytic forward FLOPs (2 x multiply-adds) of the token stack for one image (the MFU figures rest on it)."""
-    L, D = num_tokens, dim
+def registry_config(models, name, overrides, what):
+    """models[name] updated with the overrides that are not None (argparse's unset flags)."""
+    if name not in models:
+        raise KeyError(f"unknown {what} model {name!r}; choose from {sorted(models)}")
+    cfg = {**models[name], **{k: v for k, v in overrides.items() if v is not None}}
+    cfg.pop("family", None)
+    cfg.pop("name", None)
+    return cfg
+
+
+def training_flops(model):
+    """Analytic training FLOPs per image of an l-DAE or DiT model, sizes read off its modules:
+    3 x the forward (backward = 2 x forward) of the token stack, 2 FLOPs per multiply-add. The
+    PCA projections (< 0.5% at 256 px) are not counted, as usual for MFU."""
+    L, D = model.pos_embed.shape[1:]
+    cond_dim = model.t_embedder.mlp[0].out_features
+    in_dim = model.x_embedder.proj.weight[0].numel()                   # p * p * C per token
+    out_dim = model.final_layer.linear.out_features
+    mlp_ratio = model.config["mlp_ratio"]
     per_block = 2 * L * D * D * (4 + 2 * mlp_ratio)    # qkv (3 D^2) + proj (D^2) + MLP (2 r D^2)
     per_block += 2 * 2 * L * L * D                     # Q K^T and attn @ V
     per_block += 2 * cond_dim * 6 * D                  # adaLN modulation (once per image)
     head = 2 * L * D * out_dim + 2 * cond_dim * 2 * D
-    embed = 2 * L * in_dim * D + 2 * (256 * cond_dim + cond_dim * cond_dim)
-    return depth * per_block + head + embed
+    freq_dim = model.t_embedder.freq_dim
+    embed = 2 * L * in_dim * D + 2 * (freq_dim * cond_dim + cond_dim * cond_dim)
+    return 3 * (len(model.blocks) * per_block + head + embed)
 
 
-# ----------------------------------------------------------------------------------------------
-# The l-DAE model (RECIPE s3, s4)
-# ----------------------------------------------------------------------------------------------
+# ---- The l-DAE model (RECIPE s3, s4)
 
 # Sizes (RECIPE s4). `depth` counts encoder + decoder blocks: the first half is the encoder that
 # the probe reads, the second half the decoder, same width, no bottleneck. The two small sizes
@@ -236,7 +263,7 @@ MODELS = {
     "vit_tiny": dict(hidden_size=64, depth=4, num_heads=4, **_CPU),
     "vit_small": dict(hidden_size=192, depth=12, num_heads=3, **_CPU),
     "vit_b": dict(hidden_size=768, depth=24, num_heads=12),          # ViT-B enc + ViT-B dec
-    "vit_half_l": dict(hidden_size=1024, depth=24, num_heads=16),    # DiT-L split 12 + 12 (ablations)
+    "vit_half_l": dict(hidden_size=1024, depth=24, num_heads=16),    # DiT-L as 12 + 12 (ablations)
     "vit_l": dict(hidden_size=1024, depth=48, num_heads=16),         # ViT-L enc + ViT-L dec
 }
 
@@ -247,7 +274,7 @@ MODEL_FLAGS = ("img_size", "patch_size", "latent_dim", "latent_scale", "latent_n
 
 
 def check_config(pca, img_size, patch_size, in_chans, latent_dim, latent_norm, noise, target):
-    """ValueError, in words a user of pretrain.py's flags can act on, for a config LDAE cannot take."""
+    """ValueError, in words a pretrain.py user can act on, for a config LDAE cannot take."""
     if patch_size < 1 or img_size < 1 or img_size % patch_size:
         raise ValueError(f"the image size {img_size} (--input-size) must be a positive multiple "
                          f"of the patch size {patch_size} (--patch-size)")
@@ -294,7 +321,8 @@ class LDAE(nn.Module):
         grid = img_size // patch_size
         self.x_embedder = PatchEmbed(patch_size, in_chans, hidden_size)
         self.t_embedder = TimestepEmbedder(cond_dim)
-        self.register_buffer("pos_embed", sincos_pos_embed(hidden_size, grid).unsqueeze(0))  # (1, L, D)
+        # (1, L, D): fixed, so a buffer, not a parameter (RECIPE s4)
+        self.register_buffer("pos_embed", sincos_pos_embed(hidden_size, grid).unsqueeze(0))
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, cond_dim)
                                     for _ in range(depth))
         # Output per token: the clean image patch (p*p*C values), or, for the Table 3 row "image
@@ -388,64 +416,43 @@ class LDAE(nn.Module):
             return (lam * per_image).mean()
 
     def forward_features(self, images, t=None, depth=None, noisy=False):
-        """What the linear probe reads (RECIPE s5): the tokens after the last encoder block
-        (depth = half the blocks), average-pooled (no class token), with the network told noise
-        level t (None: probe_t, i.e. 10, or the level a single-level model was trained at; or a
-        (B,) tensor of levels) and
-        given a clean input, i.e. the image projected onto the d-dim PCA subspace (sigma = 0: the
-        only kind of input the network saw in training). noisy=True adds the noise of level t
-        instead (the paper's Sec. 5 probe ablation).
-
-        depth may be an int or a list of ints (one pass, one (B, D) tensor per depth: the DDAE
-        grid protocol). Returns (B, D) or a list of them.
-        """
-        depths = [depth or self.depth // 2] if not isinstance(depth, (list, tuple)) else depth
-        tt = noise_levels(t, self.probe_t, images)
+        """What the linear probe reads (RECIPE s5): pooled_features after block `depth` (default:
+        the last encoder block, half the blocks; a list: one (B, D) per depth), with the network
+        told noise level t (None: probe_t, i.e. 10, or the level a single-level model was trained
+        at; an int; or a (B,) tensor, one level per image) and given a clean input, i.e. the
+        image projected onto the d-dim PCA subspace (sigma = 0: the only kind of input the
+        network saw in training). noisy=True adds the noise of level t instead (the paper's
+        Sec. 5 probe ablation)."""
+        levels = noise_levels(t, self.probe_t, images)
         if noisy:
-            x = self.add_noise(images, tt)
+            x = self.add_noise(images, levels)
         else:
-            x = self.add_noise(images, torch.zeros_like(tt))            # sigma 0 -> V_d^T V_d x0
-        x = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(tt)
-        feats = {}
-        for i, block in enumerate(self.blocks[:max(depths)]):
-            x = block(x, c)
-            if i + 1 in depths:
-                feats[i + 1] = x.mean(dim=1)                            # (B, D) average pool
-        out = [feats[k] for k in depths]
-        return out if isinstance(depth, (list, tuple)) else out[0]
+            # sigma 0: the image projected onto the PCA subspace, V_d^T V_d x0
+            x = self.add_noise(images, torch.zeros_like(levels))
+        tokens = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(levels)
+        return pooled_features(self.blocks, tokens, c, depth, self.depth // 2)
 
     @torch.no_grad()
     def denoise(self, images, t):
         """For image grids: (noisy input, denoised output) as images (B, C, H, W) at level t."""
-        tt = torch.as_tensor(t, device=images.device).long().expand(images.shape[0])
-        noisy = self.add_noise(images, tt)
-        out = self(noisy, tt).float()
+        levels = torch.as_tensor(t, device=images.device).long().expand(images.shape[0])
+        noisy = self.add_noise(images, levels)
+        out = self(noisy, levels).float()
         if self.target == "latent":
             return noisy, self.pca.decode(out, gain=self.latent_gain())
         return noisy, self.pca.unpatchify(out)
 
     def train_flops_per_image(self):
-        """Analytic training FLOPs per image: 3 x the forward (backward = 2 x forward) of the
-        network; the PCA projections (< 0.5% at 256 px) are not counted, as usual for MFU."""
-        cfg = self.config
-        L = (cfg["img_size"] // cfg["patch_size"]) ** 2
-        D_patch = cfg["patch_size"] ** 2 * cfg["in_chans"]
-        out = cfg["latent_dim"] if cfg["target"] == "latent" else D_patch
-        cond = max(1, int(cfg["hidden_size"] * cfg["cond_ratio"]))
-        return 3 * transformer_flops(L, cfg["hidden_size"], cfg["depth"], cfg["mlp_ratio"], cond,
-                                     D_patch, out)
+        return training_flops(self)
 
 
 def build_model(name, pca=None, **overrides):
-    """The registry behind `pretrain.py --model`. Overrides set to None are ignored (so argparse
-    defaults of None keep the registry's value). pca=None builds an identity basis of the right
-    shape, to be overwritten by load_state_dict from a checkpoint."""
-    if name not in MODELS:
-        raise KeyError(f"unknown l-DAE model {name!r}; choose from {sorted(MODELS)}")
-    cfg = {**MODELS[name], **{k: v for k, v in overrides.items() if v is not None}}
-    cfg.pop("family", None)
-    cfg.pop("name", None)
+    """The registry behind `pretrain.py --model`; overrides set to None are ignored. pca=None
+    builds an identity basis of the right shape, to be overwritten by load_state_dict from a
+    checkpoint."""
+    cfg = registry_config(MODELS, name, overrides, "l-DAE")
     if pca is None:
-        pca = PatchPCA.empty(cfg.get("patch_size", 16), cfg.get("in_chans", 3), cfg.get("img_size", 256))
+        patch_size = cfg.get("patch_size", 16)
+        pca = PatchPCA.empty(patch_size, cfg.get("in_chans", 3), cfg.get("img_size", 256))
     return LDAE(pca, name=name, **cfg)

@@ -50,12 +50,16 @@ class PatchPCA(nn.Module):
         super().__init__()
         D = patch_size * patch_size * channels
         if components.shape != (D, D):
-            raise ValueError(f"components must be ({D}, {D}) for patch {patch_size} x {channels} ch")
+            raise ValueError(f"components must be ({D}, {D}) for patch {patch_size} x "
+                             f"{channels} ch")
         self.register_buffer("components", components.float().clone())
         self.register_buffer("eigenvalues", eigenvalues.float().clone())
         self.register_buffer("mean", torch.zeros(D) if mean is None else mean.float().clone())
-        self.patch_size, self.channels, self.img_size = int(patch_size), int(channels), int(img_size)
-        self.center, self.scale = bool(center), float(scale)
+        self.patch_size = int(patch_size)
+        self.channels = int(channels)
+        self.img_size = int(img_size)
+        self.center = bool(center)
+        self.scale = float(scale)
         self.meta = dict(meta or {})  # fit metadata: primitives only (weights_only loading)
 
     @property
@@ -73,7 +77,8 @@ class PatchPCA(nn.Module):
         B, C, H, W = x.shape
         p = self.patch_size
         if H % p or W % p or C != self.channels:
-            raise ValueError(f"image {tuple(x.shape)} does not tile into {p} x {p} x {self.channels} patches")
+            raise ValueError(f"image {tuple(x.shape)} does not tile into {p} x {p} x "
+                             f"{self.channels} patches")
         x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, q, C)
         return x.reshape(B, (H // p) * (W // p), p * p * C)                  # (B, L, D)
 
@@ -82,9 +87,11 @@ class PatchPCA(nn.Module):
         p, C = self.patch_size, self.channels
         if h is None:
             h = w = math.isqrt(L)
-        w = w if w is not None else L // h
+        if w is None:
+            w = L // h
         if h * w != L or D != p * p * C:
-            raise ValueError(f"cannot unpatchify {tuple(t.shape)} into {h} x {w} patches of {p}x{p}x{C}")
+            raise ValueError(f"cannot unpatchify {tuple(t.shape)} into {h} x {w} patches of "
+                             f"{p}x{p}x{C}")
         t = t.reshape(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)            # (B, C, h, p, w, q)
         return t.reshape(B, C, h * p, w * p)
 
@@ -128,7 +135,8 @@ class PatchPCA(nn.Module):
 
     def project(self, x, d):
         """image -> its component in the top-d subspace (what l-DAE's noisy input is built on)."""
-        return self.decode(self.encode(x, d), x.shape[2] // self.patch_size, x.shape[3] // self.patch_size)
+        h, w = x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
+        return self.decode(self.encode(x, d), h, w)
 
     def coords(self, patches):
         """(B, L, D) -> full-basis coordinates V_full patches (no mean, no scale): the l-DAE loss
@@ -161,8 +169,9 @@ class PatchPCA(nn.Module):
 
     @classmethod
     def from_dict(cls, d):
-        return cls(d["components"], d["eigenvalues"], d.get("mean"), d["patch_size"], d.get("channels", 3),
-                   d.get("img_size", 256), d.get("center", False), d.get("scale", 1.0), d.get("meta"))
+        return cls(d["components"], d["eigenvalues"], d.get("mean"), d["patch_size"],
+                   d.get("channels", 3), d.get("img_size", 256), d.get("center", False),
+                   d.get("scale", 1.0), d.get("meta"))
 
     def save(self, path):
         # atomic (a temporary name of this process's own, then a rename): readers never see a
@@ -176,15 +185,15 @@ class PatchPCA(nn.Module):
         return cls.from_dict(torch.load(path, map_location=map_location, weights_only=True))
 
 
-# ---------------------------------------------------------------------------------------------
-# Fitting
-# ---------------------------------------------------------------------------------------------
+# ---- Fitting
 class GramAccumulator:
     """Streaming sum(x) and X^T X in float64 for rows x of dim D (see module docstring)."""
 
     def __init__(self, D, device="cpu", gemm_dtype=None, block=192):
         self.device = torch.device(device)
-        self.gemm_dtype = gemm_dtype or (torch.float64 if self.device.type == "cuda" else torch.float32)
+        # float32 GEMM on CPU, float64 on GPU: see Numerics in the module docstring
+        default_dtype = torch.float64 if self.device.type == "cuda" else torch.float32
+        self.gemm_dtype = gemm_dtype or default_dtype
         self.G = torch.zeros(D, D, dtype=torch.float64, device=self.device)
         self.s = torch.zeros(D, dtype=torch.float64, device=self.device)
         self.n, self.block = 0, block
@@ -214,79 +223,96 @@ def eig_basis(second_moment, mean, center):
     return evecs, evals
 
 
+def _images_of(batch):
+    """A batch of images, or a (images, labels) pair -> the images."""
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
 def _image_batches(data, num_images, batch_size, num_workers, seed):
     """Yield image batches (B, C, H, W) from a map-style dataset (random sample), a tensor, or
     any iterable of batches / (batch, labels) pairs."""
     if isinstance(data, torch.Tensor):
-        data = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:num_images]]
-        yield from data.split(batch_size)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+        yield from data[order[:num_images]].split(batch_size)
         return
     if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(data), generator=g)[:num_images].tolist()
+        generator = torch.Generator().manual_seed(seed)
+        sample = torch.randperm(len(data), generator=generator)[:num_images].tolist()
+        # the generator also seeds the workers' RNGs
         loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(data, idx), batch_size=batch_size, shuffle=False,
-            num_workers=num_workers, generator=g, persistent_workers=False)  # g seeds worker RNGs
-        for b in loader:
-            yield b[0] if isinstance(b, (list, tuple)) else b
+            torch.utils.data.Subset(data, sample), batch_size=batch_size, shuffle=False,
+            num_workers=num_workers, generator=generator, persistent_workers=False)
+        for batch in loader:
+            yield _images_of(batch)
         return
     seen = 0
-    for b in data:
-        b = b[0] if isinstance(b, (list, tuple)) else b
-        if num_images is not None and seen >= num_images:
-            break
-        b = b if num_images is None else b[: num_images - seen]
-        seen += len(b)
-        yield b
+    for batch in data:
+        batch = _images_of(batch)
+        if num_images is not None:
+            if seen >= num_images:
+                break
+            batch = batch[: num_images - seen]
+        seen += len(batch)
+        yield batch
 
 
-def fit_pca(dataset, patch_size, num_images=None, patches_per_image=0, center=False, scale=1.0, seed=0,
-            device=None, batch_size=64, num_workers=0, progress=True, gemm_dtype=None, meta=None):
+def _progress_bar(total, enabled):
+    """A tqdm bar, or None without tqdm: it is optional so that this file (with ldae.py) can be
+    copied into a torch-only project."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="img", desc="pca fit", disable=not enabled)
+
+
+def fit_pca(dataset, patch_size, num_images=None, patches_per_image=0, center=False, scale=1.0,
+            seed=0, device=None, batch_size=64, num_workers=0, progress=True, gemm_dtype=None,
+            meta=None):
     """Fit a PatchPCA on a random sample of images (RECIPE s2). patches_per_image=0 uses all
     patches of each image, k > 0 a random k of them. Deterministic given seed (with num_workers
     > 0 the loader's workers are seeded from it too; still, give it a dataset with a
     deterministic transform such as data.build_transform("center", size)).
-    dataset: map-style dataset of (image, label) with images (C, H, W) in [-1, 1], an image tensor
-    (N, C, H, W), or an iterable of batches."""
+    dataset: map-style dataset of (image, label) with images (C, H, W) in [-1, 1], an image
+    tensor (N, C, H, W), or an iterable of batches."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     total = len(dataset) if hasattr(dataset, "__len__") else None
-    num_images = total if num_images is None or (total is not None and num_images > total) else num_images
-    g = torch.Generator().manual_seed(seed + 1)  # patch choice; independent of the image sample
-    acc, t0, n_img, shape = None, time.time(), 0, None
-    try:  # tqdm is optional so this file (with ldae.py) can be copied into a torch-only project
-        from tqdm import tqdm
-    except ImportError:
-        progress, tqdm = False, None
-    bar = tqdm(total=num_images, unit="img", desc="pca fit", disable=not progress) if tqdm else None
-    probe = PatchPCA.empty(patch_size, 3)
+    if num_images is None or (total is not None and num_images > total):
+        num_images = total
+    # the patch choice: independent of the image sample
+    patch_generator = torch.Generator().manual_seed(seed + 1)
+    gram, start, images_seen, shape = None, time.time(), 0, None
+    bar = _progress_bar(num_images, progress)
+    patcher = PatchPCA.empty(patch_size, 3)
     for x in _image_batches(dataset, num_images, batch_size, num_workers, seed):
-        probe.channels, shape = x.shape[1], tuple(x.shape[1:])
-        P = probe.patchify(x)                                              # (B, L, D)
-        if patches_per_image and patches_per_image < P.shape[1]:
-            keep = torch.rand(P.shape[:2], generator=g).argsort(1)[:, :patches_per_image]  # (B, k)
-            P = P.gather(1, keep[..., None].expand(-1, -1, P.shape[2]))
-        if acc is None:
-            acc = GramAccumulator(P.shape[2], device, gemm_dtype)
-        acc.add(P.reshape(-1, P.shape[2]))
-        n_img += x.shape[0]
+        patcher.channels, shape = x.shape[1], tuple(x.shape[1:])
+        patches = patcher.patchify(x)                                      # (B, L, D)
+        if patches_per_image and patches_per_image < patches.shape[1]:
+            scores = torch.rand(patches.shape[:2], generator=patch_generator)
+            keep = scores.argsort(1)[:, :patches_per_image]                 # (B, k)
+            patches = patches.gather(1, keep[..., None].expand(-1, -1, patches.shape[2]))
+        if gram is None:
+            gram = GramAccumulator(patches.shape[2], device, gemm_dtype)
+        gram.add(patches.reshape(-1, patches.shape[2]))
+        images_seen += x.shape[0]
         if bar is not None:
             bar.update(x.shape[0])
     if bar is not None:
         bar.close()
-    if acc is None:
+    if gram is None:
         raise ValueError("fit_pca got no images")
-    mean, M = acc.moments()
-    V, ev = eig_basis(M, mean, center)
-    secs = time.time() - t0
-    info = {"num_images": n_img, "num_patches": acc.n, "patches_per_image": int(patches_per_image),
-            "seconds": round(secs, 3), "seed": int(seed), "device": str(device), **(meta or {})}
-    return PatchPCA(V.cpu(), ev.cpu(), mean.cpu() if center else None, patch_size, shape[0], shape[-1],
-                    center, scale, info)
+    mean, second_moment = gram.moments()
+    components, eigenvalues = eig_basis(second_moment, mean, center)
+    seconds = time.time() - start
+    info = {"num_images": images_seen, "num_patches": gram.n,
+            "patches_per_image": int(patches_per_image), "seconds": round(seconds, 3),
+            "seed": int(seed), "device": str(device), **(meta or {})}
+    kept_mean = mean.cpu() if center else None
+    return PatchPCA(components.cpu(), eigenvalues.cpu(), kept_mean, patch_size, shape[0],
+                    shape[-1], center, scale, info)
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
+# ---- CLI
 REPORT_DIMS = (8, 16, 32, 64, 128)  # Table 2's d values
 
 
@@ -317,7 +343,8 @@ def get_args_parser():
 def _component_grid(pca, n=64):
     """Top-n components as p x p RGB tiles, each min-max normalised, upscaled to >= 32 px."""
     p, C = pca.patch_size, pca.channels
-    V = pca.components[:n].reshape(-1, p, p, C).permute(0, 3, 1, 2)       # (n, C, p, p), (p,q,c) order
+    # (n, C, p, p) from rows in (p, q, c) order
+    V = pca.components[:n].reshape(-1, p, p, C).permute(0, 3, 1, 2)
     lo, hi = V.amin((1, 2, 3), keepdim=True), V.amax((1, 2, 3), keepdim=True)
     V = (V - lo) / (hi - lo).clamp_min(1e-12)
     up = max(1, 32 // p)
@@ -367,7 +394,8 @@ def benchmark(n=1_000_000, D=768, device=None, batch=16384, numpy_rows=100_000):
            "accumulate_s": round(t_acc, 3), "accumulate_patches_per_s": round(n / t_acc),
            "eigh_s": round(t_eig, 3), "numpy_svd_rows": m, "numpy_svd_s": round(t_np, 3),
            "numpy_svd_s_scaled_to_n": round(t_np_n, 2),
-           "speedup_vs_numpy_svd": round(t_np_n / (t_acc + t_eig), 2), "max_rel_eigenvalue_diff": rel}
+           "speedup_vs_numpy_svd": round(t_np_n / (t_acc + t_eig), 2),
+           "max_rel_eigenvalue_diff": rel}
     print(f"accumulate {n:,} x {D}: {t_acc:.2f} s ({n / t_acc:,.0f} patches/s) on {acc.device}, "
           f"+ eigh {t_eig:.2f} s")
     print(f"numpy SVD of {m:,} x {D}: {t_np:.2f} s -> {t_np_n:.1f} s scaled to {n:,} rows; "
@@ -375,58 +403,86 @@ def benchmark(n=1_000_000, D=768, device=None, batch=16384, numpy_rows=100_000):
     return res
 
 
-def main(args):
+def _check_args(args):
+    """UserError for flags that cannot work, before any image is read."""
     import data
-    import torchvision
-    if args.benchmark:
-        res = benchmark(args.benchmark_patches, device=args.device)
-        print(json.dumps(res))
-        return res
     if args.input_size % args.patch_size:
-        raise data.UserError(f"--input-size {args.input_size} is not a multiple of --patch-size {args.patch_size}")
+        raise data.UserError(f"--input-size {args.input_size} is not a multiple of --patch-size "
+                             f"{args.patch_size}")
     if args.num_images <= 0 or args.patches_per_image < 0:
         raise data.UserError("--num-images must be > 0 and --patches-per-image >= 0")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if os.path.isdir(args.out):
-        raise data.UserError(f"--out {args.out} is a folder; pass a file name such as {args.out}/pca.pt")
+        raise data.UserError(f"--out {args.out} is a folder; pass a file name such as "
+                             f"{args.out}/pca.pt")
     if not os.path.isdir(out_dir):
-        raise data.UserError(f"output folder {out_dir} does not exist; create it (mkdir -p {out_dir}) or pick another --out")
+        raise data.UserError(f"output folder {out_dir} does not exist; create it (mkdir -p "
+                             f"{out_dir}) or pick another --out")
     data.check_writable_dir(out_dir, "the folder of --out")
-    # The tokenizer sees the images the ablation models see: DiT center crop (RECIPE s2, s6).
-    ds = data.build_dataset(args, "train", data.build_transform("center", args.input_size))
-    t0 = time.time()
-    pca = fit_pca(ds, args.patch_size, args.num_images, args.patches_per_image, args.center,
-                  args.latent_scale, args.seed, args.device, args.batch_size, args.num_workers,
-                  meta={"dataset": args.dataset, "data_path": args.data_path or ""})
-    secs = time.time() - t0
-    pca.meta["seconds"] = round(secs, 3)
-    data.save_torch(pca.to_dict(), args.out)
-    m = pca.meta
-    print(f"fitted on {m['num_images']} images, {m['num_patches']} patches (D = {pca.dim}) in {secs:.1f} s "
-          f"({m['num_patches'] / secs:,.0f} patches/s end to end, incl. decoding)")
-    dims = [d for d in REPORT_DIMS if d <= pca.dim]
-    expl = {d: round(100 * pca.explained(d), 3) for d in dims}
+
+
+def _print_spectrum(pca, dims):
+    """Print the explained energy at each d in dims and the coordinate scales -> {d: percent}."""
+    explained = {d: round(100 * pca.explained(d), 3) for d in dims}
     kind = "variance" if pca.center else "energy (uncentred)"
-    print(f"explained {kind}, cumulative %: " + ", ".join(f"d={d}: {v:.2f}" for d, v in expl.items()))
+    listed = ", ".join(f"d={d}: {percent:.2f}" for d, percent in explained.items())
+    print(f"explained {kind}, cumulative %: {listed}")
     std = pca.eigenvalues.clamp_min(0).sqrt()
-    print("coordinate std (latent scale 1) at 1,2,4,..: " + ", ".join(
-        f"{std[i - 1]:.3g}" for i in (1, 2, 4, 8, 16, 32, 64, 128) if i <= pca.dim))
-    stem = os.path.splitext(args.out)[0]
-    comp_png, recon_png = stem + "_components.png", stem + "_recon.png"
+    ranks = [i for i in (1, 2, 4, 8, 16, 32, 64, 128) if i <= pca.dim]
+    print("coordinate std (latent scale 1) at 1,2,4,..: "
+          + ", ".join(f"{std[i - 1]:.3g}" for i in ranks))
+    return explained
+
+
+def _write_pngs(pca, ds, out, input_size, dims):
+    """The top components and a few reconstructions as PNGs beside `out` -> their paths."""
+    import data
+    import torchvision
+    stem = os.path.splitext(out)[0]
+    components_png, recon_png = stem + "_components.png", stem + "_recon.png"
     components = _component_grid(pca)
-    data.atomic_write(comp_png, lambda tmp: torchvision.utils.save_image(
+    data.atomic_write(components_png, lambda tmp: torchvision.utils.save_image(
         components, tmp, format="png", nrow=8, padding=2, pad_value=0.5))
     x = torch.stack([ds[i][0] for i in range(min(8, len(ds)))])
     recon = _recon_grid(pca, x, dims)
-    if args.input_size < 128:  # upscale small images so the grid is readable
-        recon = nn.functional.interpolate(recon, scale_factor=max(1, 128 // args.input_size), mode="nearest")
+    if input_size < 128:
+        # upscale small images so the grid is readable
+        upscale = max(1, 128 // input_size)
+        recon = nn.functional.interpolate(recon, scale_factor=upscale, mode="nearest")
     data.atomic_write(recon_png, lambda tmp: torchvision.utils.save_image(
         recon, tmp, format="png", nrow=len(x), padding=2, pad_value=1.0))
-    print(f"wrote {args.out}\ncomponents: {comp_png}\nreconstructions (rows: original, d = "
-          f"{', '.join(map(str, dims))}): {recon_png}")
-    summary = {"path": args.out, "images": m["num_images"], "patches": m["num_patches"],
-               "seconds": round(secs, 3), "explained_pct": expl,
-               "components_png": comp_png, "recon_png": recon_png}
+    return components_png, recon_png
+
+
+def main(args):
+    import data
+    if args.benchmark:
+        res = benchmark(args.benchmark_patches, device=args.device)
+        print(json.dumps(res))
+        return res
+    _check_args(args)
+    # The tokenizer sees the images the ablation models see: DiT center crop (RECIPE s2, s6).
+    ds = data.build_dataset(args, "train", data.build_transform("center", args.input_size))
+    start = time.time()
+    pca = fit_pca(ds, args.patch_size, args.num_images, args.patches_per_image, args.center,
+                  args.latent_scale, args.seed, args.device, args.batch_size, args.num_workers,
+                  meta={"dataset": args.dataset, "data_path": args.data_path or ""})
+    seconds = time.time() - start
+    pca.meta["seconds"] = round(seconds, 3)
+    data.save_torch(pca.to_dict(), args.out)
+    fitted = pca.meta
+    rate = fitted["num_patches"] / seconds
+    print(f"fitted on {fitted['num_images']} images, {fitted['num_patches']} patches "
+          f"(D = {pca.dim}) in {seconds:.1f} s ({rate:,.0f} patches/s end to end, incl. decoding)")
+    dims = [d for d in REPORT_DIMS if d <= pca.dim]
+    explained = _print_spectrum(pca, dims)
+    components_png, recon_png = _write_pngs(pca, ds, args.out, args.input_size, dims)
+    print(f"wrote {args.out}\ncomponents: {components_png}\nreconstructions (rows: original, "
+          f"d = {', '.join(map(str, dims))}): {recon_png}")
+    summary = {"path": args.out, "images": fitted["num_images"],
+               "patches": fitted["num_patches"], "seconds": round(seconds, 3),
+               "explained_pct": explained, "components_png": components_png,
+               "recon_png": recon_png}
     print(json.dumps(summary))
     return summary
 

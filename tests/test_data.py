@@ -39,7 +39,8 @@ def test_imagefolder_flat_and_split_layouts(tmp_path, capsys):
     _make_imagefolder(tmp_path / "flat", per_class=12)
     a = _args("--dataset", "imagefolder", "--data-path", str(tmp_path / "flat"))
     tr, va = data.build_dataset(a, "train", _tf()), data.build_dataset(a, "val", _tf())
-    assert (len(tr), len(va)) == (20, 4) and data.num_classes(tr) == 2  # items 0, 10 of each class -> val
+    # items 0 and 10 of each class are val
+    assert (len(tr), len(va)) == (20, 4) and data.num_classes(tr) == 2
     assert "2 classes, 20 images" in capsys.readouterr().out
     x, y = tr[0]
     assert x.shape == (3, 16, 16) and -1 <= x.min() and x.max() <= 1 and y in (0, 1)
@@ -52,8 +53,9 @@ def test_imagefolder_flat_and_split_layouts(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case,match", [
-    ("missing", "does not exist"), ("empty", "is empty"), ("no_classes", "has no class sub-folders"),
-    ("no_images", "no images found"), ("no_val", "no val/ folder"), ("no_path", "needs --data-path")])
+    ("missing", "does not exist"), ("empty", "is empty"),
+    ("no_classes", "has no class sub-folders"), ("no_images", "no images found"),
+    ("no_val", "no val/ folder"), ("no_path", "needs --data-path")])
 def test_imagefolder_errors_name_the_path(tmp_path, case, match):
     p = tmp_path / case
     if case == "empty":
@@ -76,7 +78,8 @@ def test_imagefolder_errors_name_the_path(tmp_path, case, match):
 def test_unreadable_image_names_file_in_process_and_in_workers(tmp_path):
     root = _make_imagefolder(tmp_path / "bad", classes=("a",), per_class=1)
     (root / "a" / "broken.png").write_bytes(b"this is not a png")
-    ds = data.build_dataset(_args("--dataset", "imagefolder", "--data-path", str(root)), "train", _tf())
+    args = _args("--dataset", "imagefolder", "--data-path", str(root))
+    ds = data.build_dataset(args, "train", _tf())
     bad = [i for i, (f, _) in enumerate(ds.dataset.samples) if f.endswith("broken.png")][0]
     with pytest.raises(UserError, match="cannot read image file .*broken.png"):
         ds.dataset[bad]
@@ -85,7 +88,8 @@ def test_unreadable_image_names_file_in_process_and_in_workers(tmp_path):
     with pytest.raises(UserError) as e:
         list(loader)
     msg = str(e.value)
-    assert msg.startswith("cannot read image file") and "broken.png" in msg and "Traceback" not in msg
+    assert msg.startswith("cannot read image file") and "broken.png" in msg
+    assert "Traceback" not in msg
 
 
 def test_subprocess_exit_code_2_no_traceback(tmp_path):
@@ -93,8 +97,8 @@ def test_subprocess_exit_code_2_no_traceback(tmp_path):
     (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8garbage")
     env = dict(os.environ, LDAE_CACHE=str(tmp_path / "cache"))
     cmd = [sys.executable, os.path.join(ROOT, "tokenizer_pca.py"), "--dataset", "imagefolder",
-           "--data-path", str(root), "--input-size", "16", "--patch-size", "4", "--num-workers", "1",
-           "--out", str(tmp_path / "p.pt")]
+           "--data-path", str(root), "--input-size", "16", "--patch-size", "4",
+           "--num-workers", "1", "--out", str(tmp_path / "p.pt")]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "error: cannot read image file" in r.stderr
@@ -139,8 +143,8 @@ def test_fashion_mnist_from_gz_folder_offline(tmp_path, monkeypatch):
     x, y = tr[3]
     assert x.shape == (3, 32, 32) and y == 3
     assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])  # grayscale -> 3 equal channels
-    assert os.path.isfile(tmp_path / "cache" / "fashion-mnist" / str(src).strip(os.sep).replace(os.sep, "_")
-                          / "FashionMNIST" / "raw" / "train-images-idx3-ubyte")
+    cached = tmp_path / "cache" / "fashion-mnist" / str(src).strip(os.sep).replace(os.sep, "_")
+    assert os.path.isfile(cached / "FashionMNIST" / "raw" / "train-images-idx3-ubyte")
 
 
 def test_fashion_mnist_errors(tmp_path, monkeypatch):
@@ -149,26 +153,32 @@ def test_fashion_mnist_errors(tmp_path, monkeypatch):
     src = _write_idx_gz(tmp_path / "fm")
     os.remove(src / "t10k-labels-idx1-ubyte.gz")
     a = _args("--dataset", "fashion-mnist", "--data-path", str(src))
-    with pytest.raises(UserError, match=r"missing in .*fm: t10k-labels-idx1-ubyte\[\.gz\].*dataset-fashion-mnist"):
+    missing = r"missing in .*fm: t10k-labels-idx1-ubyte\[\.gz\].*dataset-fashion-mnist"
+    with pytest.raises(UserError, match=missing):
         data.build_dataset(a, "train", _tf())
     with gzip.open(src / "t10k-labels-idx1-ubyte.gz", "wb") as f:
         f.write(b"\x00\x00\x08\x03junk")  # an images magic where labels belong
     with pytest.raises(UserError, match="t10k-labels-idx1-ubyte.gz is not an idx file"):
         data.build_dataset(a, "train", _tf())
     with pytest.raises(UserError, match="does not exist"):
-        data.build_dataset(_args("--dataset", "fashion-mnist", "--data-path", str(tmp_path / "x")), "train", _tf())
+        args = _args("--dataset", "fashion-mnist", "--data-path", str(tmp_path / "x"))
+        data.build_dataset(args, "train", _tf())
 
 
 def test_cifar10_missing_files(tmp_path):
     with pytest.raises(UserError, match="has no cifar-10-batches-py"):
-        data.build_dataset(_args("--dataset", "cifar10", "--data-path", str(tmp_path)), "train", _tf())
+        args = _args("--dataset", "cifar10", "--data-path", str(tmp_path))
+        data.build_dataset(args, "train", _tf())
 
 
-@pytest.mark.skipif(not os.path.isdir(data.DEBIAN_FMNIST), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not os.path.isdir(data.DEBIAN_FMNIST),
+                    reason="dataset-fashion-mnist not installed")
 def test_fashion_mnist_debian_package(tmp_path, monkeypatch):
     monkeypatch.setenv("LDAE_CACHE", str(tmp_path / "cache"))
-    ds = data.build_dataset(_args("--dataset", "fashion-mnist", "--input-size", "32"), "val", _tf(32))
-    assert len(ds) == 10000 and ds[0][0].shape == (3, 32, 32) and ds[0][1] == 9  # first test item: ankle boot
+    args = _args("--dataset", "fashion-mnist", "--input-size", "32")
+    ds = data.build_dataset(args, "val", _tf(32))
+    # the first test item is an ankle boot (class 9)
+    assert len(ds) == 10000 and ds[0][0].shape == (3, 32, 32) and ds[0][1] == 9
 
 
 # --- synthetic ---------------------------------------------------------------------------------
@@ -202,7 +212,8 @@ def test_synthetic_colour_does_not_give_away_the_class():
 
 # --- transforms --------------------------------------------------------------------------------
 def test_transforms_shapes_and_range():
-    img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (40, 60), dtype=np.uint8))  # grayscale
+    gray = np.random.RandomState(0).randint(0, 256, (40, 60), dtype=np.uint8)
+    img = Image.fromarray(gray)
     for kind in ("center", "rrc", "eval"):
         x = data.build_transform(kind, 32)(img)
         assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1

@@ -47,7 +47,8 @@ def test_official_sizes(name, millions):
 
 
 def official_keys(depth):
-    keys = {"pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias", "y_embedder.embedding_table.weight",
+    keys = {"pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias",
+            "y_embedder.embedding_table.weight",
             "final_layer.linear.weight", "final_layer.linear.bias",
             "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"}
     keys |= {f"t_embedder.mlp.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
@@ -73,7 +74,8 @@ def test_official_state_dict_names_and_load():
     b.init_weights(active=True)
     official = {k: v for k, v in b.state_dict().items() if not k.startswith("pca.")}
     a.load_official(official)
-    assert torch.equal(a.blocks[1].adaLN_modulation[1].weight, b.blocks[1].adaLN_modulation[1].weight)
+    modulation_a, modulation_b = a.blocks[1].adaLN_modulation[1], b.blocks[1].adaLN_modulation[1]
+    assert torch.equal(modulation_a.weight, modulation_b.weight)
     with pytest.raises(RuntimeError):
         a.load_official({k: v for k, v in official.items() if k != "pos_embed"})
 
@@ -97,7 +99,7 @@ def test_ddpm_schedule_closed_form():
     alphas_cumprod = torch.exp(torch.cumsum(torch.log1p(-beta), 0))
     torch.testing.assert_close(g.square(), alphas_cumprod, rtol=1e-10, atol=1e-12)
     assert g[0].square().item() == pytest.approx(1 - 1e-4)
-    assert g[-1].square().item() == pytest.approx(4.036e-5, rel=1e-3)             # DDPM's last level
+    assert g[-1].square().item() == pytest.approx(4.036e-5, rel=1e-3)   # DDPM's last level
     torch.testing.assert_close(g.square() + s.square(), torch.ones(1000, dtype=torch.float64))
 
 
@@ -190,7 +192,8 @@ def test_bad_configs_raise_user_errors():
 def test_latent_dataset_and_build_from_file(latents_file, tmp_path):
     ds = db.make_latent_dataset(latents_file)
     x, y = ds[3]
-    assert x.dtype == torch.float32 and x.shape == (4, 8, 8) and y == 0 and data.num_classes(ds) == 3
+    assert x.dtype == torch.float32 and x.shape == (4, 8, 8) and y == 0
+    assert data.num_classes(ds) == 3
     m = db.build_model("dit_tiny_2", None, latents_file=latents_file, class_cond=True)
     assert m.config["input"] == "latents" and m.config["num_classes"] == 3
     assert m.x_embedder.proj.in_channels == 4 and m.pos_embed.shape[1] == 16
@@ -230,7 +233,9 @@ def test_denoise_with_a_perfect_network_recovers_the_projection(monkeypatch):
     x = images(2)
     seen = {}
     add_noise = m.add_noise
-    monkeypatch.setattr(m, "add_noise", lambda z, t, eps=None: seen.setdefault("r", add_noise(z, t, eps)))
+    def remembered_noise(z, t, eps=None):
+        return seen.setdefault("r", add_noise(z, t, eps))
+    monkeypatch.setattr(m, "add_noise", remembered_noise)
     monkeypatch.setattr(m, "forward", lambda xt, t, y=None: seen["r"][1])    # true eps
     noisy, den = m.denoise(x, 400)
     assert noisy.shape == den.shape == x.shape
@@ -246,7 +251,8 @@ def test_presets_cover_the_paper():
     assert {f"t2_pca_d{d}" for d in (8, 16, 32, 64, 128)} <= set(db.PRESETS)
     assert db.PRESETS["t3_pca_eps"] == db.PRESETS["t2_pca_d32"]
     for p in db.PRESETS.values():
-        assert p["epochs"] >= 400 and p["batch_size"] == 2048 and p["model"] in {**db.MODELS, **ldae.MODELS}
+        assert p["epochs"] >= 400 and p["batch_size"] == 2048
+        assert p["model"] in {**db.MODELS, **ldae.MODELS}
 
 
 @pytest.mark.parametrize("name", sorted(db.PRESETS))
@@ -275,13 +281,15 @@ def test_every_preset_takes_a_training_step(name, latents_file):
 
 
 def test_preset_runs_through_pretrain_and_checkpoint(tmp_path):
-    """A DiT row end to end at toy scale: pretrain.main -> checkpoint -> rebuilt model's features."""
+    """A DiT row end to end at toy scale: pretrain.main -> checkpoint -> rebuilt model's
+    features."""
     import pretrain
     out = str(tmp_path / "run")
     args = pretrain.get_args_parser().parse_args(
-        ["--preset", "t3_no_input_scaling", "--model", "dit_tiny_1", "--input-size", "32", "--patch-size", "4",
-         "--latent-dim", "8", "--epochs", "1", "--max-steps", "1", "--batch-size", "8", "--warmup-epochs", "0",
-         "--synthetic-size", "16", "--pca-images", "16", "--num-workers", "0", "--output-dir", out])
+        ["--preset", "t3_no_input_scaling", "--model", "dit_tiny_1", "--input-size", "32",
+         "--patch-size", "4", "--latent-dim", "8", "--epochs", "1", "--max-steps", "1",
+         "--batch-size", "8", "--warmup-epochs", "0", "--synthetic-size", "16",
+         "--pca-images", "16", "--num-workers", "0", "--output-dir", out])
     assert args.prediction == "x0" and args.schedule == "no_scaling" and args.latent_dim == 8
     pretrain.main(args)
     m = pretrain.model_from_checkpoint(pretrain.load_checkpoint(out + "/checkpoint.pt"))

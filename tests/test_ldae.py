@@ -45,9 +45,11 @@ def test_vit_b_sizes_like_the_paper():
     with torch.device("meta"):
         m = ldae.build_model("vit_b")
     assert m.depth == 24 and m.blocks[0].attn.num_heads == 12
-    enc = sum(p.numel() for k, p in m.named_parameters()
-              if k.startswith("x_embedder") or (k.startswith("blocks.") and int(k.split(".")[1]) < 12
-                                                and "adaLN" not in k))
+    def in_encoder(key):
+        if key.startswith("x_embedder"):
+            return True
+        return key.startswith("blocks.") and int(key.split(".")[1]) < 12 and "adaLN" not in key
+    enc = sum(p.numel() for k, p in m.named_parameters() if in_encoder(k))
     assert 85e6 < enc < 87e6
     assert m.t_embedder.mlp[2].out_features == 768 // 4
     assert m.blocks[0].adaLN_modulation[1].in_features == 192
@@ -174,7 +176,8 @@ def test_forward_features_depth_list_matches_single_depths():
     x0 = images()
     both = m.forward_features(x0, t=10, depth=[1, 2])
     torch.testing.assert_close(both[0], m.forward_features(x0, t=10, depth=1))
-    torch.testing.assert_close(both[1], m.forward_features(x0, t=10))   # default: last encoder block
+    # the default depth: the last encoder block
+    torch.testing.assert_close(both[1], m.forward_features(x0, t=10))
     tokens = m(m.pca.project(x0, m.d), torch.full((4,), 10), depth=2)
     torch.testing.assert_close(both[1], tokens.mean(1))
 

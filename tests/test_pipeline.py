@@ -1,6 +1,7 @@
 # Tests for the fast input paths of data.py: the packed uint8 format (pack -> read back,
 # equal to the PIL path; errors), --decode gpu (decode_batch on CPU vs the PIL transforms, same
-# crops for the same seed; bytes dataset + collate + batch_to_images), and the CLI. No timing asserts.
+# crops for the same seed; bytes dataset + collate + batch_to_images), and the CLI (data.py,
+# which runs pack_data.py's commands). No timing asserts.
 import argparse
 import os
 import subprocess
@@ -35,24 +36,27 @@ def _args(*argv):
 
 
 def _pack(src, out, size, workers=0, split="train"):
-    a = data.get_args_parser().parse_args(["pack", "--dataset", "imagefolder", "--data-path", src, "--split", split,
-                                           "--input-size", str(size), "--out", str(out), "--num-workers", str(workers)])
+    a = data.get_args_parser().parse_args(
+        ["pack", "--dataset", "imagefolder", "--data-path", src, "--split", split,
+         "--input-size", str(size), "--out", str(out), "--num-workers", str(workers)])
     return data.main(a)
 
 
 def test_pack_reads_back_equal_to_the_pil_path(jpegs, tmp_path):
     out = tmp_path / "train_24.u8"
-    _pack(jpegs, out, 24, workers=1)                        # parallel decode through a DataLoader worker
+    _pack(jpegs, out, 24, workers=1)             # parallel decode through a DataLoader worker
     assert not os.path.exists(str(out) + ".tmp") and not os.path.exists(str(out) + ".meta.pt.tmp")
     meta = torch.load(str(out) + ".meta.pt", weights_only=True)
     arr = np.load(out)
-    assert arr.shape == (10, 3, 24, 24) and arr.dtype == np.uint8 and meta["shape"] == [10, 3, 24, 24]
+    assert arr.shape == (10, 3, 24, 24) and arr.dtype == np.uint8
+    assert meta["shape"] == [10, 3, 24, 24]
     ref = data.build_dataset(_args("--dataset", "imagefolder", "--data-path", jpegs), "train",
                              data.build_transform("center", 24))       # flat root: 10 train images
     # --data-path with {split}: the file serves that split whole; stored at --input-size the
     # "center" transform is the identity geometry, so the tensors equal the PIL path's exactly.
-    ds = data.build_dataset(_args("--dataset", "packed", "--data-path", str(tmp_path / "{split}_24.u8"),
-                                  "--input-size", "24"), "train", data.build_transform("center", 24))
+    packed = _args("--dataset", "packed", "--data-path", str(tmp_path / "{split}_24.u8"),
+                   "--input-size", "24")
+    ds = data.build_dataset(packed, "train", data.build_transform("center", 24))
     assert len(ds) == len(ref) == 10 and data.classes(ds) == data.classes(ref)
     for i in range(10):
         (x, y), (xr, yr) = ds[i], ref[i]
@@ -61,7 +65,8 @@ def test_pack_reads_back_equal_to_the_pil_path(jpegs, tmp_path):
     # Center crops at 16 from the stored 24px resize a second time (uint8 tensors): close to PIL
     # straight from the JPEG. Two resamplings of these tiny noisy images differ by ~0.05 on average;
     # a one-pixel shift or a flip gives 0.12-0.16 (measured), so 0.08 separates right from wrong.
-    small, c16 = data.Packed(str(out), data.build_transform("center", 16)), data.build_transform("center", 16)
+    c16 = data.build_transform("center", 16)
+    small = data.Packed(str(out), data.build_transform("center", 16))
     files = [ref.dataset.samples[j][0] for j in ref.indices]
     d = torch.stack([(small[i][0] - c16(Image.open(files[i]))).abs() for i in range(10)])
     assert d.mean() < 0.08
@@ -70,7 +75,8 @@ def test_pack_reads_back_equal_to_the_pil_path(jpegs, tmp_path):
     torch.manual_seed(3)
     x1 = rrc[0][0]
     torch.manual_seed(3)
-    assert torch.equal(x1, rrc[0][0]) and x1.shape == (3, 16, 16) and -1 <= x1.min() and x1.max() <= 1
+    assert torch.equal(x1, rrc[0][0]) and x1.shape == (3, 16, 16)
+    assert -1 <= x1.min() and x1.max() <= 1
     # through worker processes (the memmap is re-opened there, not pickled)
     xs, ys = next(iter(torch.utils.data.DataLoader(ds, batch_size=10, num_workers=1, timeout=60)))
     assert torch.equal(xs[3], ds[3][0]) and ys.tolist() == [ds[i][1] for i in range(10)]
@@ -78,8 +84,9 @@ def test_pack_reads_back_equal_to_the_pil_path(jpegs, tmp_path):
 
 def test_packed_file_without_split_holds_out_val(jpegs, tmp_path):
     out = tmp_path / "all.u8"
-    a = data.get_args_parser().parse_args(["pack", "--dataset", "imagefolder", "--data-path", jpegs, "--split",
-                                           "val", "--input-size", "16", "--out", str(out), "--num-workers", "0"])
+    a = data.get_args_parser().parse_args(
+        ["pack", "--dataset", "imagefolder", "--data-path", jpegs, "--split", "val",
+         "--input-size", "16", "--out", str(out), "--num-workers", "0"])
     data.main(a)
     assert len(np.load(out)) == 10                               # the flat root's val half
     a = _args("--dataset", "packed", "--data-path", str(out), "--input-size", "16")
@@ -106,12 +113,14 @@ def test_packed_errors_name_the_file_and_the_fix(jpegs, tmp_path):
     os.link(str(good) + ".meta.pt", str(bad) + ".meta.pt")
     with pytest.raises(UserError, match=f"{bad} is not a packed uint8 file"):
         data.Packed(str(bad))
-    np.save(str(tmp_path / "other.npy"), np.zeros((3, 3, 16, 16), np.uint8))   # right format, wrong count
+    # the right format, the wrong count
+    np.save(str(tmp_path / "other.npy"), np.zeros((3, 3, 16, 16), np.uint8))
     os.replace(tmp_path / "other.npy", bad)
     with pytest.raises(UserError, match="does not match"):
         data.Packed(str(bad))
     with pytest.raises(UserError, match="already packed"):
-        data.main(data.get_args_parser().parse_args(["pack", "--dataset", "packed", "--out", str(bad)]))
+        args = data.get_args_parser().parse_args(["pack", "--dataset", "packed", "--out", str(bad)])
+        data.main(args)
 
 
 def _pil_reference(files, kind, size, seeds):
@@ -133,23 +142,29 @@ def test_decode_batch_on_cpu_matches_the_pil_transform(jpegs, kind):
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
     assert d.mean() < MEAN_TOL and d.max() < MAX_TOL, (d.mean(), d.max())
     if kind == "rrc":   # other seeds -> other crops: the seeds are really used
-        assert (data.decode_batch(raw, 32, kind, "cpu", seeds=[s + 50 for s in seeds]) - ref).abs().mean() > 0.05
+        other = data.decode_batch(raw, 32, kind, "cpu", seeds=[s + 50 for s in seeds])
+        assert (other - ref).abs().mean() > 0.05
 
 
 def test_decode_gpu_dataset_collate_and_batch_to_images(jpegs, tmp_path):
     a = _args("--dataset", "imagefolder", "--data-path", jpegs, "--decode", "gpu")
     tf = data.build_transform("rrc", 32)
-    with pytest.raises(UserError, match="--decode gpu is only for pretrain.py"):     # linprobe, tokenizer_pca
+    # linprobe.py, tokenizer_pca.py
+    with pytest.raises(UserError, match="--decode gpu is only for pretrain.py"):
         data.build_dataset(a, "train", tf)
     ds = data.build_dataset(a, "train", tf, decode_gpu_ok=True)
     item, y = ds[0]
-    assert isinstance(item, data.RawImages) and item.jpegs[0].dtype == torch.uint8 and item.kind == "rrc"
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, collate_fn=data.collate, timeout=60)
+    assert isinstance(item, data.RawImages) and item.jpegs[0].dtype == torch.uint8
+    assert item.kind == "rrc"
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, collate_fn=data.collate,
+                                         timeout=60)
     xb, yb = next(iter(loader))
-    assert isinstance(xb, data.RawImages) and len(xb.jpegs) == 4 and yb.tolist() == [ds[i][1] for i in range(4)]
+    assert isinstance(xb, data.RawImages) and len(xb.jpegs) == 4
+    assert yb.tolist() == [ds[i][1] for i in range(4)]
     x = data.batch_to_images(xb, torch.device("cpu"))
     assert x.shape == (4, 3, 32, 32) and -1 <= x.min() and x.max() <= 1
-    assert torch.equal(x, data.batch_to_images(xb, "cpu"))       # crops are a function of the item seeds
+    # crops are a function of the item seeds
+    assert torch.equal(x, data.batch_to_images(xb, "cpu"))
     # the decoded() view: the same images through PIL (for the PCA fit / grids), same labels
     pil = data.decoded(ds)
     assert pil[0][0].shape == (3, 32, 32) and pil[0][1] == y and data.decoded(pil) is pil
@@ -165,7 +180,8 @@ def test_decode_gpu_dataset_collate_and_batch_to_images(jpegs, tmp_path):
     data.write_jpeg_folder(bad, 2, size=(20, 16))
     broken = os.path.join(bad, "disc", "broken.jpg")
     open(broken, "wb").write(b"\xff\xd8 not a jpeg")
-    raw = [torchvision.io.read_file(os.path.join(bad, "disc", "00000.jpg")), torchvision.io.read_file(broken)]
+    raw = [torchvision.io.read_file(os.path.join(bad, "disc", "00000.jpg")),
+           torchvision.io.read_file(broken)]
     with pytest.raises(UserError, match="cannot decode image file .*broken.jpg"):
         data.decode_batch(raw, 16, "center", "cpu", names=["ok.jpg", broken])
 
@@ -180,16 +196,17 @@ def test_png_in_a_jpeg_batch_falls_back_to_decode_image(jpegs, tmp_path):
 
 
 def test_cli_help_bench_and_exit_code(jpegs, tmp_path, capsys):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--help"], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--help"],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "pack" in r.stdout and "bench" in r.stdout
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "pack", "--dataset", "imagefolder",
-                        "--data-path", str(tmp_path / "none"), "--out", str(tmp_path / "x.u8")],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "pack",
+                        "--dataset", "imagefolder", "--data-path", str(tmp_path / "none"),
+                        "--out", str(tmp_path / "x.u8")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "error: data path" in r.stderr and "Traceback" not in r.stderr
     # bench end to end on a tiny folder (it prints figures; nothing is asserted about speed)
     rows = data.main(data.get_args_parser().parse_args(
-        ["bench", "--data-path", jpegs, "--input-size", "16", "--workers", "0", "--images", "8", "--batch-size", "2",
-         "--pack-size", "20", "--pack-dir", str(tmp_path)]))
+        ["bench", "--data-path", jpegs, "--input-size", "16", "--workers", "0", "--images", "8",
+         "--batch-size", "2", "--pack-size", "20", "--pack-dir", str(tmp_path)]))
     assert len(rows) == 6 and all(r[2] > 0 and r[3] > 0 for r in rows)
     assert "| decode_batch on CPU" in capsys.readouterr().out and not os.listdir(tmp_path)

@@ -12,7 +12,8 @@ from tokenizer_pca import PatchPCA, fit_pca
 
 
 def _images(n=40, size=16, seed=0):
-    # Smooth-ish random images (cumulative sums): correlated pixels like real images, distinct eigenvalues.
+    # Smooth-ish random images (cumulative sums): correlated pixels like real images, distinct
+    # eigenvalues.
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, size, size, generator=g).cumsum(-1).cumsum(-2) / size
     return x.clamp(-3, 3) / 3  # (n, 3, size, size) in [-1, 1]
@@ -70,17 +71,20 @@ def test_matches_numpy_eigh_and_svd(fitted):
     w, v = w[::-1], v[:, ::-1].T
     np.testing.assert_allclose(pca.eigenvalues.numpy(), w, rtol=1e-4, atol=1e-6 * w[0])
     for k in range(8):  # top components, up to sign
-        assert abs(float(np.dot(pca.components[k].double().numpy(), v[k]))) == pytest.approx(1, abs=1e-5)
+        cosine = float(np.dot(pca.components[k].double().numpy(), v[k]))
+        assert abs(cosine) == pytest.approx(1, abs=1e-5)
     _, s, vt = np.linalg.svd(X, full_matrices=False)  # same thing via the SVD of the data
     np.testing.assert_allclose(pca.eigenvalues.numpy()[:8], (s ** 2 / len(X))[:8], rtol=1e-4)
-    assert abs(float(np.dot(pca.components[0].double().numpy(), vt[0]))) == pytest.approx(1, abs=1e-5)
+    cosine = float(np.dot(pca.components[0].double().numpy(), vt[0]))
+    assert abs(cosine) == pytest.approx(1, abs=1e-5)
 
 
 def test_float32_gemm_path_close_to_float64(fitted):
     # CPU default multiplies in float32 (speed) and adds in float64; must agree with float64.
     x, pca64 = fitted
     pca32 = fit_pca(x, 4, progress=False, device="cpu")
-    assert torch.allclose(pca32.eigenvalues, pca64.eigenvalues, rtol=1e-4, atol=1e-6 * float(pca64.eigenvalues[0]))
+    atol = 1e-6 * float(pca64.eigenvalues[0])
+    assert torch.allclose(pca32.eigenvalues, pca64.eigenvalues, rtol=1e-4, atol=atol)
     dots = (pca32.components[:8] * pca64.components[:8]).sum(1).abs()
     assert torch.allclose(dots, torch.ones(8), atol=1e-4)
 
@@ -155,8 +159,8 @@ def test_fit_deterministic_and_seed_dependent():
 def test_cli_smoke(tmp_path, capsys):
     out = str(tmp_path / "pca.pt")
     args = tp.get_args_parser().parse_args(
-        ["--dataset", "synthetic", "--synthetic-size", "40", "--input-size", "16", "--patch-size", "4",
-         "--num-images", "30", "--num-workers", "0", "--out", out])
+        ["--dataset", "synthetic", "--synthetic-size", "40", "--input-size", "16",
+         "--patch-size", "4", "--num-images", "30", "--num-workers", "0", "--out", out])
     res = tp.main(args)
     for f in (out, str(tmp_path / "pca_components.png"), str(tmp_path / "pca_recon.png")):
         assert os.path.getsize(f) > 0
@@ -173,4 +177,5 @@ def test_cli_user_errors(tmp_path):
     with pytest.raises(data.UserError, match="not a multiple of --patch-size"):
         tp.main(parse(["--input-size", "30", "--patch-size", "4", "--out", str(tmp_path / "p.pt")]))
     with pytest.raises(data.UserError, match="does not exist"):
-        tp.main(parse(["--input-size", "16", "--patch-size", "4", "--out", str(tmp_path / "no" / "p.pt")]))
+        tp.main(parse(["--input-size", "16", "--patch-size", "4",
+                       "--out", str(tmp_path / "no" / "p.pt")]))

@@ -1,0 +1,231 @@
+"""The two commands of `python data.py` (it forwards here; `python pack_data.py` is the same):
+
+  pack   decode a dataset once into the packed format that data.Packed reads (described in
+         data.py): every image resized (shorter side, bicubic) and center-cropped to S x S,
+         uint8, in one .npy memmap FILE; labels and classes in FILE.meta.pt.
+  bench  decoded + augmented img/s of each input path on this machine's CPU (PIL, packed, and
+         the reading and decode_batch of --decode gpu), printed as a markdown table.
+
+The command lines are in data.py's docstring.
+"""
+import argparse
+import collections
+import contextlib
+import functools
+import os
+import resource
+import shutil
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from torchvision import transforms as T
+from tqdm import tqdm
+
+import data
+from data import UserError
+
+
+# ---- pack
+def pack_transform(size):
+    """The "center" transform's PIL ops kept in uint8: packed at size == --input-size, the center
+    path gives tensors bit-identical to the imagefolder path."""
+    return T.Compose([data.ToRGB(), T.Resize(size, interpolation=data.BICUBIC, antialias=True),
+                      T.CenterCrop(size), T.PILToTensor()])
+
+
+def pack(args):
+    if args.dataset == "packed":
+        raise UserError("--dataset packed is already packed; pack the imagefolder (or other "
+                        "dataset) it came from")
+    # the file holds decoded pixels, so the DataLoader workers decode (with PIL)
+    args.decode = "pil"
+    ds = data.build_dataset(args, args.split, pack_transform(args.input_size))
+    source = {"dataset": args.dataset, "data_path": os.path.abspath(args.data_path or ""),
+              "split": args.split}
+    return pack_dataset(ds, args.out, args.input_size, args.num_workers, args.batch_size, source)
+
+
+def _write_images(tmp, ds, labels, size, batch_size, num_workers):
+    """Fill tmp, a new .npy memmap (N, 3, size, size) uint8, with the images of ds, and labels
+    (N,) with theirs."""
+    shape = (len(ds), 3, size, size)
+    images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    done = 0
+    # Workers decode in parallel; no shuffling, so batches arrive in order and labels line up.
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    with tqdm(total=len(ds), unit="img", desc=f"pack {size}px", dynamic_ncols=True) as bar:
+        for x, y in loader:
+            images[done:done + len(x)] = x.numpy()                       # (B, 3, S, S) uint8
+            labels[done:done + len(x)] = y
+            done += len(x)
+            bar.update(len(x))
+    images.flush()
+
+
+def pack_dataset(ds, out, size, num_workers=0, batch_size=64, source=None):
+    """ds items: (uint8 (3, size, size), label). Writes out (.npy memmap) + out.meta.pt, each
+    atomically."""
+    folder = os.path.dirname(os.path.abspath(out))
+    count = len(ds)
+    total_bytes = count * 3 * size * size
+    if not os.path.isdir(folder):
+        raise UserError(f"output folder {folder} does not exist; create it or pass another --out")
+    free = shutil.disk_usage(folder).free
+    if total_bytes > free:
+        raise UserError(f"{out} needs {total_bytes / 1e9:.1f} GB but {folder} has "
+                        f"{free / 1e9:.1f} GB free; pass another --out or a smaller size")
+    labels = torch.empty(count, dtype=torch.int64)
+    start = time.time()
+    # The meta file goes first and last: a run killed in between leaves no stale pair behind
+    # (Packed refuses an image file without its meta file)
+    meta_path = out + ".meta.pt"
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    write = functools.partial(_write_images, ds=ds, labels=labels, size=size,
+                              batch_size=batch_size, num_workers=num_workers)
+    data.atomic_write(out, write, total_bytes)
+    meta = {"version": 1, "shape": [count, 3, size, size], "size": size, "labels": labels,
+            "classes": data.classes(ds), "source": source or {}}
+    data.save_torch(meta, meta_path)
+    rate = count / (time.time() - start)
+    print(f"[pack] {count} images -> {out} ({total_bytes / 1e9:.2f} GB, {rate:.0f} img/s)")
+    return out
+
+
+# ---- bench
+BenchRow = collections.namedtuple("BenchRow", "name workers images_per_s images_per_cpu_s load")
+
+
+def cpu_seconds():
+    """CPU time of this process and its reaped children (DataLoader workers are joined at the
+    end of a pass)."""
+    processes = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    return sum(sum(resource.getrusage(who)[:2]) for who in processes)
+
+
+def time_loader(name, ds, workers, batch_size, collate_fn=None):
+    """One pass over ds through a DataLoader with `workers` workers, timed -> BenchRow."""
+    warm_up = DataLoader(Subset(ds, range(batch_size)), batch_size=batch_size,
+                         collate_fn=collate_fn)
+    next(iter(warm_up))                                   # file and page caches, worker imports
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn)
+    # workers = 0: the main process loads, on one core
+    threads = data.torch_threads(1) if workers == 0 else contextlib.nullcontext()
+    with threads:
+        start, cpu_start, stamps = time.perf_counter(), cpu_seconds(), []
+        for _ in loader:
+            stamps.append(time.perf_counter() - start)
+        cpu = cpu_seconds() - cpu_start
+    # Wall img/s in steady state: skip worker start-up and the 2 * workers batches prefetched
+    # meanwhile. Images per CPU-second (all processes, IPC included) does not depend on our
+    # share of the shared cores.
+    skip = max(0, min(2 * workers, len(stamps) - 2))
+    if len(stamps) > 1:
+        rate = batch_size * (len(stamps) - 1 - skip) / (stamps[-1] - stamps[skip])
+    else:
+        rate = len(ds) / stamps[-1]
+    row = BenchRow(name, workers, rate, len(ds) / cpu, os.getloadavg()[0])
+    print(f"  {name:<48} {workers} workers: {rate:7.1f} img/s, {row.images_per_cpu_s:6.1f} img "
+          f"per CPU-second (load avg {row.load:.2f})", flush=True)
+    return row
+
+
+def first_images(data_path, count, transform):
+    """The first `count` images of the JPEG folder data_path, through `transform`."""
+    args = argparse.Namespace(dataset="imagefolder", data_path=data_path, decode="pil")
+    ds = data.build_dataset(args, "train", transform)
+    return Subset(ds, range(min(count, len(ds))))
+
+
+def _decode_on_cpu(batch):
+    return data.batch_to_images(data.collate(batch)[0], "cpu")
+
+
+def print_table(rows, target):
+    print(f"\n| path | workers | img/s (wall) | img per CPU-second | cores per GPU at "
+          f"{target:.0f} img/s | load avg |\n|---|---|---|---|---|---|")
+    for row in rows:
+        cores = target / row.images_per_cpu_s
+        print(f"| {row.name} | {row.workers} | {row.images_per_s:.0f} | "
+              f"{row.images_per_cpu_s:.0f} | {cores:.1f} | {row.load:.2f} |")
+
+
+def bench(args):
+    """Decoded + augmented img/s of each input path on this machine's CPU -> the BenchRows."""
+    if args.make and not os.path.isdir(args.data_path):
+        print(f"[bench] writing {args.make} synthetic JPEGs to {args.data_path}", flush=True)
+        data.write_jpeg_folder(args.data_path, args.make)
+    size, batch_size, pack_size = args.input_size, args.batch_size, args.pack_size
+    workers = [int(count) for count in args.workers.split(",")]
+    rrc = data.build_transform("rrc", size)
+    print(f"[bench] {args.data_path}, first {args.images} images, {size}px, batch {batch_size}, "
+          f"load avg {os.getloadavg()[0]:.2f}")
+    pil_only = first_images(args.data_path, args.images, T.PILToTensor())
+    rows = [time_loader("PIL decode only (RGB)", pil_only, 0, batch_size, len)]
+    for count in workers:
+        pil_rrc = first_images(args.data_path, args.images, rrc)
+        rows.append(time_loader("PIL decode + rrc + flip + ToTensor + Normalize", pil_rrc, count,
+                                batch_size))
+    out = os.path.join(args.pack_dir, f"bench_{pack_size}.u8")
+    to_pack = first_images(args.data_path, args.images, pack_transform(pack_size))
+    pack_dataset(to_pack, out, pack_size, max(workers))
+    for count in workers:
+        rows.append(time_loader(f"packed {pack_size}px + rrc + flip + Normalize",
+                                data.Packed(out, rrc), count, batch_size))
+    # uint8 out of the workers (4x fewer bytes through shared memory, float on the GPU): the
+    # cost of sending floats between processes
+    uint8_rrc = T.Compose(rrc.transforms[:3])
+    rows.append(time_loader(f"packed {pack_size}px + rrc + flip, uint8 out",
+                            data.Packed(out, uint8_rrc), max(workers), batch_size))
+    raw = data.JpegFolder(first_images(args.data_path, args.images, rrc), rrc)
+    rows.append(time_loader("read JPEG bytes only (--decode gpu workers)", raw, 0, batch_size,
+                            len))
+    rows.append(time_loader("decode_batch on CPU (read + decode_jpeg + rrc + flip)", raw, 0,
+                            batch_size, _decode_on_cpu))
+    print_table(rows, args.target)
+    os.remove(out)
+    os.remove(out + ".meta.pt")
+    return rows
+
+
+# ---- the command line
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Pack a dataset into the uint8 format, or "
+                                     "benchmark the input paths (see data.py's docstring for "
+                                     "the commands).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    pack_help = "decode + resize + center-crop every image once into FILE"
+    pack_args = data.add_data_args(commands.add_parser("pack", help=pack_help))
+    pack_args.add_argument("--split", default="train", choices=["train", "val"])
+    pack_args.add_argument("--out", required=True,
+                           help="the packed file (.npy memmap) to write; FILE.meta.pt beside it")
+    pack_args.add_argument("--batch-size", type=int, default=64)
+    bench_help = "img/s of the PIL, packed and decode_batch paths on a JPEG folder"
+    bench_args = commands.add_parser("bench", help=bench_help)
+    bench_args.add_argument("--data-path", required=True, help="a folder of class folders of JPEGs")
+    bench_args.add_argument("--make", type=int, default=0,
+                            help="first write this many synthetic JPEGs if the folder is absent")
+    bench_args.add_argument("--input-size", type=int, default=256)
+    bench_args.add_argument("--workers", default="0,1,2",
+                            help="comma-separated DataLoader worker counts")
+    bench_args.add_argument("--images", type=int, default=512, help="images timed per row")
+    bench_args.add_argument("--batch-size", type=int, default=32)
+    bench_args.add_argument("--pack-size", type=int, default=288,
+                            help="stored size for the packed row")
+    bench_args.add_argument("--pack-dir", default="/tmp",
+                            help="where the packed row's temporary file goes")
+    bench_args.add_argument("--target", type=float, default=1790,
+                            help="img/s one GPU consumes (vit_b, H100, 50%% MFU)")
+    return parser
+
+
+def main(args):
+    if args.command == "pack":
+        return pack(args)
+    return bench(args)
+
+
+if __name__ == "__main__":
+    data.run_cli(main, get_args_parser())
