@@ -169,8 +169,8 @@ def test_decode_gpu_decodes_batches_on_the_device_cpu_here(tmp_path, monkeypatch
     ck = pretrain.load_checkpoint(res["checkpoint"])
     assert ck["step"] == 2 and ck["args"]["decode"] == "gpu"
     assert calls == [8, 8, 8]                    # the grid's 8 images, then one batch of 8 per step
+    resume_argv = argv + ["--max-steps", "3", "--resume", "auto"]
     with pytest.raises(UserError, match="trained with --decode gpu, this run asks for pil"):
-        resume_argv = argv + ["--max-steps", "3", "--resume", "auto"]
         pretrain.main(pretrain.get_args_parser().parse_args(resume_argv))
 
 
