@@ -4,8 +4,8 @@ VisionTransformer, + its class token, MSE on its output), both through pretrain.
 same settings (fp32, AdamW, EMA), so the ratio isolates what l-DAE adds: adaLN conditioning, the
 PCA projections of the input and the loss, and the per-token output head. Target: <= 1.15.
 
-    python tests/bench_vit_step.py                       # vit_b, 256 px, batch 2, 4 interleaved reps
-    python tests/bench_vit_step.py --img 128 --reps 6    # quicker
+    python tests/bench_vit_step.py                     # vit_b, 256 px, batch 2, 4 interleaved reps
+    python tests/bench_vit_step.py --img 128 --reps 6  # quicker
 Prints one JSON line: per-step seconds (median of the reps) and the ratio.
 """
 import argparse
@@ -27,8 +27,9 @@ class PlainViT(nn.Module):
     def __init__(self, cfg, img):
         super().__init__()
         D = cfg["hidden_size"]
-        self.vit = torchvision.models.VisionTransformer(img, cfg["patch_size"], cfg["depth"], cfg["num_heads"], D,
-                                                        int(D * cfg["mlp_ratio"]), num_classes=D)
+        mlp_dim = int(D * cfg["mlp_ratio"])
+        self.vit = torchvision.models.VisionTransformer(
+            img, cfg["patch_size"], cfg["depth"], cfg["num_heads"], D, mlp_dim, num_classes=D)
 
     def loss(self, x, y=None):
         return self.vit(x).float().square().mean()
@@ -56,11 +57,14 @@ def main():
             if rep:                               # rep 0 is warmup
                 times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    res = {"model": a.model, "img": a.img, "batch": a.batch, "reps": a.reps, "threads": torch.get_num_threads(),
+    ldae_params = sum(q.numel() for q in ours.parameters())
+    plain_vit_params = sum(q.numel() for q in engines["plain_vit"].model.parameters())
+    res = {"model": a.model, "img": a.img, "batch": a.batch, "reps": a.reps,
+           "threads": torch.get_num_threads(),
            "ldae_step_s": round(med["ldae"], 3), "plain_vit_step_s": round(med["plain_vit"], 3),
            "ratio": round(med["ldae"] / med["plain_vit"], 3),
-           "ldae_params_m": round(sum(q.numel() for q in ours.parameters()) / 1e6, 2),
-           "plain_vit_params_m": round(sum(q.numel() for q in engines["plain_vit"].model.parameters()) / 1e6, 2)}
+           "ldae_params_m": round(ldae_params / 1e6, 2),
+           "plain_vit_params_m": round(plain_vit_params / 1e6, 2)}
     print(json.dumps(res))
 
 

@@ -1,4 +1,5 @@
-# Put the repo root on sys.path so tests import the flat top-level modules (data, tokenizer_pca, ...).
+# Put the repo root on sys.path so tests import the flat top-level modules
+# (data, tokenizer_pca, ...).
 import os
 import sys
 

@@ -119,7 +119,8 @@ def test_kill_loop_at_random_points_resumes_bitwise(tmp_path, pca_file, referenc
     assert sum(r["kind"] == "resume" for r in records(tmp_path)) >= 1
 
 
-def test_a_kill_between_the_epoch_copy_and_checkpoint_pt_loses_no_file(tmp_path, pca_file, reference):
+def test_a_kill_between_the_epoch_copy_and_checkpoint_pt_loses_no_file(
+        tmp_path, pca_file, reference):
     # the epoch copy is written first (save 1 of the first epoch end), then checkpoint.pt links to
     # it: killed in the first write, the resumed run redoes the epoch and writes both
     p = driver(tmp_path, pca_file, "kill-save:1", "--resume", "auto")
@@ -157,7 +158,8 @@ def ddp_reference(tmp_path_factory, pca_file):
     return out
 
 
-def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, pca_file, ddp_reference):
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(
+        tmp_path, pca_file, ddp_reference):
     # only rank 0 gets the signal: the ranks agree through the all-reduced flag, both stop, save
     # once, and a resumed 2-rank run ends equal to the uninterrupted one
     two = torchrun("--standalone", "--nproc_per_node=2")
@@ -200,8 +202,9 @@ def test_two_nodes_over_c10d_rendezvous_equal_one_process(tmp_path, pca_file):
     assert all(node.returncode == 0 for node in nodes), [err[-1500:] for _, err in outs]
     p = driver(tmp_path / "one", pca_file, None, "--max-steps", "4", "--accum-iter", "2")
     assert p.returncode == 0, p.stderr[-2000:]
-    losses = [[r["loss"] for r in records(tmp_path / n) if r["kind"] == "log"] for n in ("one", "two")]
-    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    one_process = [r["loss"] for r in records(tmp_path / "one") if r["kind"] == "log"]
+    two_nodes = [r["loss"] for r in records(tmp_path / "two") if r["kind"] == "log"]
+    assert len(one_process) == 2 and one_process == pytest.approx(two_nodes, rel=1e-5)
 
 
 def test_a_finished_run_is_never_replaced_silently(tmp_path, pca_file):
@@ -289,7 +292,8 @@ def test_writes_are_fsynced_before_and_after_the_rename(tmp_path, monkeypatch):
     (["--ema", "0"], "--ema 0.9, this run asks for 0.0"),
     (["--epochs", "4"], "--epochs 3.0, this run asks for 4.0.*a longer run is a new run"),
     (["--accum-iter", "2"], "world x --accum-iter = 1, this run has 2"),
-    (["--dataset", "imagefolder", "--data-path", "/x"], "--dataset synthetic, this run asks for imagefolder"),
+    (["--dataset", "imagefolder", "--data-path", "/x"],
+     "--dataset synthetic, this run asks for imagefolder"),
     (["--latent-dim", "12"], "the checkpoint's model .* differs from this run's"),
 ])
 def test_resume_refuses_what_would_change_the_run(tmp_path, pca_file, extra, msg):
@@ -374,31 +378,36 @@ def ckpt(tmp_path_factory, pca_file):
 
 
 def test_bad_probe_flags_and_outputs(tmp_path, ckpt, capsys, monkeypatch):
-    assert "--max-device-batch: must be >= 1" in bad_flag(linprobe, [ckpt, "--max-device-batch", "0"], capsys)
+    err = bad_flag(linprobe, [ckpt, "--max-device-batch", "0"], capsys)
+    assert "--max-device-batch: must be >= 1" in err
     assert "--probe-t: must be >= 0" in bad_flag(linprobe, [ckpt, "--probe-t", "-5"], capsys)
     parse = linprobe.get_args_parser().parse_args
     common = ["--protocol", "cached", "--synthetic-size", "40", "--num-workers", "0"]
+    argv = [ckpt, *common, "--probe-t", "1000", "--output-dir", str(tmp_path / "a")]
     with pytest.raises(UserError, match=r"probe levels t must be in 0..999"):
-        linprobe.main(parse([ckpt, *common, "--probe-t", "1000", "--output-dir", str(tmp_path / "a")]))
+        linprobe.main(parse(argv))
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="--output-dir .*file is not writable"):
         linprobe.main(parse([ckpt, *common, "--output-dir", str(tmp_path / "file")]))
     ck = torch.load(ckpt, weights_only=True)
     ck["model_config"]["name"] = "vit_huge"
     torch.save(ck, tmp_path / "unknown.pt")
+    unknown = str(tmp_path / "unknown.pt")
     with pytest.raises(UserError, match="'vit_huge' is not in this version's registry"):
-        linprobe.main(parse([str(tmp_path / "unknown.pt"), *common, "--output-dir", str(tmp_path / "b")]))
+        linprobe.main(parse([unknown, *common, "--output-dir", str(tmp_path / "b")]))
     ck["model_config"].update(name="vit_tiny", patch_size=5)
     torch.save(ck, tmp_path / "badsize.pt")
+    badsize = str(tmp_path / "badsize.pt")
     with pytest.raises(UserError, match="model config cannot be built"):
-        linprobe.main(parse([str(tmp_path / "badsize.pt"), *common, "--output-dir", str(tmp_path / "c")]))
+        linprobe.main(parse([badsize, *common, "--output-dir", str(tmp_path / "c")]))
 
 
 def test_bad_tokenizer_flags_and_outputs(tmp_path, capsys, monkeypatch):
     assert "--patch-size: must be >= 1" in bad_flag(tokenizer_pca, ["--patch-size", "0"], capsys)
     assert "--batch-size: must be >= 1" in bad_flag(tokenizer_pca, ["--batch-size", "0"], capsys)
     parse = tokenizer_pca.get_args_parser().parse_args
-    argv = ["--synthetic-size", "16", "--input-size", "32", "--patch-size", "4", "--num-workers", "0"]
+    argv = ["--synthetic-size", "16", "--input-size", "32", "--patch-size", "4",
+            "--num-workers", "0"]
     with pytest.raises(UserError, match="is a folder; pass a file name"):
         tokenizer_pca.main(parse([*argv, "--out", str(tmp_path)]))
     (tmp_path / "ro").mkdir()
@@ -420,7 +429,8 @@ def png16(path, pixels):
     raw = b"".join(b"\0" + row.tobytes() for row in rows)
 
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
     ihdr = struct.pack(">IIBBBBB", w, h, 16, color, 0, 0, 0)
     with open(path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
@@ -466,9 +476,11 @@ def test_concurrent_cache_preparation_in_two_processes(tmp_path):
     for name, magic in data.FMNIST_FILES.items():
         with gzip.open(src / (name + ".gz"), "wb", compresslevel=1) as f:
             f.write(magic.to_bytes(4, "big") + os.urandom(1 << 20))
-    code = f"import sys; sys.path.insert(0, {ROOT!r}); import data; data._prepare_fashion_mnist({str(src)!r})"
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import data; "
+            f"data._prepare_fashion_mnist({str(src)!r})")
     env = {**ENV, "LDAE_CACHE": str(tmp_path / "cache")}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE) for _ in range(2)]
+    argv = [sys.executable, "-c", code]
+    procs = [subprocess.Popen(argv, env=env, stderr=subprocess.PIPE) for _ in range(2)]
     assert all(p.wait(timeout=120) == 0 for p in procs)
     files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert len(files) == 4 and all(p.stat().st_size == 4 + (1 << 20) for p in files)

@@ -33,8 +33,9 @@ def pca_file(tmp_path_factory):
 def cli(out, pca, *extra):
     """Tiny CLI argument list: vit_tiny, 48 synthetic images, global batch 8 -> 6 steps/epoch."""
     return ["--model", "vit_tiny", "--synthetic-size", "48", "--batch-size", "8", "--epochs", "2",
-            "--warmup-epochs", "0.5", "--lr", "1e-3", "--ema", "0.9", "--num-workers", "0", "--pca", pca,
-            "--output-dir", str(out), "--log-every", "1", "--save-every", "1", "--grid-every", "1", *extra]
+            "--warmup-epochs", "0.5", "--lr", "1e-3", "--ema", "0.9", "--num-workers", "0",
+            "--pca", pca, "--output-dir", str(out), "--log-every", "1", "--save-every", "1",
+            "--grid-every", "1", *extra]
 
 
 def run(out, pca, *extra):
@@ -55,7 +56,9 @@ def test_registry_dispatch_and_vit_b_size():
         pretrain.build_model("vit_b", schedule="ddpm")
     with pytest.raises(UserError, match="--residual-weight: not a flag of --model dit_tiny_1"):
         pretrain.build_model("dit_tiny_1", residual_weight=0.1)
-    assert m.config["family"] == "ldae" and dit.config["family"] == "dit" and dit.config["schedule"] == "ddpm"
+    assert m.config["family"] == "ldae"
+    assert dit.config["family"] == "dit"
+    assert dit.config["schedule"] == "ddpm"
     # RECIPE s4: the encoder (x_embedder + first 12 blocks) without its t-conditioning is a ViT-B
     enc = sum(p.numel() for k, p in m.named_parameters() if k.startswith("x_embedder") or (
         k.startswith("blocks.") and int(k.split(".")[1]) < 12 and "adaLN" not in k))
@@ -101,16 +104,22 @@ def test_run_writes_checkpoint_log_grid_and_final_json(tmp_path, pca_file, capsy
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == res and res["steps"] == 7 and math.isfinite(res["final_loss"])
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)          # plain dict, no pickles
-    assert ck["step"] == 7 and ck["epoch"] == 1 and ck["version"] == 1 and ck["args"]["batch_size"] == 8
+    assert ck["step"] == 7
+    assert ck["epoch"] == 1
+    assert ck["version"] == 1
+    assert ck["args"]["batch_size"] == 8
     assert torch.load(tmp_path / "checkpoint-0001.pt", weights_only=True)["step"] == 6
     assert [r["step"] for r in logged(tmp_path)] == list(range(1, 8))
     assert [r["step"] for r in logged(tmp_path, "epoch")] == [6]
     from PIL import Image
-    w, h = Image.open(res["grid"]).size                                     # 8 columns, 11 rows of 96 px
+    # 8 columns, 11 rows of 96 px
+    w, h = Image.open(res["grid"]).size
     assert (w, h) == (8 * 96 + 9 * 2, 11 * 96 + 12 * 2)
     # linprobe's entry points: the same model back, raw or EMA weights, strictly
-    model = pretrain.model_from_checkpoint(pretrain.load_checkpoint(str(tmp_path / "checkpoint.pt")), "raw")
-    assert all(torch.equal(v, ck["model"][k]) for k, v in model.state_dict().items() if torch.is_tensor(v))
+    reloaded = pretrain.load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    model = pretrain.model_from_checkpoint(reloaded, "raw")
+    weights = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    assert all(torch.equal(v, ck["model"][k]) for k, v in weights.items())
     ema = pretrain.model_from_checkpoint(ck, "ema")
     assert not torch.equal(ema.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
     ck["model"]["blocks.0.extra"] = torch.zeros(1)
@@ -123,48 +132,63 @@ def test_resume_is_bit_identical_mid_epoch_and_across_workers(tmp_path, pca_file
     # order and noise must all be pure functions of (seed, epoch, step), not of process history
     straight, split = tmp_path / "straight", tmp_path / "split"
     run(straight, pca_file, "--max-steps", "7", "--aug", "rrc")
-    run(split, pca_file, "--max-steps", "3", "--aug", "rrc", "--num-workers", "1")     # stops mid-epoch
+    # stops mid-epoch
+    run(split, pca_file, "--max-steps", "3", "--aug", "rrc", "--num-workers", "1")
     run(split, pca_file, "--max-steps", "7", "--aug", "rrc", "--resume", "auto")
     assert [r["loss"] for r in logged(straight)] == [r["loss"] for r in logged(split)]
     a = torch.load(straight / "checkpoint.pt", weights_only=True)
     b = torch.load(split / "checkpoint.pt", weights_only=True)
     for key in ("model", "ema"):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key] if isinstance(a[key][k], torch.Tensor))
-    assert torch.equal(a["optimizer"]["state"][0]["exp_avg_sq"], b["optimizer"]["state"][0]["exp_avg_sq"])
+        names = [k for k in a[key] if isinstance(a[key][k], torch.Tensor)]
+        assert all(torch.equal(a[key][k], b[key][k]) for k in names)
+    state_a, state_b = a["optimizer"]["state"][0], b["optimizer"]["state"][0]
+    assert torch.equal(state_a["exp_avg_sq"], state_b["exp_avg_sq"])
 
 
 def test_decode_gpu_decodes_batches_on_the_device_cpu_here(tmp_path, monkeypatch):
     # --decode gpu: workers ship JPEG bytes, Engine.step decodes them with data.decode_batch on the
     # training device (CPU here: the same code path as CUDA, only decode_jpeg's device differs)
-    jpegs = data.write_jpeg_folder(tmp_path / "jpegs", 40, size=(48, 36))   # flat root: 30 train images
+    # flat root: 30 train images
+    jpegs = data.write_jpeg_folder(tmp_path / "jpegs", 40, size=(48, 36))
     calls, real = [], data.decode_batch
-    monkeypatch.setattr(data, "decode_batch", lambda jp, *a, **k: calls.append(len(jp)) or real(jp, *a, **k))
-    argv = ["--model", "vit_tiny", "--dataset", "imagefolder", "--data-path", str(jpegs), "--aug", "rrc",
-            "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0.5", "--lr", "1e-3", "--num-workers", "1",
-            "--pca-images", "16", "--log-every", "1", "--output-dir", str(tmp_path / "out")]
-    res = pretrain.main(pretrain.get_args_parser().parse_args(argv + ["--decode", "gpu", "--max-steps", "2"]))
-    assert res["steps"] == 2 and math.isfinite(res["final_loss"]) and len(logged(tmp_path / "out")) == 2
+
+    def counting_decode_batch(batch, *args, **kwargs):
+        calls.append(len(batch))
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(data, "decode_batch", counting_decode_batch)
+    argv = ["--model", "vit_tiny", "--dataset", "imagefolder", "--data-path", str(jpegs),
+            "--aug", "rrc", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0.5",
+            "--lr", "1e-3", "--num-workers", "1", "--pca-images", "16", "--log-every", "1",
+            "--output-dir", str(tmp_path / "out")]
+    gpu_argv = argv + ["--decode", "gpu", "--max-steps", "2"]
+    res = pretrain.main(pretrain.get_args_parser().parse_args(gpu_argv))
+    assert res["steps"] == 2
+    assert math.isfinite(res["final_loss"])
+    assert len(logged(tmp_path / "out")) == 2
     ck = pretrain.load_checkpoint(res["checkpoint"])
     assert ck["step"] == 2 and ck["args"]["decode"] == "gpu"
     assert calls == [8, 8, 8]                    # the grid's 8 images, then one batch of 8 per step
+    resume_argv = argv + ["--max-steps", "3", "--resume", "auto"]
     with pytest.raises(UserError, match="trained with --decode gpu, this run asks for pil"):
-        pretrain.main(pretrain.get_args_parser().parse_args(argv + ["--max-steps", "3", "--resume", "auto"]))
+        pretrain.main(pretrain.get_args_parser().parse_args(resume_argv))
 
 
 def test_two_processes_under_torchrun_match_one_process(tmp_path, pca_file):
     # the noise of micro-batch k of step s is seeded by (seed, s, k): 2 ranks x accum 1 must see the
     # same examples and noise as 1 process x accum 2 with the same global batch
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "pretrain.py", *cli(tmp_path / "one", pca_file, "--max-steps", "3",
-                                                              "--accum-iter", "2")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    one_argv = [sys.executable, "pretrain.py",
+                *cli(tmp_path / "one", pca_file, "--max-steps", "3", "--accum-iter", "2")]
+    one = subprocess.run(one_argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "pretrain.py", *cli(tmp_path / "two", pca_file, "--max-steps", "3")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two_argv = [*torchrun, "pretrain.py", *cli(tmp_path / "two", pca_file, "--max-steps", "3")]
+    two = subprocess.run(two_argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     assert json.loads(two.stdout.strip().splitlines()[-1])["steps"] == 3
-    l1, l2 = [r["loss"] for r in logged(tmp_path / "one")], [r["loss"] for r in logged(tmp_path / "two")]
+    l1 = [r["loss"] for r in logged(tmp_path / "one")]
+    l2 = [r["loss"] for r in logged(tmp_path / "two")]
     assert len(l1) == len(l2) == 3 and l1 == pytest.approx(l2, rel=1e-5, abs=1e-6)
 
 
@@ -185,7 +209,8 @@ def test_killed_save_leaves_last_checkpoint_loadable(tmp_path, pca_file, monkeyp
     assert not any(n.endswith(".tmp") for n in os.listdir(tmp_path))
 
 
-def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, pca_file, monkeypatch):
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(
+        tmp_path, pca_file, monkeypatch):
     calls, real_loss = [0], ldae.LDAE.loss
 
     def loss_goes_nan(self, x, labels=None):
@@ -194,15 +219,19 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, pc
         return out * float("nan") if calls[0] > 4 else out      # steps 1..4 fine, NaN from step 5
 
     monkeypatch.setattr(ldae.LDAE, "loss", loss_goes_nan)
-    with pytest.raises(pretrain.Diverged, match=r"non-finite loss at step 5 \(lr .*grad norm nan\).*step 3\) is untouched"):
-        run(tmp_path, pca_file, "--log-every", "2", "--synthetic-size", "24")   # 3 steps/epoch: saved at 3
+    message = r"non-finite loss at step 5 \(lr .*grad norm nan\).*step 3\) is untouched"
+    with pytest.raises(pretrain.Diverged, match=message):
+        # 3 steps/epoch: saved at 3
+        run(tmp_path, pca_file, "--log-every", "2", "--synthetic-size", "24")
     assert pretrain.load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 3
     assert not os.path.exists(tmp_path / "checkpoint-0002.pt")
 
 
 def test_preset_sets_defaults_and_explicit_flags_win():
-    args = pretrain.get_args_parser().parse_args(["--preset", "t3_ldae", "--model", "vit_tiny", "--epochs", "3"])
-    assert (args.model, args.epochs, args.latent_dim, args.residual_weight) == ("vit_tiny", 3, 32, 0.1)
+    argv = ["--preset", "t3_ldae", "--model", "vit_tiny", "--epochs", "3"]
+    args = pretrain.get_args_parser().parse_args(argv)
+    got = (args.model, args.epochs, args.latent_dim, args.residual_weight)
+    assert got == ("vit_tiny", 3, 32, 0.1)
 
 
 def test_benchmark_prints_speed_and_flops(capsys):
@@ -218,7 +247,8 @@ def test_benchmark_prints_speed_and_flops(capsys):
     (["--pca", "/nonexistent/pca.pt"], "--pca file /nonexistent/pca.pt does not exist"),
     (["--resume", "/nonexistent/ck.pt"], "checkpoint /nonexistent/ck.pt does not exist"),
     (["--patch-size", "8"], "has 4px x 3ch patches but --model vit_tiny uses 8px"),
-    (["--model", "dit_tiny_1", "--dit-input", "latents", "--decode", "gpu"], "reads --latents-file; drop --decode"),
+    (["--model", "dit_tiny_1", "--dit-input", "latents", "--decode", "gpu"],
+     "reads --latents-file; drop --decode"),
 ])
 def test_bad_flags_and_paths(tmp_path, pca_file, extra, msg):
     with pytest.raises(UserError, match=msg):
@@ -229,8 +259,11 @@ def test_unwritable_output_and_exit_code_2(tmp_path, pca_file):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(UserError, match="not writable"):
         run(tmp_path / "a_file" / "out", pca_file)
-    p = subprocess.run([sys.executable, "pretrain.py", "--model", "vit_q"], cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 2 and p.stderr.startswith("error: unknown --model 'vit_q'") and "Traceback" not in p.stderr
+    argv = [sys.executable, "pretrain.py", "--model", "vit_q"]
+    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.startswith("error: unknown --model 'vit_q'")
+    assert "Traceback" not in p.stderr
 
 
 def test_a_batch_larger_than_the_data_is_capped_with_a_note(tmp_path, pca_file, capsys):
