@@ -45,8 +45,8 @@ def load_backbone(args, device):
         print(f"[probe] note: the paper probes {preset} (Table 4) at "
               f"{dit_baseline.PAPER_PROBE[preset]}; this run uses one fixed setting", flush=True)
     if args.random_init:
-        # Issue 6's baseline: same network, fresh weights, every block live. The checkpoint gives
-        # only the config and the PCA tokenizer (fitted, not learned by gradient: RECIPE s2).
+        # The random-init baseline: same network, fresh weights, every block live. The
+        # checkpoint gives only the config and the PCA tokenizer (fitted, not learned: RECIPE s2).
         torch.manual_seed(args.seed)
         model.init_weights(active=True)
         print(f"[probe] --random-init: freshly initialised {model.config.get('name')} with "
@@ -327,7 +327,7 @@ def feature_map(x, whiten, chunk=65536):
 
 
 def probe_cached(train_x, train_y, val_x, val_y, base_lr, args, num_classes, device, log, tag):
-    """Issue 6: optimisation must not decide the ranking. (1) Normalise with TRAIN statistics
+    """Optimisation must not decide the ranking. (1) Normalise with TRAIN statistics
     (whitened for lbfgs; standardised for lars, which mimics `mae`). (2) Choose the one free
     setting (lbfgs: L2 from --wd-grid; lars: lr from --lr-grid x base lr) by top-1 on a seeded
     held-out part of TRAIN (all views of a held-out image held out), retrain on all of train,
