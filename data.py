@@ -28,7 +28,8 @@ Commands (`pack` and `bench` live in pack_data.py; `python data.py` runs them):
   python data.py bench --data-path /tmp/jpegs --make 1000 --input-size 256 --workers 0,1,2
       (--make N: first write N synthetic 500x375 q90 JPEGs there; prints a markdown table)
   python tokenizer_pca.py --dataset fashion-mnist --data-path /usr/share/datasets/fashion-mnist \
-      --input-size 32 --patch-size 4 --out /tmp/pca_fm.pt    (any script that calls add_data_args)
+      --input-size 32 --patch-size 4 --out /tmp/pca_fm.pt
+      (the data flags are the same in any script that calls add_data_args)
 
 Contract: images are float (3, H, W) in [-1, 1] (DiT normalisation, RECIPE s2), grayscale
 repeated to 3 channels. Bad user input raises UserError; run_cli prints `error: <msg>` and exits

@@ -1,4 +1,5 @@
-"""The two commands of `python data.py` (it forwards here; `python pack_data.py` is the same):
+"""The two commands of `python data.py` (it forwards here; pack_data.py run directly takes the
+same commands):
 
   pack   decode a dataset once into the packed format that data.Packed reads (described in
          data.py): every image resized (shorter side, bicubic) and center-cropped to S x S,

@@ -119,7 +119,8 @@ def test_students_are_checkpoints_linprobe_and_export_read(teacher_ckpt, tmp_pat
     assert res["steps"] == 8 and math.isfinite(res["final_loss"])
     assert set(res["policy_t"]) == {"p10", "median", "p90"}
     student = pretrain.load_checkpoint(res["student"])
-    assert student["model_config"]["family"] == "ldae" and student["model_config"]["latent_dim"] == 48
+    config = student["model_config"]
+    assert config["family"] == "ldae" and config["latent_dim"] == 48
     probe = linprobe.main(linprobe.get_args_parser().parse_args(
         [res["student"], "--protocol", "cached", "--synthetic-size", "64", "--num-workers", "0",
          "--output-dir", str(tmp_path / "probe")]))
