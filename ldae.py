@@ -257,7 +257,7 @@ def training_flops(model):
 # the probe reads, the second half the decoder, same width, no bottleneck. The two small sizes
 # are for CPU runs and tests (32 px images, 4 x 4 patches, so 64 tokens of D = 48 dims).
 # The CPU sizes use d = 8 of D = 48 with whitened latents: the settings measured to learn on 32 px
-# data (README, Reproduction); the paper's ratio d / D (4 of 48) at pixel scale did not.
+# data (docs/RESULTS.md); d = 4 at pixel scale (the paper's d / D = 32 / 768 is 2 of 48) did not.
 _CPU = dict(img_size=32, patch_size=4, latent_dim=8, latent_norm="whiten")
 MODELS = {
     "vit_tiny": dict(hidden_size=64, depth=4, num_heads=4, **_CPU),

@@ -47,7 +47,7 @@ PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,
                "L40S": 362.0}                                    # dense bf16, per GPU
 GRID_T = (100, 300, 500, 700, 900)
 # Training defaults of the CPU-sized models (32 px), measured to learn on the synthetic set and
-# Fashion-MNIST (README, Reproduction); every other model keeps the paper's (RECIPE s6). They sit
+# Fashion-MNIST (docs/RESULTS.md); every other model keeps the paper's (RECIPE s6). They sit
 # under explicit flags and replace a --preset's ImageNet-sized batch, lr and length.
 _SMALL = dict(batch_size=64, lr=4e-3, epochs=10, warmup_epochs=1, ema=0.999, pca_images=500,
               save_every=5, grid_every=5, log_every=10, input_size=None)   # None: the model's
