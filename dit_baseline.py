@@ -298,19 +298,19 @@ class DiT(nn.Module):
     # --- probe and image grids ----------------------------------------------------------------
     probe_t = 10                        # RECIPE s5: the probe's default noise level
 
-    def forward_features(self, images, t=None, depth=None, noisy=False):
+    def forward_features(self, images, t=None, depth=None, noisy=False, pool=True):
         """ldae.pooled_features after block `depth` (default: the first half, RECIPE s7: 12 of
         24 for DiT-L; a list: one pass, a list out), the network told level t (an int or one per
         image). Clean input = x_t with eps = 0, i.e. gamma_t z0 (gamma_10^2 = 0.9985 for ddpm,
         0.989 for linear_gamma2, 1 for no_scaling); noisy=True draws eps. Class-conditional
         models get the null class, never the true label (a probe must not see labels through
-        the input)."""
+        the input). pool=False: the tokens, unpooled."""
         z0 = self.encode(images)
         levels = noise_levels(t, self.probe_t, z0)                  # (B,): an int or per image
         eps = None if noisy else torch.zeros_like(z0)
         xt, _ = self.add_noise(z0, levels, eps)
         tokens, c = self._cond(xt, levels, None, False)
-        return pooled_features(self.blocks, tokens, c, depth, self.depth // 2)
+        return pooled_features(self.blocks, tokens, c, depth, self.depth // 2, pool)
 
     @torch.no_grad()
     def denoise(self, images, t):

@@ -198,17 +198,20 @@ def run_blocks(blocks, x, c, depth=None, checkpoint=False):
     return x
 
 
-def pooled_features(blocks, x, c, depth, default_depth):
+def pooled_features(blocks, x, c, depth, default_depth, pool=True):
     """The probe's features (RECIPE s5): tokens x (B, L, D) through the blocks under conditioning
     c, average-pooled (no class token) after block `depth` (None or 0: default_depth) -> (B, D).
-    A list of depths takes one pass and returns one (B, D) per depth (the DDAE grid protocol)."""
+    A list of depths takes one pass and returns one (B, D) per depth (the DDAE grid protocol).
+    pool=False returns the tokens themselves, (B, L, D) (distill.py's token-level target)."""
     many = isinstance(depth, (list, tuple))
     depths = list(depth) if many else [depth or default_depth]
     pooled = {}
     for index, block in enumerate(blocks[:max(depths)], start=1):
         x = block(x, c)
-        if index in depths:
+        if index in depths and pool:
             pooled[index] = x.mean(dim=1)
+        elif index in depths:
+            pooled[index] = x
     features = [pooled[k] for k in depths]
     return features if many else features[0]
 
@@ -415,14 +418,14 @@ class LDAE(nn.Module):
                 per_image = (z0 - pred).square().sum(-1).mean(-1)
             return (lam * per_image).mean()
 
-    def forward_features(self, images, t=None, depth=None, noisy=False):
+    def forward_features(self, images, t=None, depth=None, noisy=False, pool=True):
         """What the linear probe reads (RECIPE s5): pooled_features after block `depth` (default:
         the last encoder block, half the blocks; a list: one (B, D) per depth), with the network
         told noise level t (None: probe_t, i.e. 10, or the level a single-level model was trained
         at; an int; or a (B,) tensor, one level per image) and given a clean input, i.e. the
         image projected onto the d-dim PCA subspace (sigma = 0: the only kind of input the
         network saw in training). noisy=True adds the noise of level t instead (the paper's
-        Sec. 5 probe ablation)."""
+        Sec. 5 probe ablation); pool=False: the tokens, unpooled."""
         levels = noise_levels(t, self.probe_t, images)
         if noisy:
             x = self.add_noise(images, levels)
@@ -431,7 +434,7 @@ class LDAE(nn.Module):
             x = self.add_noise(images, torch.zeros_like(levels))
         tokens = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(levels)
-        return pooled_features(self.blocks, tokens, c, depth, self.depth // 2)
+        return pooled_features(self.blocks, tokens, c, depth, self.depth // 2, pool)
 
     @torch.no_grad()
     def denoise(self, images, t):
