@@ -64,6 +64,10 @@ def script_and_argv(command):
     if not os.path.exists(os.path.join(ROOT, script)) or script == "tests/bench_vit_step.py":
         return None
     argv = words[scripts[0] + 1:]
+    # the shell's part of the line (a redirection, a pipe, a second command) is not the script's
+    operators = [i for i, w in enumerate(argv) if w in (">", ">>", "|", "&&", ";", "2>&1")]
+    if operators:
+        argv = argv[:operators[0]]
     if script == "data.py" and len(argv) < 2:
         # prose naming the subcommand (`python data.py pack`), not a command line
         return None
