@@ -165,6 +165,7 @@ class RepFusion(nn.Module):
         self.student = student
         self.t_policy, self.fixed_t, self.teacher_depth = t_policy, fixed_t, teacher_depth
         self.match = match
+        self.pool = match == "pooled"
         # --whiten-target: target -> (target - mean) @ zca, fitted once by fit_whitening (the
         # identity until then); saved with the run, so a resumed run uses the same map
         width = teacher.config["hidden_size"]
@@ -197,7 +198,7 @@ class RepFusion(nn.Module):
     def teacher_target(self, images, t):
         """The teacher's features at t, pooled or per token (--match), in fp32."""
         target = self.teacher.model.forward_features(images, t=t, depth=self.teacher_depth,
-                                                     pool=self.match == "pooled")
+                                                     pool=self.pool)
         return target.float()
 
     @torch.no_grad()
@@ -221,11 +222,10 @@ class RepFusion(nn.Module):
 
     def loss(self, images, labels):
         t, levels = self.choose_t(images)
-        pool = self.match == "pooled"
         target = self.teacher_target(images, t)
-        mimic = self.adaptor(self.student.forward_features(images, pool=pool)).float()
+        mimic = self.adaptor(self.student.forward_features(images, pool=self.pool)).float()
         pooled_target = target
-        if not pool:
+        if not self.pool:
             target = to_grid(target, mimic.shape[1])
             pooled_target = target.mean(dim=1)
         target = (target - self.target_mean) @ self.target_zca
@@ -405,8 +405,7 @@ def print_settings(args, teacher, student, depth, fixed_t, n_images, world, last
     lines = [f"teacher     {args.teacher} ({teacher.config['name']}, {weights}), block {depth}, "
              f"clean input",
              f"t           {how}",
-             f"student     {args.student}, MSE on {args.match} features, "
-             f"{whitening}",
+             f"student     {args.student}, MSE on {args.match} features, {whitening}",
              f"data        {args.dataset}: {n_images} train images, {args.input_size} px, "
              f"aug {args.aug}",
              f"batch       global {args.batch_size} = {world} rank(s) x accum {args.accum_iter}",

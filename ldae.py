@@ -205,14 +205,12 @@ def pooled_features(blocks, x, c, depth, default_depth, pool=True):
     pool=False returns the tokens themselves, (B, L, D) (distill.py's token-level target)."""
     many = isinstance(depth, (list, tuple))
     depths = list(depth) if many else [depth or default_depth]
-    pooled = {}
+    kept = {}
     for index, block in enumerate(blocks[:max(depths)], start=1):
         x = block(x, c)
-        if index in depths and pool:
-            pooled[index] = x.mean(dim=1)
-        elif index in depths:
-            pooled[index] = x
-    features = [pooled[k] for k in depths]
+        if index in depths:
+            kept[index] = x.mean(dim=1) if pool else x
+    features = [kept[k] for k in depths]
     return features if many else features[0]
 
 
