@@ -30,11 +30,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import checkpoint
+import cli
 import data
 import ldae
 import pretrain
 import trainer
-from data import UserError
+from cli import UserError
 from tokenizer_pca import PatchPCA
 
 STUDENTS = ("resnet18", "vit_tiny", "vit_small")
@@ -246,11 +248,11 @@ class RepFusion(nn.Module):
 
 # ---- Flags ------------------------------------------------------------------------------------
 def get_args_parser():
-    num = data.bounded
-    p = data.ArgumentParser(prog="distill.py", description="RepFusion: distil a denoising "
-                            "model's features (a pretrain.py checkpoint) into a student network, "
-                            "with the noise level chosen per image by a learned policy (RECIPE.md "
-                            "s8).")
+    num = cli.bounded
+    p = cli.ArgumentParser(prog="distill.py", description="RepFusion: distil a denoising "
+                           "model's features (a pretrain.py checkpoint) into a student network, "
+                           "with the noise level chosen per image by a learned policy (RECIPE.md "
+                           "s8).")
     g = p.add_argument_group("teacher and student")
     g.add_argument("--teacher", required=True, help="a pretrain.py checkpoint (l-DAE or DiT)")
     g.add_argument("--teacher-weights", default="ema", choices=["ema", "raw"],
@@ -321,9 +323,9 @@ def save_student(model, engine, path, args, step):
     pca = student.pca.to_dict() if student.pca is not None else None
     primitives = (int, float, str, bool, type(None))
     keep = {k: v for k, v in vars(args).items() if isinstance(v, primitives)}
-    data.save_torch({"model": student_part(state["model"]), "ema": ema, "step": step,
-                     "model_config": student.config, "pca": pca, "args": keep,
-                     "distilled_from": args.teacher, "version": 1}, path)
+    cli.save_torch({"model": student_part(state["model"]), "ema": ema, "step": step,
+                    "model_config": student.config, "pca": pca, "args": keep,
+                    "distilled_from": args.teacher, "version": 1}, path)
     return path
 
 
@@ -335,10 +337,11 @@ def train(args, rank, world, device):
     if args.input_size != teacher.config["img_size"]:
         raise UserError(f"the teacher takes {teacher.config['img_size']} px images, not "
                         f"--input-size {args.input_size}")
-    source, ckpt = trainer.open_run(args, is_main, world, ignore=())
-    train_set = data.build_dataset(args, "train", data.build_transform(args.aug, args.input_size))
+    source, ckpt = checkpoint.open_run(args, is_main, world, ignore=())
+    transform = data.build_transform(args.aug, args.input_size)
+    train_set = trainer.node_first(lambda: data.build_dataset(args, "train", transform), world)
     trainer.cap_batch(args, len(train_set), world, is_main)
-    changed = trainer.check_resume(ckpt, args, world) if ckpt is not None else []
+    changed = checkpoint.check_resume(ckpt, args, world) if ckpt is not None else []
     torch.manual_seed(args.seed)                   # the same init on every rank
     student = build_student(args.student, teacher, args.input_size)
     model = RepFusion(teacher, student, data.num_classes(train_set), args.t_policy, fixed_t,
@@ -349,7 +352,7 @@ def train(args, rank, world, device):
         images = data.batch_to_images(data.collate([train_set[i] for i in range(n)])[0], device)
         model.fit_whitening(images, torch.Generator().manual_seed(args.seed))
     engine = trainer.Engine(model, args, rank, world, device)
-    start = trainer.restore(engine, ckpt, model.config)
+    start = checkpoint.restore(engine, ckpt, model.config)
     steps_per_epoch = len(train_set) // args.batch_size
     last = min(max(1, round(args.epochs * steps_per_epoch)), args.max_steps or float("inf"))
     base_lr = trainer.scaled_lr(args, args.batch_size)
@@ -367,8 +370,8 @@ def train(args, rank, world, device):
 
     run = trainer.TrainingRun(args, engine, train_set, world, lr_fn, last, describe)
     if is_main:
-        print_settings(args, teacher, student, depth, fixed_t, len(train_set), world, last,
-                       base_lr, start)
+        print_settings(args, teacher, depth, fixed_t, len(train_set), engine, last, base_lr,
+                       start)
     res = run.run(start, source, changed)
     if is_main:
         res["student"] = save_student(model, engine, os.path.join(args.output_dir, "student.pt"),
@@ -391,7 +394,7 @@ def policy_report(model, images):
     return {"p10": round(q[0]), "median": round(q[1]), "p90": round(q[2])}
 
 
-def print_settings(args, teacher, student, depth, fixed_t, n_images, world, last, base_lr, start):
+def print_settings(args, teacher, depth, fixed_t, n_images, engine, last, base_lr, start):
     how = f"fixed t = {fixed_t}"
     if args.t_policy == "rl":
         how = (f"policy over t = 0..{teacher.config.get('num_steps', 1000) - 1} (REINFORCE), "
@@ -402,15 +405,22 @@ def print_settings(args, teacher, student, depth, fixed_t, n_images, world, last
         whitening = f"target whitened (ZCA of {args.whiten_target} images)"
     if args.random_teacher:
         weights = "RANDOM weights (--random-teacher)"
+    ema = "off"
+    if args.ema:
+        ema = f"{args.ema:g}"
     lines = [f"teacher     {args.teacher} ({teacher.config['name']}, {weights}), block {depth}, "
              f"clean input",
              f"t           {how}",
              f"student     {args.student}, MSE on {args.match} features, {whitening}",
              f"data        {args.dataset}: {n_images} train images, {args.input_size} px, "
              f"aug {args.aug}",
-             f"batch       global {args.batch_size} = {world} rank(s) x accum {args.accum_iter}",
-             f"lr          {base_lr:.4g}, warmup {args.warmup_epochs:g} of {args.epochs:g} epochs",
+             f"batch       global {args.batch_size} = {engine.world} rank(s) x accum "
+             f"{args.accum_iter}",
+             f"lr          peak {base_lr:.4g}, warmup {args.warmup_epochs:g} of {args.epochs:g} "
+             f"epochs",
              f"steps       {start} -> {last}",
+             f"ema         {ema}",
+             f"precision   {engine.prec}",
              f"output      {args.output_dir}"]
     print("[distill] effective settings\n  " + "\n  ".join(lines), flush=True)
 
@@ -420,4 +430,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    data.run_cli(main, get_args_parser())
+    cli.run_cli(main, get_args_parser())

@@ -27,13 +27,14 @@ Learned variance (DiT's learn_sigma) is not needed for representation learning: 
 probes features, never samples. learn_sigma=True only adds the output channels that official
 checkpoints carry (so they load); the loss ignores that half.
 """
+import functools
 import math
-import os
 
 import torch
 import torch.nn as nn
 
-from data import UserError
+import cli
+from cli import UserError
 from ldae import (DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, init_dit_weights,
                   noise_levels, pooled_features, registry_config, run_blocks,
                   sincos_pos_embed, training_flops)
@@ -338,12 +339,8 @@ class LatentDataset(torch.utils.data.Dataset):
         if not path:
             raise UserError("this model reads precomputed latents: pass --latents-file FILE.pt "
                             "holding {'latents': (N, C, h, w), 'labels': (N,)}")
-        if not os.path.isfile(path):
-            raise UserError(f"latents file {path} does not exist")
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise UserError(f"cannot read latents file {path}: {e}") from None
+        saved = cli.load_torch(path, "latents file", "pass a .pt file of tensors written with "
+                               "torch.save({'latents': ..., 'labels': ...})", mmap=True)
         if not isinstance(saved, dict) or "latents" not in saved or "labels" not in saved:
             raise UserError(f"{path} must hold a dict with 'latents' (N, C, h, w) and "
                             f"'labels' (N,)")
@@ -361,9 +358,16 @@ class LatentDataset(torch.utils.data.Dataset):
         return self.latents[i].float(), int(self.labels[i])
 
 
+@functools.lru_cache(maxsize=None)
+def open_latents(path):
+    """The LatentDataset of `path`, opened once per process: the model's build reads its shape and
+    class count, the training run its items."""
+    return LatentDataset(path)
+
+
 def make_latent_dataset(path):
     """What pretrain.py uses instead of data.build_dataset when the model's input is "latents"."""
-    ds = LatentDataset(path)
+    ds = open_latents(path)
     print(f"[data] latents {path}: {len(ds.classes)} classes, {len(ds)} latents of "
           f"{tuple(ds.latents.shape[1:])}", flush=True)
     return ds
@@ -391,7 +395,7 @@ def build_model(name, pca=None, **overrides):
     cfg["input"] = {"latent": "latents"}.get(cfg.get("input"), cfg.get("input", "pca"))
     path = cfg.pop("latents_file", None)
     if path:
-        ds = LatentDataset(path)
+        ds = open_latents(path)
         cfg.update(input="latents", latent_channels=ds.latents.shape[1],
                    latent_size=ds.latents.shape[2])
         if ds.latents.shape[2] != ds.latents.shape[3]:
@@ -414,7 +418,7 @@ _DIT_PCA = dict(_BASE, model="dit_l_1", dit_input="pca", class_cond=False,
 _LDAE = dict(_BASE, model="vit_half_l", latent_dim=32, noise="multi", target="original",
              residual_weight=0.1)                                 # l-DAE, ViT-1/2L (12 + 12)
 PRESETS = {
-    # Table 1 (needs --latents-file: a KL-VAE / VQGAN's latents; see README)
+    # Table 1 (needs --latents-file: a KL-VAE / VQGAN's latents; see docs/USAGE.md)
     "t1_dit_cond": _DIT_LAT,
     "t1_no_cond": dict(_DIT_LAT, class_cond=False),
     "t1_no_perceptual": dict(_DIT_LAT, class_cond=False),   # latents of a tokenizer w/o perceptual
@@ -458,10 +462,6 @@ TABLE4_PRESETS = ("final_vit_b_1600ep", "final_vit_l_1600ep")
 PAPER_PROBE = {name: ("the best (t, clean or noisy input), chosen on held-out train: "
                       "linprobe.py --select-setting" if name in TABLE4_PRESETS
                       else "t = 10, clean input") for name in PRESETS}
-# Stand-ins to run any row small (`--model SMALL_MODEL[preset_family(name)] --input-size 32`).
+# Stand-ins to run any row small (`--model SMALL_MODEL[family] --input-size 32`, the family of
+# the preset's model as pretrain.family_of decides it).
 SMALL_MODEL = {"dit": "dit_tiny_1", "ldae": "vit_tiny"}
-
-
-def preset_family(name):
-    """'dit' or 'ldae': which model file a preset's model lives in."""
-    return "dit" if PRESETS[name]["model"] in MODELS else "ldae"

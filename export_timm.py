@@ -25,26 +25,27 @@ What folds where, at the fixed t (all linear algebra, no approximation):
 Before writing, the export runs a pure-torch model with timm's layout and parameter names on random
 images and compares it with the checkpoint's forward_features (--check-images; 0 skips it).
 The last JSON line also gives the export's shape as flags of timm's train.py (train_py_flags);
-fine-tuning with that script under the paper's App. B recipe: README.
+fine-tuning with that script under the paper's App. B recipe: docs/USAGE.md.
 """
-import argparse
 import json
 import os
 
 import torch
 import torch.nn as nn
 
-import data
+import cli
 import ldae
 import pretrain
-from data import UserError
+from cli import UserError
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Export an l-DAE encoder as a timm VisionTransformer")
+    p = cli.ArgumentParser(prog="export_timm.py",
+                           description="Export an l-DAE encoder as a timm VisionTransformer")
     p.add_argument("ckpt", help="checkpoint.pt written by pretrain.py (an l-DAE model)")
     p.add_argument("--out", required=True, help="the file to write")
-    p.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                   help="the EMA weights (what the paper evaluates) or the raw ones")
     p.add_argument("--probe-t", type=int, default=None,
                    help="noise level folded in (default: the model's probe_t: 10, or a "
                         "single-level model's own level)")
@@ -201,16 +202,10 @@ def main(args):
               f"(features up to {scale:.3g})", flush=True)
         if not diff <= 1e-4 * max(1.0, scale):
             raise RuntimeError(f"export self-check failed: max |diff| {diff:.3g}; nothing written")
-    tmp = args.out + ".tmp"
-    try:
-        torch.save({"state_dict": sd, "timm_kwargs": kw, "source": source}, tmp)
-        os.replace(tmp, args.out)        # atomic: a reader never sees a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    cli.save_torch({"state_dict": sd, "timm_kwargs": kw, "source": source}, args.out)
     print(json.dumps(res), flush=True)
     return res
 
 
 if __name__ == "__main__":
-    data.run_cli(main, get_args_parser())
+    cli.run_cli(main, get_args_parser())

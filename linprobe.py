@@ -32,10 +32,12 @@ import time
 import torch
 import torch.distributed as dist
 
+import cli
 import data
 import pretrain                                   # contract: checkpoints, DDP setup
 import probing
-from data import UserError
+import trainer
+from cli import UserError
 # the feature pass, by these names here too (tests/gpu_check.py times linprobe.make_featurizer)
 from probing import cached_features, extract, make_featurizer
 
@@ -228,9 +230,7 @@ def prepare(args, device, world):
     if knn and args.knn_k > len(train_ds):
         raise UserError(f"--knn-k {args.knn_k} is more than the {len(train_ds)} train images; "
                         f"pass --knn-k {len(train_ds)} or fewer")
-    base_lr = args.lr
-    if base_lr is None:
-        base_lr = args.blr * args.batch_size / 256
+    base_lr = trainer.scaled_lr(args, args.batch_size)
     return argparse.Namespace(
         model=model, size=size, keys=keys, protocol=protocol, why=why, knn=knn,
         centre_ds=centre_ds, crops_ds=crops_ds, val_ds=val_ds, n_train=len(train_ds),
@@ -243,7 +243,7 @@ def append_log(path, rec, echo=False):
         with open(path, "a") as f:
             f.write(json.dumps(rec) + "\n")
     except OSError as e:
-        raise data.write_error(e, path) from None
+        raise cli.write_error(e, path) from None
     if echo:
         print(json.dumps(rec), flush=True)
 
@@ -253,15 +253,15 @@ def main(args):
         return compare(args)
     check_flags(args)
     t_start = time.time()
-    rank, world, device = pretrain.setup_distributed()
+    rank, world, device = trainer.setup_distributed()
     if rank == 0:
-        data.check_writable_dir(args.output_dir, "--output-dir")
+        cli.check_writable_dir(args.output_dir, "--output-dir")
     run = prepare(args, device, world)
     log_path = os.path.join(args.output_dir, "log.jsonl")
     if rank == 0:
         print("[linprobe] effective settings\n  " + "\n  ".join(settings_lines(args, run)),
               flush=True)
-        data.atomic_write(log_path, lambda tmp: data.write_lines(tmp, []))   # a fresh log
+        cli.atomic_write(log_path, lambda tmp: cli.write_lines(tmp, []))   # a fresh log
 
     def log(rec, echo=False):
         if rank == 0:
@@ -349,8 +349,8 @@ def save_and_print(args, res, results, short, best):
     if results:
         heads = {head_name(key): {**r[0], **short[key]} for key, r in results.items()}
         settings = {k: v for k, v in res.items() if k != "grid"}
-        data.save_torch({"heads": heads, "settings": settings},
-                        os.path.join(args.output_dir, "head.pt"))
+        cli.save_torch({"heads": heads, "settings": settings},
+                       os.path.join(args.output_dir, "head.pt"))
     setting = f"depth {best[0]}, t {best[1]}, {'noisy' if best[2] else 'clean'} input"
     also = ""
     if "knn_top1" in res and res["protocol"] != "knn":
@@ -366,9 +366,9 @@ def get_args_parser():
 
     def floats(text):
         return [float(v) for v in text.split(",")]
-    num = data.bounded
-    parser = data.ArgumentParser(prog="linprobe.py", description="Linear probe (and k-NN) of a "
-                                 "frozen l-DAE / DiT encoder (RECIPE.md s5)")
+    num = cli.bounded
+    parser = cli.ArgumentParser(prog="linprobe.py", description="Linear probe (and k-NN) of a "
+                                "frozen l-DAE / DiT encoder (RECIPE.md s5)")
     what = parser.add_argument_group("what to probe")
     add = what.add_argument
     add("ckpt", nargs="?", help="checkpoint of pretrain.py (optional with --baseline pixels)")
@@ -446,4 +446,4 @@ def get_args_parser():
 
 
 if __name__ == "__main__":
-    data.run_cli(main, get_args_parser())
+    cli.run_cli(main, get_args_parser())

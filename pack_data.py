@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
-from tqdm import tqdm
 
+import cli
 import data
-from data import UserError
+from cli import UserError
 
 
 # ---- pack
@@ -56,7 +56,7 @@ def _write_images(tmp, ds, labels, size, batch_size, num_workers):
     done = 0
     # Workers decode in parallel; no shuffling, so batches arrive in order and labels line up.
     loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
-    with tqdm(total=len(ds), unit="img", desc=f"pack {size}px", dynamic_ncols=True) as bar:
+    with cli.progress(total=len(ds), unit="img", desc=f"pack {size}px") as bar:
         for x, y in loader:
             images[done:done + len(x)] = x.numpy()                       # (B, 3, S, S) uint8
             labels[done:done + len(x)] = y
@@ -86,10 +86,10 @@ def pack_dataset(ds, out, size, num_workers=0, batch_size=64, source=None):
         os.remove(meta_path)
     write = functools.partial(_write_images, ds=ds, labels=labels, size=size,
                               batch_size=batch_size, num_workers=num_workers)
-    data.atomic_write(out, write, total_bytes)
+    cli.atomic_write(out, write, total_bytes)
     meta = {"version": 1, "shape": [count, 3, size, size], "size": size, "labels": labels,
             "classes": data.classes(ds), "source": source or {}}
-    data.save_torch(meta, meta_path)
+    cli.save_torch(meta, meta_path)
     rate = count / (time.time() - start)
     print(f"[pack] {count} images -> {out} ({total_bytes / 1e9:.2f} GB, {rate:.0f} img/s)")
     return out
@@ -193,26 +193,30 @@ def bench(args):
 
 # ---- the command line
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Pack a dataset into the uint8 format, or "
-                                     "benchmark the input paths (see data.py's docstring for "
-                                     "the commands).")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = cli.ArgumentParser(description="Pack a dataset into the uint8 format, or benchmark "
+                                "the input paths (see data.py's docstring for the commands).")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     parser_class=cli.ArgumentParser)
     pack_help = "decode + resize + center-crop every image once into FILE"
     pack_args = data.add_data_args(commands.add_parser("pack", help=pack_help))
-    pack_args.add_argument("--split", default="train", choices=["train", "val"])
+    pack_args.add_argument("--split", default="train", choices=["train", "val"],
+                           help="which split of --dataset to pack")
     pack_args.add_argument("--out", required=True,
                            help="the packed file (.npy memmap) to write; FILE.meta.pt beside it")
-    pack_args.add_argument("--batch-size", type=int, default=64)
+    pack_args.add_argument("--batch-size", type=cli.bounded(int, 1), default=64,
+                           help="images a DataLoader worker decodes per batch")
     bench_help = "img/s of the PIL, packed and decode_batch paths on a JPEG folder"
     bench_args = commands.add_parser("bench", help=bench_help)
     bench_args.add_argument("--data-path", required=True, help="a folder of class folders of JPEGs")
     bench_args.add_argument("--make", type=int, default=0,
                             help="first write this many synthetic JPEGs if the folder is absent")
-    bench_args.add_argument("--input-size", type=int, default=256)
+    bench_args.add_argument("--input-size", type=cli.bounded(int, 1), default=256,
+                            help="the training crop side every row produces")
     bench_args.add_argument("--workers", default="0,1,2",
                             help="comma-separated DataLoader worker counts")
     bench_args.add_argument("--images", type=int, default=512, help="images timed per row")
-    bench_args.add_argument("--batch-size", type=int, default=32)
+    bench_args.add_argument("--batch-size", type=cli.bounded(int, 1), default=32,
+                            help="images per DataLoader batch")
     bench_args.add_argument("--pack-size", type=int, default=288,
                             help="stored size for the packed row")
     bench_args.add_argument("--pack-dir", default="/tmp",
@@ -229,4 +233,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    data.run_cli(main, get_args_parser())
+    cli.run_cli(main, get_args_parser())

@@ -32,14 +32,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 
+import checkpoint
+import cli
 import data
 import dit_baseline
 import ldae
 import trainer
-from data import UserError
+from cli import UserError
 from tokenizer_pca import PatchPCA, fit_pca
-# Older names other files use for the shared machinery, now in trainer.py
-from trainer import Diverged, Engine, LossModule, lr_at, setup_distributed  # noqa: F401
 
 FAMILIES = {"ldae": ldae, "dit": dit_baseline}
 ALL_MODELS = {**ldae.MODELS, **dit_baseline.MODELS}
@@ -88,7 +88,7 @@ def build_model(name, pca=None, **overrides):
 
 def load_checkpoint(path):
     """-> a pretrain.py checkpoint dict, read with weights_only=True (UserError if not one)."""
-    return trainer.load_checkpoint(path, required=("model", "model_config", "pca", "step"))
+    return checkpoint.load_checkpoint(path, required=("model", "model_config", "pca", "step"))
 
 
 def model_from_checkpoint(ckpt, weights="ema", device="cpu"):
@@ -119,12 +119,12 @@ def model_from_checkpoint(ckpt, weights="ema", device="cpu"):
     except (ValueError, KeyError, TypeError, UserError) as e:
         raise UserError(f"the checkpoint's model config cannot be built ({e}); was it written by "
                         f"another version of pretrain.py?") from None
-    trainer.load_weights(model, sd)
+    checkpoint.load_weights(model, sd)
     return model.to(device).eval()
 
 
 # ---- Flags ------------------------------------------------------------------------------------
-class PresetParser(data.ArgumentParser):
+class PresetParser(cli.ArgumentParser):
     """Defaults in layers, explicit flags always win: --preset NAME sets dit_baseline.PRESETS[NAME],
     then a small model's training defaults (SMALL_DEFAULTS: CPU-sized batch, lr, length)
     replace the preset's ImageNet-sized ones; then the command line is parsed again."""
@@ -154,7 +154,7 @@ class PresetParser(data.ArgumentParser):
 
 
 def get_args_parser():
-    num = data.bounded
+    num = cli.bounded
     p = PresetParser(prog="pretrain.py", description="Pre-train an l-DAE or a DiT baseline row "
                      "(RECIPE.md s3, s4, s6). Defaults are the paper's ImageNet recipe; the 32 px "
                      "CPU models (vit_tiny, vit_small, dit_tiny_*) get pretrain.SMALL_DEFAULTS.")
@@ -228,7 +228,7 @@ def save_grid(model, x, path, engine, seed):
     grid = torch.cat([r.float() for r in rows]).clamp(-1, 1) * 0.5 + 0.5
     if grid.shape[-1] < 96:                        # small images: a nearest upscale, readable
         grid = nn.functional.interpolate(grid, scale_factor=96 // grid.shape[-1], mode="nearest")
-    return data.atomic_write(path, lambda tmp: torchvision.utils.save_image(
+    return cli.atomic_write(path, lambda tmp: torchvision.utils.save_image(
         grid, tmp, format="png", nrow=len(x), padding=2, pad_value=1.0))
 
 
@@ -301,7 +301,7 @@ def print_settings(args, model, engine, world, n_images, steps_per_epoch, last, 
         f"data        {args.dataset}: {n_images} train images, aug {args.aug}",
         f"batch       global {args.batch_size} = {world} rank(s) x accum {args.accum_iter} x "
         f"micro-batch {micro}; {steps_per_epoch} steps per epoch",
-        f"lr          base {base_lr:.4g} ({lr_rule}), warmup {args.warmup_epochs:g} epochs "
+        f"lr          peak {base_lr:.4g} ({lr_rule}), warmup {args.warmup_epochs:g} epochs "
         f"({warmup_steps} steps), cosine to {args.min_lr:g} over {args.epochs:g} epochs",
         f"steps       {steps}",
         f"ema         {ema}",
@@ -327,10 +327,10 @@ def get_pca(args, cfg, rank, world, device, train_base):
         pca = fit_pca(data.decoded(fit_ds), cfg["patch_size"], args.pca_images,
                       center=args.pca_center, seed=args.seed, device=device,
                       num_workers=args.num_workers, meta={"dataset": args.dataset})
-        data.save_torch(pca.to_dict(), path)
+        cli.save_torch(pca.to_dict(), path)
     if not args.pca and world > 1:
         dist.barrier()                             # one node, or an OUTPUT_DIR all nodes share
-    pca = PatchPCA.from_dict(data.load_torch(path, "--pca file", fix))
+    pca = PatchPCA.from_dict(cli.load_torch(path, "--pca file", fix))
     if pca.patch_size != cfg["patch_size"] or pca.channels != cfg.get("in_chans", 3):
         raise UserError(f"the PCA {args.pca or ''} has {pca.patch_size}px x {pca.channels}ch "
                         f"patches "
@@ -354,12 +354,12 @@ def train(args, rank, world, device):
     if cfg.get("input") == "latents" and args.decode == "gpu":
         raise UserError("--decode gpu decodes JPEG files, but this model reads --latents-file; "
                         "drop --decode gpu")
-    source, ckpt = trainer.open_run(args, is_main, world, ignore=MODEL_ARGS)
-    train_set = training_set(args, cfg)
+    source, ckpt = checkpoint.open_run(args, is_main, world, ignore=MODEL_ARGS)
+    train_set = trainer.node_first(lambda: training_set(args, cfg), world)
     trainer.cap_batch(args, len(train_set), world, is_main)
     changed = []
     if ckpt is not None:
-        changed = trainer.check_resume(ckpt, args, world, ignore=MODEL_ARGS)
+        changed = checkpoint.check_resume(ckpt, args, world, ignore=MODEL_ARGS)
     if cfg.get("input") == "latents":
         pca = None                                 # a DiT on the user's latents: no PCA
     elif ckpt is not None:
@@ -370,7 +370,7 @@ def train(args, rank, world, device):
     overrides = model_overrides(args, num_classes=data.num_classes(train_set))
     model = build_model(args.model, pca, **overrides).to(device)
     engine = trainer.Engine(model, args, rank, world, device)
-    start = trainer.restore(engine, ckpt, model.config)
+    start = checkpoint.restore(engine, ckpt, model.config)
     steps_per_epoch = len(train_set) // args.batch_size
     last = min(max(1, round(args.epochs * steps_per_epoch)), args.max_steps or math.inf)
     base_lr = trainer.scaled_lr(args, args.batch_size)                 # RECIPE s6
@@ -424,4 +424,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    data.run_cli(main, get_args_parser())
+    cli.run_cli(main, get_args_parser())

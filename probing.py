@@ -14,10 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-import data
+import cli
 import dit_baseline
 import pretrain                                   # checkpoints, the lr schedule (trainer.lr_at)
-from data import UserError
+import trainer
+from cli import UserError
 
 # The k-NN similarity matrix of one chunk of val images holds at most this many entries (1 GiB in
 # float32): ~200 val images at a time against ImageNet's 1.28M train features.
@@ -88,7 +89,7 @@ def extract(featurize, ds, args, device, rank, world, desc):
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     chunks, labels = {}, []
     with torch.inference_mode():                # no autograd state at all; faster than no_grad
-        for x, y in data.progress(iterable=loader, desc=desc, disable=rank != 0, leave=False):
+        for x, y in cli.progress(iterable=loader, desc=desc, disable=rank != 0, leave=False):
             for key, f in featurize(x.to(device, non_blocking=True)).items():
                 chunks.setdefault(key, []).append(f.cpu())
             labels.append(y)
@@ -206,7 +207,7 @@ def make_head(dim, num_classes):
 
 def lr_at(epoch, base_lr, warmup, epochs):
     # MAE's: set every iteration on the fractional epoch, linear warmup + half-cycle cosine to 0
-    return pretrain.lr_at(epoch, 1, base_lr, warmup, epochs)
+    return trainer.lr_at(epoch, 1, base_lr, warmup, epochs)
 
 
 def train_head(head, batches, n_batches, accum, base_lr, args, log, tag, net=None):
@@ -346,7 +347,7 @@ def probe_cached(train_x, train_y, val_x, val_y, base_lr, args, num_classes, dev
     else:
         solve, name, grid = fit_lars, "lr", [base_lr * factor for factor in args.lr_grid]
     heldout_top1 = {}
-    for value in data.progress(iterable=grid, desc=f"{name} sweep {tag}", leave=False):
+    for value in cli.progress(iterable=grid, desc=f"{name} sweep {tag}", leave=False):
         # view 0 = the center crop, as val
         heldout_top1[value] = solve(train_x[:, kept], train_y[kept], train_x[0, held_out],
                                     train_y[held_out], value, args, num_classes, device,
@@ -404,8 +405,8 @@ def probe_mae(featurize, key, train_ds, val_x, val_y, base_lr, args, num_classes
     def batches(epoch):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        for x, y in data.progress(iterable=loader, desc=f"epoch {epoch + 1}", disable=rank != 0,
-                                  leave=False):
+        for x, y in cli.progress(iterable=loader, desc=f"epoch {epoch + 1}", disable=rank != 0,
+                                 leave=False):
             with torch.inference_mode():        # frozen backbone: eval mode, no graph
                 f = featurize(x.to(device, non_blocking=True))[key]     # (b, D)
             # clone: a normal tensor, which the head's autograd may save
@@ -414,7 +415,7 @@ def probe_mae(featurize, key, train_ds, val_x, val_y, base_lr, args, num_classes
     if world > 1:
         ddp_head = nn.parallel.DistributedDataParallel(head)
     train_head(head, batches, len(loader), layout["accum"], base_lr, args,
-                           lambda rec: log(rec, echo=True), {}, ddp_head)
+               lambda rec: log(rec, echo=True), {}, ddp_head)
     top1, top5 = evaluate(head, val_x, val_y, device)
     info = {"solver": "LARS, probe schedule", "lr": base_lr,
             "selection": "fixed (MAE: --blr * batch / 256, or --lr)",

@@ -25,7 +25,6 @@ the l-DAE loss only depends on the span of the top-d rows), added into a float64
 on GPU the GEMM runs in float64 (float32 there could silently become TF32). Only the upper
 triangle blocks are computed (X^T X is symmetric), which saves ~40% of the flops.
 """
-import argparse
 import json
 import math
 import os
@@ -173,13 +172,6 @@ class PatchPCA(nn.Module):
                    d.get("channels", 3), d.get("img_size", 256), d.get("center", False),
                    d.get("scale", 1.0), d.get("meta"))
 
-    def save(self, path):
-        # atomic (a temporary name of this process's own, then a rename): readers never see a
-        # half-written basis. The scripts write through data.save_torch, which also fsyncs.
-        tmp = f"{path}.{os.getpid()}.tmp"
-        torch.save(self.to_dict(), tmp)
-        os.replace(tmp, path)
-
     @classmethod
     def load(cls, path, map_location="cpu"):
         return cls.from_dict(torch.load(path, map_location=map_location, weights_only=True))
@@ -194,7 +186,7 @@ class GramAccumulator:
         # float32 GEMM on CPU, float64 on GPU: see Numerics in the module docstring
         default_dtype = torch.float64 if self.device.type == "cuda" else torch.float32
         self.gemm_dtype = gemm_dtype or default_dtype
-        self.G = torch.zeros(D, D, dtype=torch.float64, device=self.device)
+        self.gram = torch.zeros(D, D, dtype=torch.float64, device=self.device)
         self.s = torch.zeros(D, dtype=torch.float64, device=self.device)
         self.n, self.block = 0, block
 
@@ -202,14 +194,14 @@ class GramAccumulator:
         X = X.to(self.device, self.gemm_dtype, non_blocking=True)
         self.s += X.sum(0, dtype=torch.float64)
         for i in range(0, X.shape[1], self.block):  # upper-triangular block rows only
-            self.G[i:i + self.block, i:] += X[:, i:i + self.block].T @ X[:, i:]
+            self.gram[i:i + self.block, i:] += X[:, i:i + self.block].T @ X[:, i:]
         self.n += X.shape[0]
 
     def moments(self):
         """-> (mean (D,), second moment E[x x^T] (D, D)), float64."""
-        G = torch.triu(self.G)
-        G = G + torch.triu(G, 1).T
-        return self.s / self.n, G / self.n
+        upper = torch.triu(self.gram)
+        gram = upper + torch.triu(upper, 1).T
+        return self.s / self.n, gram / self.n
 
 
 def eig_basis(second_moment, mean, center):
@@ -317,25 +309,34 @@ REPORT_DIMS = (8, 16, 32, 64, 128)  # Table 2's d values
 
 
 def get_args_parser():
+    import cli
     import data
-    num = data.bounded
-    p = data.ArgumentParser(prog="tokenizer_pca.py",
-                            description="Fit the patch-wise PCA tokenizer (RECIPE.md s2)")
-    p.add_argument("--out", default="pca.pt", help="basis file; PNGs are written next to it")
-    p.add_argument("--patch-size", type=num(int, 1), default=16, help="patch side p: D = 3 p^2")
-    p.add_argument("--num-images", type=num(int, 1), default=10000,
-                   help="random sample of the train split")
-    p.add_argument("--patches-per-image", type=num(int, 0), default=0,
-                   help="0 = all patches, k = k random ones")
-    p.add_argument("--center", action="store_true", help="subtract the mean patch (default: no)")
-    p.add_argument("--latent-scale", type=float, default=1.0, help="z = scale * V_d (x - mean)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=num(int, 1), default=64, help="images per batch of the fit")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--benchmark", action="store_true",
-                   help="time the accumulation on 1M random 768-dim patches vs numpy, then exit")
-    p.add_argument("--benchmark-patches", type=num(int, 1), default=1_000_000,
-                   help="rows of the --benchmark matrix")
+    num = cli.bounded
+    p = cli.ArgumentParser(prog="tokenizer_pca.py",
+                           description="Fit the patch-wise PCA tokenizer (RECIPE.md s2)")
+    fit = p.add_argument_group("the fit")
+    fit.add_argument("--out", default="pca.pt", help="basis file; PNGs are written next to it")
+    fit.add_argument("--patch-size", type=num(int, 1), default=16, help="patch side p: D = 3 p^2")
+    fit.add_argument("--num-images", type=num(int, 1), default=10000,
+                     help="random sample of the train split")
+    fit.add_argument("--patches-per-image", type=num(int, 0), default=0,
+                     help="0 = all patches, k = k random ones")
+    fit.add_argument("--center", action="store_true",
+                     help="subtract the mean patch (default: no)")
+    fit.add_argument("--latent-scale", type=float, default=1.0,
+                     help="z = scale * V_d (x - mean)")
+    fit.add_argument("--seed", type=int, default=0,
+                     help="draws the image sample and the patch sample")
+    fit.add_argument("--batch-size", type=num(int, 1), default=64,
+                     help="images per batch of the fit")
+    fit.add_argument("--device", default=None,
+                     help="where X^T X accumulates (default: cuda if available, else cpu)")
+    bench = p.add_argument_group("benchmark")
+    bench.add_argument("--benchmark", action="store_true",
+                       help="time the accumulation on 1M random 768-dim patches vs numpy, then "
+                            "exit")
+    bench.add_argument("--benchmark-patches", type=num(int, 1), default=1_000_000,
+                       help="rows of the --benchmark matrix")
     data.add_data_args(p)
     return p
 
@@ -367,58 +368,59 @@ def benchmark(n=1_000_000, D=768, device=None, batch=16384, numpy_rows=100_000):
     import numpy as np
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     X = torch.randn(n, D, generator=torch.Generator().manual_seed(0))      # (n, D) float32
-    acc = GramAccumulator(D, device)
-    acc.add(X[:batch])  # warm-up (BLAS threads, CUDA context), then start over
-    acc = GramAccumulator(D, device)
+    accumulator = GramAccumulator(D, device)
+    accumulator.add(X[:batch])  # warm-up (BLAS threads, CUDA context), then start over
+    accumulator = GramAccumulator(D, device)
     t0 = time.time()
     for chunk in X.split(batch):
-        acc.add(chunk)
-    mean, M = acc.moments()
-    if acc.device.type == "cuda":
+        accumulator.add(chunk)
+    mean, M = accumulator.moments()
+    if accumulator.device.type == "cuda":
         torch.cuda.synchronize()
     t_acc = time.time() - t0
     t1 = time.time()
     eig_basis(M, mean, False)
     t_eig = time.time() - t1
-    m = min(n, numpy_rows)
-    Xn = X[:m].numpy()
+    rows = min(n, numpy_rows)
+    Xn = X[:rows].numpy()
     t2 = time.time()
     sv = np.linalg.svd(Xn, full_matrices=False, compute_uv=True)[1]      # the plain approach
     t_np = time.time() - t2
-    t_np_n = t_np * n / m
+    t_np_n = t_np * n / rows
     sub = GramAccumulator(D, "cpu", torch.float64)
-    sub.add(X[:m])
+    sub.add(X[:rows])
     ev_sub = eig_basis(sub.moments()[1], None, False)[1].numpy()
-    rel = float(np.abs(ev_sub - sv.astype(np.float64) ** 2 / m).max() / ev_sub.max())
-    res = {"patches": n, "dim": D, "device": str(acc.device), "gemm_dtype": str(acc.gemm_dtype),
+    rel = float(np.abs(ev_sub - sv.astype(np.float64) ** 2 / rows).max() / ev_sub.max())
+    res = {"patches": n, "dim": D, "device": str(accumulator.device),
+           "gemm_dtype": str(accumulator.gemm_dtype),
            "accumulate_s": round(t_acc, 3), "accumulate_patches_per_s": round(n / t_acc),
-           "eigh_s": round(t_eig, 3), "numpy_svd_rows": m, "numpy_svd_s": round(t_np, 3),
+           "eigh_s": round(t_eig, 3), "numpy_svd_rows": rows, "numpy_svd_s": round(t_np, 3),
            "numpy_svd_s_scaled_to_n": round(t_np_n, 2),
            "speedup_vs_numpy_svd": round(t_np_n / (t_acc + t_eig), 2),
            "max_rel_eigenvalue_diff": rel}
-    print(f"accumulate {n:,} x {D}: {t_acc:.2f} s ({n / t_acc:,.0f} patches/s) on {acc.device}, "
-          f"+ eigh {t_eig:.2f} s")
-    print(f"numpy SVD of {m:,} x {D}: {t_np:.2f} s -> {t_np_n:.1f} s scaled to {n:,} rows; "
+    print(f"accumulate {n:,} x {D}: {t_acc:.2f} s ({n / t_acc:,.0f} patches/s) on "
+          f"{accumulator.device}, + eigh {t_eig:.2f} s")
+    print(f"numpy SVD of {rows:,} x {D}: {t_np:.2f} s -> {t_np_n:.1f} s scaled to {n:,} rows; "
           f"ratio {res['speedup_vs_numpy_svd']}x; eigenvalues agree to {rel:.1e} (relative)")
     return res
 
 
 def _check_args(args):
     """UserError for flags that cannot work, before any image is read."""
-    import data
+    import cli
     if args.input_size % args.patch_size:
-        raise data.UserError(f"--input-size {args.input_size} is not a multiple of --patch-size "
-                             f"{args.patch_size}")
+        raise cli.UserError(f"--input-size {args.input_size} is not a multiple of --patch-size "
+                            f"{args.patch_size}")
     if args.num_images <= 0 or args.patches_per_image < 0:
-        raise data.UserError("--num-images must be > 0 and --patches-per-image >= 0")
+        raise cli.UserError("--num-images must be > 0 and --patches-per-image >= 0")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if os.path.isdir(args.out):
-        raise data.UserError(f"--out {args.out} is a folder; pass a file name such as "
-                             f"{args.out}/pca.pt")
+        raise cli.UserError(f"--out {args.out} is a folder; pass a file name such as "
+                            f"{args.out}/pca.pt")
     if not os.path.isdir(out_dir):
-        raise data.UserError(f"output folder {out_dir} does not exist; create it (mkdir -p "
-                             f"{out_dir}) or pick another --out")
-    data.check_writable_dir(out_dir, "the folder of --out")
+        raise cli.UserError(f"output folder {out_dir} does not exist; create it (mkdir -p "
+                            f"{out_dir}) or pick another --out")
+    cli.check_writable_dir(out_dir, "the folder of --out")
 
 
 def _print_spectrum(pca, dims):
@@ -436,12 +438,12 @@ def _print_spectrum(pca, dims):
 
 def _write_pngs(pca, ds, out, input_size, dims):
     """The top components and a few reconstructions as PNGs beside `out` -> their paths."""
-    import data
+    import cli
     import torchvision
     stem = os.path.splitext(out)[0]
     components_png, recon_png = stem + "_components.png", stem + "_recon.png"
     components = _component_grid(pca)
-    data.atomic_write(components_png, lambda tmp: torchvision.utils.save_image(
+    cli.atomic_write(components_png, lambda tmp: torchvision.utils.save_image(
         components, tmp, format="png", nrow=8, padding=2, pad_value=0.5))
     x = torch.stack([ds[i][0] for i in range(min(8, len(ds)))])
     recon = _recon_grid(pca, x, dims)
@@ -449,12 +451,13 @@ def _write_pngs(pca, ds, out, input_size, dims):
         # upscale small images so the grid is readable
         upscale = max(1, 128 // input_size)
         recon = nn.functional.interpolate(recon, scale_factor=upscale, mode="nearest")
-    data.atomic_write(recon_png, lambda tmp: torchvision.utils.save_image(
+    cli.atomic_write(recon_png, lambda tmp: torchvision.utils.save_image(
         recon, tmp, format="png", nrow=len(x), padding=2, pad_value=1.0))
     return components_png, recon_png
 
 
 def main(args):
+    import cli
     import data
     if args.benchmark:
         res = benchmark(args.benchmark_patches, device=args.device)
@@ -463,13 +466,19 @@ def main(args):
     _check_args(args)
     # The tokenizer sees the images the ablation models see: DiT center crop (RECIPE s2, s6).
     ds = data.build_dataset(args, "train", data.build_transform("center", args.input_size))
+    per_image = args.patches_per_image or "all"
+    print(f"[pca] fit on {min(args.num_images, len(ds))} of {len(ds)} images at {args.input_size} "
+          f"px: patch {args.patch_size} (D = {3 * args.patch_size ** 2}), {per_image} patches "
+          f"per image, center {args.center}, latent scale {args.latent_scale}, batch "
+          f"{args.batch_size}, seed {args.seed}, device {args.device or 'auto'} -> {args.out}",
+          flush=True)
     start = time.time()
     pca = fit_pca(ds, args.patch_size, args.num_images, args.patches_per_image, args.center,
                   args.latent_scale, args.seed, args.device, args.batch_size, args.num_workers,
                   meta={"dataset": args.dataset, "data_path": args.data_path or ""})
     seconds = time.time() - start
     pca.meta["seconds"] = round(seconds, 3)
-    data.save_torch(pca.to_dict(), args.out)
+    cli.save_torch(pca.to_dict(), args.out)
     fitted = pca.meta
     rate = fitted["num_patches"] / seconds
     print(f"fitted on {fitted['num_images']} images, {fitted['num_patches']} patches "
@@ -488,5 +497,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    import data
-    data.run_cli(main, get_args_parser())
+    import cli
+    cli.run_cli(main, get_args_parser())

@@ -12,10 +12,8 @@ same steps (8 GPUs, or 1 GPU with --accum-iter 8).
 import contextlib
 import copy
 import datetime
-import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -24,23 +22,18 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import checkpoint
+import cli
 import data
-from data import UserError
+from cli import UserError
 
-# What --resume may change: nothing here alters the data order, the schedule or the model
-RESUME_MAY_CHANGE = ("max_steps", "save_every", "log_every", "grid_every", "num_workers",
-                     "compile", "precision", "resume", "overwrite", "output_dir", "download",
-                     "peak_tflops", "benchmark", "pca", "pca_images", "pca_center", "preset",
-                     "synthetic_val_size", "accum_iter")
-# The files a run writes in its OUTPUT_DIR (their stale temporary files are removed at start)
-RUN_FILES = ("checkpoint", "pca.pt", "log.jsonl", "grid")
 
 
 # ---- Flags every training stage takes -----------------------------------------------------------
 def add_training_args(p):
     """The schedule, optimiser and run flags of pretrain.py and distill.py (the paper's
     pre-training defaults, RECIPE s6; a stage sets its own with p.set_defaults)."""
-    num = data.bounded
+    num = cli.bounded
     g = p.add_argument_group("schedule and optimiser")
     g.add_argument("--epochs", type=num(float, 0, low_open=True), default=400,
                    help="length of the run (may be fractional)")
@@ -208,6 +201,22 @@ def setup_distributed():
     return rank, world, device
 
 
+def node_first(build, world):
+    """build() on each node's local rank 0 first, then on the node's other ranks: a cache that the
+    ranks of a node share (the decompressed Fashion-MNIST files) is prepared once, not by all of
+    them at the same time. -> build()'s result. Every rank passes the one barrier."""
+    if world == 1:
+        return build()
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    result = None
+    if first:
+        result = build()
+    dist.barrier()
+    if not first:
+        result = build()
+    return result
+
+
 def run_distributed(train_fn, args):
     """main() of a training script: set up, train, always tear the process group down."""
     rank, world, device = setup_distributed()
@@ -277,7 +286,7 @@ class LossModule(nn.Module):
 
 
 class Diverged(UserError):
-    """A non-finite loss or gradient: the run stops (exit 2 via data.run_cli) and saves nothing."""
+    """A non-finite loss or gradient: the run stops (exit 2 via cli.run_cli) and saves nothing."""
 
 
 def pick_precision(choice, device):
@@ -319,9 +328,9 @@ class Engine:
         if world > 1:                              # compile(DDP(m)): graphs split at bucket borders
             ids = [device] if device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(LossModule(model), device_ids=ids)
-        self.fn = self.ddp or LossModule(model)
+        self.loss_fn = self.ddp or LossModule(model)
         if args.compile:
-            self.fn = torch.compile(self.fn)
+            self.loss_fn = torch.compile(self.loss_fn)
         # running sums on the device, read at flush(): (loss sum, steps) of the log window / epoch
         self.window = torch.zeros(2, device=device)
         self.epoch = torch.zeros(2, device=device)
@@ -347,7 +356,7 @@ class Engine:
             sync_now = self.ddp is None or a == accum - 1
             with contextlib.nullcontext() if sync_now else self.ddp.no_sync():
                 with self.autocast():
-                    loss = self.fn(x, y)           # mean over the micro-batch
+                    loss = self.loss_fn(x, y)           # mean over the micro-batch
                 # / accum, and DDP averages the ranks: the mean over the global batch
                 self.backward(loss / accum)
             total = total + loss.detach().float()
@@ -394,12 +403,13 @@ class Engine:
     def flush(self, lr_fn, epoch_too=False):
         """The only host sync: all-reduce the sums -> (window loss, epoch loss or None); raises
         Diverged if a loss or gradient was non-finite."""
-        sums, bad = torch.cat([self.window, self.epoch]), self.first_bad_step.clone()
+        sums = torch.cat([self.window, self.epoch])
+        first_bad = self.first_bad_step.clone()
         if self.world > 1:
             dist.all_reduce(sums)
-            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
         window_loss, window_steps, epoch_loss, epoch_steps = sums.tolist()
-        bad_step = bad.item()
+        bad_step = first_bad.item()
         self.window.zero_()
         if epoch_too:
             self.epoch.zero_()
@@ -418,164 +428,12 @@ class Engine:
                 "scaler": scaler}
 
     def restore(self, ckpt):
-        load_weights(self.model, ckpt["model"])
+        checkpoint.load_weights(self.model, ckpt["model"])
         if self.ema is not None:
-            load_weights(self.ema, ckpt["ema"] or ckpt["model"], "checkpoint EMA")
+            checkpoint.load_weights(self.ema, ckpt["ema"] or ckpt["model"], "checkpoint EMA")
         self.opt.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-
-
-def load_weights(model, state_dict, what="checkpoint"):
-    """load_state_dict, strictly, with a mismatch said in one line instead of a traceback."""
-    try:
-        res = model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as e:                              # shape mismatches
-        raise UserError(f"{what} weights do not fit its model config: {str(e)[:300]}") from None
-    if res.missing_keys or res.unexpected_keys:
-        raise UserError(f"{what} does not match the model: missing keys {res.missing_keys[:8]}, "
-                        f"unexpected keys {res.unexpected_keys[:8]}")
-
-
-# ---- Outputs: log and checkpoints -------------------------------------------------------------
-class RunLog:
-    """OUTPUT_DIR/log.jsonl, written by rank 0. A resumed run reads as one run: the records past
-    the step it resumes from (written after that checkpoint, so replayed now) are dropped and a
-    "resume" record marks the join. A fresh run starts an empty log."""
-
-    def __init__(self, path, active, resume=None):
-        self.path, self.active = path, active
-        if not active:
-            return
-        kept = []
-        if resume is not None and os.path.isfile(path):
-            with open(path) as f:
-                for line in f:
-                    with contextlib.suppress(ValueError):          # a line torn by a kill
-                        if json.loads(line).get("step", math.inf) <= resume["step"]:
-                            kept.append(line if line.endswith("\n") else line + "\n")
-        if resume is not None:
-            kept.append(json.dumps(resume) + "\n")
-        data.atomic_write(path, lambda tmp: data.write_lines(tmp, kept))
-
-    def write(self, record):
-        if not self.active:
-            return
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:
-            raise data.write_error(e, self.path) from None
-
-
-def link_or_copy(src, dst):
-    try:
-        os.link(src, dst)                          # no second write of a multi-GB file
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
-def save_checkpoint(ckpt, latest, kept=None):
-    """checkpoint.pt, and at kept epoch ends checkpoint-EPOCH.pt. The kept copy is written first
-    and checkpoint.pt then made its hard link, so a kill between the two leaves checkpoint.pt at
-    the previous save, and the resumed run writes the same kept copy again: none is lost."""
-    if kept is None:
-        return data.save_torch(ckpt, latest)
-    data.save_torch(ckpt, kept)
-    return data.atomic_write(latest, lambda tmp: link_or_copy(kept, tmp), data.nbytes(ckpt))
-
-
-def load_checkpoint(path, required=("model", "model_config", "step")):
-    """-> checkpoint dict, read with weights_only=True. UserError if missing or not one of ours."""
-    ckpt = data.load_torch(path, "checkpoint", "pass a checkpoint.pt written by this project")
-    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise UserError(f"{path} is not a checkpoint of this project (no {', '.join(missing)})")
-    return ckpt
-
-
-# ---- Resume -----------------------------------------------------------------------------------
-def resume_source(args, latest):
-    """-> the checkpoint this run continues, or None for a fresh run. A restarted torchrun worker
-    group (--max-restarts) resumes by itself; a fresh run never replaces a previous run's
-    checkpoint unless told to (--overwrite)."""
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    if args.resume is None and restarts > 0 and os.path.isfile(latest):
-        print(f"[resume] torchrun restart {restarts}: resuming from {latest}", flush=True)
-        return latest
-    if args.resume is None:
-        if os.path.isfile(latest) and not args.overwrite:
-            raise UserError(f"{latest} holds a previous run; continue it with --resume auto, "
-                            f"start over in another --output-dir, or pass --overwrite to "
-                            f"replace it")
-        return None
-    if args.overwrite:
-        raise UserError("--overwrite starts over and --resume continues: pass one of them")
-    if args.resume == "auto":
-        if os.path.isfile(latest):
-            return latest
-        return None
-    return args.resume
-
-
-def check_resume(ckpt, args, world, ignore=(), skip=()):
-    """--resume continues the same run: every flag that fixes the data order, the schedule or the
-    model must be as saved (`ignore`: flags the caller compares another way, such as the model
-    flags through the model config); RESUME_MAY_CHANGE may change. `skip`: not yet comparable.
-    -> the changed safe flags, "--flag old -> new" each."""
-    saved = {"decode": "pil", **ckpt["args"]}    # checkpoints from before --decode: pil
-    now = vars(args)
-    keys = [k for k in now if k in saved and k not in ignore and k not in skip]
-    wrong = [k for k in keys if k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
-    problems = [f"the checkpoint was trained with {flag(k)} {saved[k]}, this run asks for "
-                f"{now[k]}" for k in wrong]
-    layout_then = ckpt.get("world", world) * saved.get("accum_iter", args.accum_iter)
-    layout_now = world * args.accum_iter
-    if layout_then != layout_now:
-        problems.append(f"the checkpoint was trained with world x --accum-iter = {layout_then}, "
-                        f"this run has {layout_now} (the micro-batch layout fixes the noise)")
-    if problems:
-        raise UserError(f"--resume: {'; '.join(problems)}. Pass the same values (a longer run is "
-                        f"a new run: the cosine schedule depends on --epochs)")
-    return [f"{flag(k)} {saved[k]} -> {now[k]}" for k in keys
-            if k in RESUME_MAY_CHANGE and k != "resume" and saved[k] != now[k]]
-
-
-def flag(dest):
-    return "--" + dest.replace("_", "-")
-
-
-def open_run(args, is_main, world, ignore):
-    """Before any work: a writable OUTPUT_DIR, the checkpoint to resume (None: a fresh run) with
-    every flag already comparable checked, and no temporary file a killed run left.
-    -> (checkpoint path or None, checkpoint dict or None)."""
-    data.check_writable_dir(args.output_dir, "--output-dir")
-    latest = os.path.join(args.output_dir, "checkpoint.pt")
-    source = resume_source(args, latest)
-    ckpt = None
-    if source:
-        ckpt = load_checkpoint(source)
-        check_resume(ckpt, args, world, ignore, skip=("batch_size",))   # batch: after the cap
-    if is_main:
-        stale = data.clean_stale_temps(args.output_dir, RUN_FILES)
-        if stale:
-            print(f"[train] removed {len(stale)} temporary file(s) a killed run left: "
-                  f"{', '.join(stale[:4])}", flush=True)
-    return source, ckpt
-
-
-def restore(engine, ckpt, config, ignore=("grad_checkpoint",)):
-    """A resumed run's model, EMA, optimizer and CPU RNG -> the step it continues from.
-    `ignore`: config keys that change no number (recomputed activations)."""
-    if ckpt is None:
-        return 0
-    same = {k: v for k, v in ckpt["model_config"].items() if k not in ignore}
-    if same != {k: v for k, v in config.items() if k not in ignore}:
-        raise UserError(f"--resume: the checkpoint's model {ckpt['model_config']} differs from "
-                        f"this run's {config}; pass the same model flags")
-    engine.restore(ckpt)
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    return ckpt["step"]
 
 
 # ---- The loop ---------------------------------------------------------------------------------
@@ -612,14 +470,14 @@ class TrainingRun:
             resume = {"kind": "resume", "step": start, "from": source, "changed": list(changed),
                       "seconds": 0.0}
             self.restore_kept_copy(source)
-        self.log = RunLog(self.log_path, self.is_main, resume)
+        self.log = checkpoint.RunLog(self.log_path, self.is_main, resume)
         now = time.time()
         self.marks = {"log": (now, start), "epoch": (now, start)}
         signum = 0
         try:
             with StopSignal(self.world) as stop:
-                with data.progress(total=self.last, initial=start, disable=not self.is_main,
-                                   unit="step") as self.bar:
+                with cli.progress(total=self.last, initial=start, disable=not self.is_main,
+                                  unit="step") as self.bar:
                     while self.step < self.last and not signum:
                         signum = self.run_epoch(stop)
         except Diverged as e:
@@ -634,10 +492,11 @@ class TrainingRun:
 
     def run_epoch(self, stop):
         """The rest of the current epoch (or of the run) -> the signal that stopped it, or 0."""
-        spe, signum = self.steps_per_epoch, 0
-        self.sampler.set_epoch(self.step // spe, self.step % spe)   # mid-epoch: skip what was seen
+        per_epoch, signum = self.steps_per_epoch, 0
+        # mid-epoch (a resume): skip what this epoch has already seen
+        self.sampler.set_epoch(self.step // per_epoch, self.step % per_epoch)
         batches = iter(self.loader)
-        for _ in range(min(spe - self.step % spe, self.last - self.step)):
+        for _ in range(min(per_epoch - self.step % per_epoch, self.last - self.step)):
             micro = [next(batches) for _ in range(self.args.accum_iter)]
             self.engine.step(micro, self.step, self.lr_fn(self.step))
             self.step += 1
@@ -649,14 +508,14 @@ class TrainingRun:
             if signum:
                 break
         del batches
-        epoch_end = self.step % spe == 0           # else: the run's end mid-epoch, or a stop
+        epoch_end = self.step % per_epoch == 0           # else: the run's end mid-epoch, or a stop
         window, epoch_loss = self.engine.flush(self.lr_fn, epoch_too=epoch_end)
         if window is not None:
             self.final_loss = window
             self.record("log", window)
         if epoch_end:
             self.record("epoch", epoch_loss)
-        epoch, at_end = self.step // spe, self.step >= self.last
+        epoch, at_end = self.step // per_epoch, self.step >= self.last
         kept_epoch = epoch_end and epoch % self.args.save_every == 0
         if not epoch_end or kept_epoch or at_end or signum:
             self.save(epoch_end)
@@ -694,7 +553,7 @@ class TrainingRun:
             if epoch_end:
                 kept = os.path.join(self.args.output_dir, f"checkpoint-{epoch:04d}.pt")
             try:
-                save_checkpoint(ckpt, self.latest, kept)
+                checkpoint.save_checkpoint(ckpt, self.latest, kept)
             except UserError as e:                 # a full disk: say what is still safe
                 good = f"{self.latest} still holds step {self.saved_at}"
                 if self.saved_at is None:
@@ -708,15 +567,15 @@ class TrainingRun:
         kept = os.path.join(self.args.output_dir, f"checkpoint-{epoch:04d}.pt")
         due = into == 0 and epoch % self.args.save_every == 0
         if self.is_main and due and not os.path.exists(kept):
-            data.atomic_write(kept, lambda tmp: link_or_copy(source, tmp))
+            cli.atomic_write(kept, lambda tmp: checkpoint.link_or_copy(source, tmp))
 
     def stopped(self, signum):
         name = signal.Signals(signum).name
         self.log.write({"kind": "stopped", "step": self.step, "signal": name,
                         "seconds": round(time.time() - self.t_start, 2)})
-        raise data.Interrupted(f"[train] stopped by {name} at step {self.step} of {self.last}: "
-                               f"saved {self.latest}; continue with the same command and "
-                               f"--resume auto", signum)
+        raise cli.Interrupted(f"[train] stopped by {name} at step {self.step} of {self.last}: "
+                              f"saved {self.latest}; continue with the same command and "
+                              f"--resume auto", signum)
 
     def finish(self):
         if not self.is_main:

@@ -1,6 +1,6 @@
 """CPU speed check (not collected by pytest): one l-DAE training step of --model (vit_b)
 vs one step of a plain ViT of the same depth, width, heads and tokens (torchvision's
-VisionTransformer, + its class token, MSE on its output), both through pretrain.Engine with the
+VisionTransformer, + its class token, MSE on its output), both through trainer.Engine with the
 same settings (fp32, AdamW, EMA), so the ratio isolates what l-DAE adds: adaLN conditioning, the
 PCA projections of the input and the loss, and the per-token output head. Target: <= 1.15.
 
@@ -21,6 +21,7 @@ import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pretrain  # noqa: E402
+import trainer  # noqa: E402
 
 
 class PlainViT(nn.Module):
@@ -46,8 +47,8 @@ def main():
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     ours = pretrain.build_model(a.model, img_size=a.img)
-    engines = {"ldae": pretrain.Engine(ours, args, 0, 1, cpu),
-               "plain_vit": pretrain.Engine(PlainViT(ours.config, a.img), args, 0, 1, cpu)}
+    engines = {"ldae": trainer.Engine(ours, args, 0, 1, cpu),
+               "plain_vit": trainer.Engine(PlainViT(ours.config, a.img), args, 0, 1, cpu)}
     x, y = torch.rand(a.batch, 3, a.img, a.img) * 2 - 1, torch.zeros(a.batch, dtype=torch.long)
     times = {k: [] for k in engines}
     for rep in range(a.reps + 1):                 # interleaved, so load changes hit both alike

@@ -21,8 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import data  # noqa: E402
+import cli  # noqa: E402
 import pretrain  # noqa: E402
+import trainer  # noqa: E402
 
 
 def inject(fault):
@@ -48,17 +49,17 @@ def inject(fault):
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         if os.environ.get("RANK") != "1" or not first_attempt:
             return
-    real_step, steps = pretrain.Engine.step, [0]
+    real_step, steps = trainer.Engine.step, [0]
 
     def step_then_fault(self, *args, **kwargs):
         real_step(self, *args, **kwargs)
         steps[0] += 1
         if steps[0] == n:
             os.kill(os.getpid(), signals[kind])
-    pretrain.Engine.step = step_then_fault
+    trainer.Engine.step = step_then_fault
 
 
 if __name__ == "__main__":
     if os.environ.get("FAULT"):
         inject(os.environ["FAULT"])
-    data.run_cli(pretrain.main, pretrain.get_args_parser())
+    cli.run_cli(pretrain.main, pretrain.get_args_parser())

@@ -57,10 +57,12 @@ import torchvision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import cli  # noqa: E402
 import data  # noqa: E402
 import linprobe  # noqa: E402
 import pretrain  # noqa: E402
-from data import UserError  # noqa: E402
+import trainer  # noqa: E402
+from cli import UserError  # noqa: E402
 from tokenizer_pca import fit_pca  # noqa: E402
 
 # Stated tolerances (the report prints each beside what was measured). bf16 keeps 8 significant
@@ -350,7 +352,7 @@ def pca_file(ctx):
     if not os.path.exists(path):
         shapes = data.SyntheticShapes(256, 32, transform=data.build_transform("center", 32))
         with quiet(ctx):
-            fit_pca(shapes, 4, progress=False, device="cpu").save(path)
+            cli.save_torch(fit_pca(shapes, 4, progress=False, device="cpu").to_dict(), path)
     return path
 
 
@@ -438,7 +440,7 @@ def bitwise(ctx, cid, path_a, path_b, what):
     n, differ, worst = compare_checkpoints(path_a, path_b)
     names = ", ".join(differ[:4]) + (" ..." if len(differ) > 4 else "")
     measured = f"{n} tensors, {len(differ)} differ" + (f" ({names}; max |diff| {worst:.3g})"
-                                                        if differ else "")
+                                                       if differ else "")
     return ctx.check(cid, not differ, measured, f"bitwise equal to {what}")
 
 
@@ -547,8 +549,8 @@ def determinism(ctx, argv, plain):
 
 
 def check_nccl(ctx):
-    """A world-1 process group on the backend pretrain.setup_distributed picks (NCCL on CUDA):
-    all_reduce, and one DDP(pretrain.LossModule) backward equal to the plain module's, bitwise.
+    """A world-1 process group on the backend trainer.setup_distributed picks (NCCL on CUDA):
+    all_reduce, and one DDP(trainer.LossModule) backward equal to the plain module's, bitwise.
     (One GPU cannot host two NCCL ranks, so pretrain's own DDP path, world > 1, cannot run here.)
     On the device in a child process: a hung NCCL init is killed after 120 s."""
     backend = "nccl" if ctx.cuda else "gloo"
@@ -586,9 +588,9 @@ def ddp_matches_plain(model_name, device):
     torch.manual_seed(0)
     model = pretrain.build_model(model_name).to(device)
     model.init_weights(active=True)
-    plain = pretrain.LossModule(model)
+    plain = trainer.LossModule(model)
     ids = [device] if device.type == "cuda" else None
-    wrapped = torch.nn.parallel.DistributedDataParallel(pretrain.LossModule(model), device_ids=ids)
+    wrapped = torch.nn.parallel.DistributedDataParallel(trainer.LossModule(model), device_ids=ids)
     S = model.config["img_size"]
     x = torch.rand(8, 3, S, S, device=device) * 2 - 1
     y = torch.zeros(8, dtype=torch.long, device=device)
@@ -771,7 +773,7 @@ def release(ctx):
 
 
 def check_profile(ctx):
-    """torch.profiler over a few eager vit_b training steps (pretrain.Engine, the step
+    """torch.profiler over a few eager vit_b training steps (trainer.Engine, the step
     --benchmark times): device time by kernel kind, how busy the device is, matmul efficiency."""
     s = ctx.size
     name, batch = s["bench"][0]
@@ -780,7 +782,7 @@ def check_profile(ctx):
     with quiet(ctx):
         torch.manual_seed(0)
         model = pretrain.build_model(name, None, **pretrain.model_overrides(args)).to(ctx.device)
-        engine = pretrain.Engine(model, args, 0, 1, ctx.device)
+        engine = trainer.Engine(model, args, 0, 1, ctx.device)
         px = s["bench_px"]
         x = torch.rand(batch, 3, px, px, device=ctx.device) * 2 - 1
         micro = [(x, torch.zeros(batch, dtype=torch.long, device=ctx.device))]
@@ -1103,7 +1105,7 @@ def learning_md(res):
             + "; ".join(f"{k}: {r['steps']} steps, {r['epochs_done']} epochs, {r['how']}"
                         for k, r in lr["runs"].items()), "", "Commands:", ""]
     out += [f"- `{c}`" for c in lr["train_commands"]] + [f"- `{lr['probe_command']}` (pixel DAE: "
-                                                           "the same without --compare)", ""]
+                                                         "the same without --compare)", ""]
     return out
 
 
@@ -1198,5 +1200,5 @@ def get_args_parser():
 
 
 if __name__ == "__main__":
-    result = data.run_cli(main, get_args_parser())
+    result = cli.run_cli(main, get_args_parser())
     sys.exit(0 if result["ok"] else 1)

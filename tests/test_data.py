@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import data
-from data import UserError
+from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,12 +108,12 @@ def test_subprocess_exit_code_2_no_traceback(tmp_path):
 
 def test_run_cli_passes_through_success_and_other_errors():
     p = argparse.ArgumentParser()
-    assert data.run_cli(lambda a: 7, p, []) == 7
+    assert cli.run_cli(lambda a: 7, p, []) == 7
     with pytest.raises(SystemExit) as e:
-        data.run_cli(lambda a: (_ for _ in ()).throw(UserError("bad")), p, [])
+        cli.run_cli(lambda a: (_ for _ in ()).throw(UserError("bad")), p, [])
     assert e.value.code == 2
     with pytest.raises(ZeroDivisionError):  # real bugs keep their traceback
-        data.run_cli(lambda a: 1 / 0, p, [])
+        cli.run_cli(lambda a: 1 / 0, p, [])
 
 
 # --- Fashion-MNIST from the original gz files, offline -----------------------------------------

@@ -7,7 +7,8 @@ import torch
 import data
 import dit_baseline as db
 import ldae
-from data import UserError
+import pretrain
+from cli import UserError
 from tokenizer_pca import PatchPCA
 
 
@@ -54,7 +55,7 @@ def official_keys(depth):
     keys |= {f"t_embedder.mlp.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
     for b in range(depth):
         keys |= {f"blocks.{b}.{m}.{w}" for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2",
-                                                  "adaLN_modulation.1") for w in ("weight", "bias")}
+                                                 "adaLN_modulation.1") for w in ("weight", "bias")}
     return keys
 
 
@@ -189,6 +190,11 @@ def test_bad_configs_raise_user_errors():
         db.build_model("dit_huge_2")
 
 
+class Gadget:            # a class a pickle can name: loading it would run code
+    def __reduce__(self):
+        return (print, ("this would have run",))
+
+
 def test_latent_dataset_and_build_from_file(latents_file, tmp_path):
     ds = db.make_latent_dataset(latents_file)
     x, y = ds[3]
@@ -207,6 +213,11 @@ def test_latent_dataset_and_build_from_file(latents_file, tmp_path):
     torch.save({"x": torch.zeros(1)}, str(tmp_path / "bad.pt"))
     with pytest.raises(UserError, match="'latents'"):
         db.make_latent_dataset(str(tmp_path / "bad.pt"))
+    torch.save({"latents": Gadget(), "labels": torch.zeros(1)}, str(tmp_path / "evil.pt"))
+    with pytest.raises(UserError) as refused:
+        db.make_latent_dataset(str(tmp_path / "evil.pt"))
+    assert "refused" in str(refused.value) and "would run" in str(refused.value)
+    assert "weights_only" not in str(refused.value)
 
 
 # --- probe and grids --------------------------------------------------------------------------
@@ -257,7 +268,8 @@ def test_presets_cover_the_paper():
 
 @pytest.mark.parametrize("name", sorted(db.PRESETS))
 def test_every_preset_takes_a_training_step(name, latents_file):
-    preset, fam = db.PRESETS[name], db.preset_family(name)
+    preset = db.PRESETS[name]
+    fam = pretrain.family_of(preset["model"])
     module = db if fam == "dit" else ldae
     ov = {k: v for k, v in preset.items() if k in module.MODEL_FLAGS}
     if preset.get("latents_file", 0) is None:                 # Table 1: the user's latents
@@ -283,7 +295,6 @@ def test_every_preset_takes_a_training_step(name, latents_file):
 def test_preset_runs_through_pretrain_and_checkpoint(tmp_path):
     """A DiT row end to end at toy scale: pretrain.main -> checkpoint -> rebuilt model's
     features."""
-    import pretrain
     out = str(tmp_path / "run")
     args = pretrain.get_args_parser().parse_args(
         ["--preset", "t3_no_input_scaling", "--model", "dit_tiny_1", "--input-size", "32",
@@ -305,7 +316,7 @@ def test_conditioning_ratio_quarter_in_paper_rows_full_for_official_weights():
     m.loss(images(2, 32), torch.tensor([0, 2])).backward()          # it trains
     assert db.build_model("dit_tiny_1", random_pca(4)).config["cond_ratio"] == 1.0
     for name, preset in db.PRESETS.items():                         # every paper DiT row: 1/4
-        if db.preset_family(name) == "dit":
+        if pretrain.family_of(preset["model"]) == "dit":
             assert preset["cond_ratio"] == 0.25, name
     with pytest.raises(db.UserError, match="full-width"):
         m.load_official({})

@@ -12,7 +12,7 @@ import dit_baseline
 import export_timm
 import ldae
 import pretrain
-from data import UserError
+from cli import UserError
 from tokenizer_pca import PatchPCA
 
 timm = pytest.importorskip("timm")

@@ -2,7 +2,7 @@
 (mid-step and mid-save) followed by --resume auto end bitwise equal to an uninterrupted run;
 SIGTERM / Ctrl-C save and resume; a full disk is said plainly; a finished run is never replaced
 silently; --resume refuses changes that would alter the run; torchrun's elastic restart and a
-two-node rendezvous train the same numbers as one process (README, "Faults we test")."""
+two-node rendezvous train the same numbers as one process (docs/USAGE.md, "Faults we test")."""
 import errno
 import json
 import os
@@ -17,11 +17,12 @@ import zlib
 import pytest
 import torch
 
+import cli
 import data
 import linprobe
 import pretrain
 import tokenizer_pca
-from data import UserError
+from cli import UserError
 from tokenizer_pca import fit_pca
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +34,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def pca_file(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("pca") / "pca.pt")
     shapes = data.SyntheticShapes(48, 32, transform=data.build_transform("center", 32))
-    fit_pca(shapes, 4, progress=False, device="cpu").save(path)
+    cli.save_torch(fit_pca(shapes, 4, progress=False, device="cpu").to_dict(), path)
     return path
 
 
@@ -279,7 +280,7 @@ def test_writes_are_fsynced_before_and_after_the_rename(tmp_path, monkeypatch):
     events, real_fsync, real_replace = [], os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
     monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
-    data.save_torch({"x": torch.ones(3)}, str(tmp_path / "f.pt"))
+    cli.save_torch({"x": torch.ones(3)}, str(tmp_path / "f.pt"))
     assert events == ["fsync", "replace", "fsync"]                    # file, rename, folder
 
 
@@ -300,6 +301,23 @@ def test_resume_refuses_what_would_change_the_run(tmp_path, pca_file, extra, msg
     run(tmp_path, pca_file, "--max-steps", "2")
     with pytest.raises(UserError, match=msg):
         run(tmp_path, pca_file, "--resume", "auto", "--max-steps", "4", *extra)
+
+
+def test_resume_refuses_another_image_folder(tmp_path, pca_file):
+    # the same flags but another --data-path: other images under the same step count
+    from PIL import Image
+    folders = []
+    for name in ("a", "b"):
+        for label in ("0", "1"):
+            (tmp_path / name / label).mkdir(parents=True)
+            for i in range(8):
+                pixels = (torch.rand(32, 32, 3) * 255).byte().numpy()
+                Image.fromarray(pixels).save(tmp_path / name / label / f"{i}.png")
+        folders.append(["--dataset", "imagefolder", "--data-path", str(tmp_path / name)])
+    out = tmp_path / "run"
+    run(out, pca_file, "--max-steps", "1", *folders[0])
+    with pytest.raises(UserError, match=f"--data-path {tmp_path / 'a'}, this run asks for"):
+        run(out, pca_file, "--resume", "auto", "--max-steps", "2", *folders[1])
 
 
 def test_resume_allows_safe_changes_and_says_which(tmp_path, pca_file, capsys):
@@ -377,6 +395,16 @@ def ckpt(tmp_path_factory, pca_file):
     return str(out / "checkpoint.pt")
 
 
+def read_only_under(folder):
+    """open() as on a read-only file system below `folder` (root ignores chmod, so a test cannot
+    make a folder read-only for itself)."""
+    def read_only(path, mode="r", *args, **kwargs):
+        if str(folder) in str(path) and "r" not in mode:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return open(path, mode, *args, **kwargs)
+    return read_only
+
+
 def test_bad_probe_flags_and_outputs(tmp_path, ckpt, capsys, monkeypatch):
     err = bad_flag(linprobe, [ckpt, "--max-device-batch", "0"], capsys)
     assert "--max-device-batch: must be >= 1" in err
@@ -389,6 +417,11 @@ def test_bad_probe_flags_and_outputs(tmp_path, ckpt, capsys, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="--output-dir .*file is not writable"):
         linprobe.main(parse([ckpt, *common, "--output-dir", str(tmp_path / "file")]))
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(cli, "open", read_only_under(tmp_path / "ro"), raising=False)
+    with pytest.raises(UserError, match="--output-dir .*ro is not writable .Read-only file system"):
+        linprobe.main(parse([ckpt, *common, "--output-dir", str(tmp_path / "ro")]))
+    monkeypatch.undo()
     ck = torch.load(ckpt, weights_only=True)
     ck["model_config"]["name"] = "vit_huge"
     torch.save(ck, tmp_path / "unknown.pt")
@@ -411,12 +444,7 @@ def test_bad_tokenizer_flags_and_outputs(tmp_path, capsys, monkeypatch):
     with pytest.raises(UserError, match="is a folder; pass a file name"):
         tokenizer_pca.main(parse([*argv, "--out", str(tmp_path)]))
     (tmp_path / "ro").mkdir()
-
-    def read_only(path, mode="r", *args, **kwargs):    # a read-only file system: root ignores chmod
-        if str(tmp_path / "ro") in str(path) and "r" not in mode:
-            raise OSError(errno.EROFS, "Read-only file system")
-        return open(path, mode, *args, **kwargs)
-    monkeypatch.setattr(data, "open", read_only, raising=False)
+    monkeypatch.setattr(cli, "open", read_only_under(tmp_path / "ro"), raising=False)
     with pytest.raises(UserError, match="the folder of --out .*ro is not writable"):
         tokenizer_pca.main(parse([*argv, "--out", str(tmp_path / "ro" / "pca.pt")]))
 
@@ -460,7 +488,7 @@ def test_16_bit_pngs_decode_like_the_pil_path_alone_and_mixed(tmp_path):
 def test_an_empty_class_folder_is_named(tmp_path, capsys):
     root = data.write_jpeg_folder(tmp_path / "imgs", 20, size=(40, 32))
     (tmp_path / "imgs" / "zebra").mkdir()
-    args = data.add_data_args(data.ArgumentParser()).parse_args(
+    args = data.add_data_args(cli.ArgumentParser()).parse_args(
         ["--dataset", "imagefolder", "--data-path", str(root)])
     data.build_dataset(args, "train", data.build_transform("center", 32))
     out = capsys.readouterr().out
@@ -484,3 +512,39 @@ def test_concurrent_cache_preparation_in_two_processes(tmp_path):
     assert all(p.wait(timeout=120) == 0 for p in procs)
     files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert len(files) == 4 and all(p.stat().st_size == 4 + (1 << 20) for p in files)
+
+
+NODE_FIRST = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import trainer
+rank, world, _ = trainer.setup_distributed()
+
+def build():
+    with open({log!r}, "a") as f:
+        f.write(f"start {{rank}}\\n")
+    if rank == 0:
+        time.sleep(1.0)          # a slow preparation: the other rank must wait for it
+    with open({log!r}, "a") as f:
+        f.write(f"end {{rank}}\\n")
+    return rank
+
+assert trainer.node_first(build, world) == rank
+"""
+
+
+def test_the_training_set_is_built_on_local_rank_zero_before_the_other_ranks(tmp_path):
+    # under torchrun the ranks of a node build the training set (and so prepare a shared cache)
+    # one after the other: local rank 0 first, then the rest; run in parallel they interleave
+    log = str(tmp_path / "order.txt")
+    code = NODE_FIRST.format(root=ROOT, log=log)
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env,
+                                      stderr=subprocess.PIPE))
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    with open(log) as f:
+        assert f.read().split() == ["start", "0", "end", "0", "start", "1", "end", "1"]

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-import data
+import cli
 import gpu_check
 import pretrain
 
@@ -105,7 +105,7 @@ def test_the_device_runner_children_give_results_and_are_killed_at_their_time_li
 def test_bad_inputs_stop_before_any_work(tmp_path, capsys, argv, msg):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        data.run_cli(gpu_check.main, gpu_check.get_args_parser(), ["--out", str(out), *argv])
+        cli.run_cli(gpu_check.main, gpu_check.get_args_parser(), ["--out", str(out), *argv])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and msg in err and "Traceback" not in err
@@ -114,9 +114,9 @@ def test_bad_inputs_stop_before_any_work(tmp_path, capsys, argv, msg):
 
 def test_an_unwritable_out_and_missing_fashion_mnist_files_are_user_errors(tmp_path):
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(data.UserError, match="is not writable"):
+    with pytest.raises(cli.UserError, match="is not writable"):
         gpu_check.main(parse("--out", str(tmp_path / "a_file" / "out"), "--dry-run"))
     (tmp_path / "fm").mkdir()
-    with pytest.raises(data.UserError, match="Fashion-MNIST files missing"):
+    with pytest.raises(cli.UserError, match="Fashion-MNIST files missing"):
         gpu_check.main(parse("--out", str(tmp_path / "out"), "--fashion-mnist",
                              str(tmp_path / "fm")))

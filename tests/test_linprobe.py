@@ -1,6 +1,6 @@
-"""linprobe.py on tiny CPU configs (issues 4 and 6): LARS against its definition, the probe on
-separable features, selection that never sees the test split, the frozen backbone, both protocols
-end to end on checkpoints made by pretrain.main, the baselines, and every user error."""
+"""linprobe.py on tiny CPU configs: LARS against its definition, the probe on separable
+features, selection that never sees the test split, the frozen backbone, both protocols end to end
+on checkpoints made by pretrain.main, the baselines, and every user error."""
 import json
 import math
 import os
@@ -16,7 +16,7 @@ import ldae
 import linprobe
 import pretrain
 import probing
-from data import UserError
+from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -270,7 +270,8 @@ def test_mae_accumulation_averages_over_the_micro_batches_that_exist(ckpt, tmp_p
 
 def test_default_vit_tiny_learns_more_than_a_random_network(tmp_path):
     # `python pretrain.py --model vit_tiny` with no other flag (the registry's d and latent
-    # normalisation, pretrain.SMALL_DEFAULTS' batch, lr and length; README, Reproduction), then
+    # normalisation, pretrain.SMALL_DEFAULTS' batch, lr and length; docs/RESULTS.md,
+    # Reproduction), then
     # `--compare` on 2000 val images: learned > random init > raw pixels on the synthetic set.
     # Fails if the objective, the latent normalisation, the defaults or the probe stop learning
     # anything a random network lacks. Measured: 25.1 learned vs 18.65 random init vs 11.35

@@ -14,7 +14,7 @@ import torchvision
 from PIL import Image
 
 import data
-from data import UserError
+from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # decode_batch vs PIL: the JPEG decoders agree (both libjpeg-turbo on CPU); the resamplers differ

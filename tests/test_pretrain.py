@@ -9,10 +9,12 @@ import sys
 import pytest
 import torch
 
+import cli
 import data
 import ldae
 import pretrain
-from data import UserError
+import trainer
+from cli import UserError
 from tokenizer_pca import fit_pca
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,11 +28,11 @@ def shapes(n):
 def pca_file(tmp_path_factory):
     """One PCA (4 px patches, 32 px synthetic shapes) shared by every run: skips the per-run fit."""
     path = str(tmp_path_factory.mktemp("pca") / "pca.pt")
-    fit_pca(shapes(48), 4, progress=False, device="cpu").save(path)
+    cli.save_torch(fit_pca(shapes(48), 4, progress=False, device="cpu").to_dict(), path)
     return path
 
 
-def cli(out, pca, *extra):
+def argv_of(out, pca, *extra):
     """Tiny CLI argument list: vit_tiny, 48 synthetic images, global batch 8 -> 6 steps/epoch."""
     return ["--model", "vit_tiny", "--synthetic-size", "48", "--batch-size", "8", "--epochs", "2",
             "--warmup-epochs", "0.5", "--lr", "1e-3", "--ema", "0.9", "--num-workers", "0",
@@ -39,7 +41,7 @@ def cli(out, pca, *extra):
 
 
 def run(out, pca, *extra):
-    return pretrain.main(pretrain.get_args_parser().parse_args(cli(out, pca, *extra)))
+    return pretrain.main(pretrain.get_args_parser().parse_args(argv_of(out, pca, *extra)))
 
 
 def logged(out, kind="log"):
@@ -72,7 +74,7 @@ def test_registry_dispatch_and_vit_b_size():
 
 
 def test_lr_schedule_is_warmup_then_half_cosine():
-    f = lambda s: pretrain.lr_at(s, 10, 1e-3, warmup_epochs=2, epochs=10)  # noqa: E731
+    f = lambda s: trainer.lr_at(s, 10, 1e-3, warmup_epochs=2, epochs=10)  # noqa: E731
     assert f(0) == 0 and f(10) == pytest.approx(5e-4) and f(20) == pytest.approx(1e-3)
     assert f(60) == pytest.approx(5e-4) and f(100) == pytest.approx(0, abs=1e-12)
     assert all(f(s) >= f(s + 1) for s in range(20, 100))
@@ -92,7 +94,7 @@ def test_perfect_prediction_is_zero_loss_and_tiny_model_overfits_one_batch():
         return model.loss(x).item()
 
     args = pretrain.get_args_parser().parse_args(["--model", "vit_tiny", "--ema", "0"])
-    engine = pretrain.Engine(model, args, 0, 1, torch.device("cpu"))
+    engine = trainer.Engine(model, args, 0, 1, torch.device("cpu"))
     before = fixed_noise_loss()
     for s in range(20):
         engine.step([(x, torch.zeros(8, dtype=torch.long))], s, 3e-3)
@@ -179,11 +181,11 @@ def test_two_processes_under_torchrun_match_one_process(tmp_path, pca_file):
     # same examples and noise as 1 process x accum 2 with the same global batch
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one_argv = [sys.executable, "pretrain.py",
-                *cli(tmp_path / "one", pca_file, "--max-steps", "3", "--accum-iter", "2")]
+                *argv_of(tmp_path / "one", pca_file, "--max-steps", "3", "--accum-iter", "2")]
     one = subprocess.run(one_argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    two_argv = [*torchrun, "pretrain.py", *cli(tmp_path / "two", pca_file, "--max-steps", "3")]
+    two_argv = [*torchrun, "pretrain.py", *argv_of(tmp_path / "two", pca_file, "--max-steps", "3")]
     two = subprocess.run(two_argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     assert json.loads(two.stdout.strip().splitlines()[-1])["steps"] == 3
@@ -220,7 +222,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(
 
     monkeypatch.setattr(ldae.LDAE, "loss", loss_goes_nan)
     message = r"non-finite loss at step 5 \(lr .*grad norm nan\).*step 3\) is untouched"
-    with pytest.raises(pretrain.Diverged, match=message):
+    with pytest.raises(trainer.Diverged, match=message):
         # 3 steps/epoch: saved at 3
         run(tmp_path, pca_file, "--log-every", "2", "--synthetic-size", "24")
     assert pretrain.load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 3

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import data
 import tokenizer_pca as tp
 from tokenizer_pca import PatchPCA, fit_pca
@@ -128,7 +129,7 @@ def test_save_load_roundtrip_weights_only(fitted, tmp_path):
     _, pca = fitted
     pca.meta["note"] = "x"
     p = str(tmp_path / "pca.pt")
-    pca.save(p)
+    cli.save_torch(pca.to_dict(), p)
     assert not os.path.exists(p + ".tmp")
     raw = torch.load(p, weights_only=True)
     assert raw["patch_size"] == 4 and raw["meta"]["num_images"] == 40
@@ -174,8 +175,8 @@ def test_cli_smoke(tmp_path, capsys):
 
 def test_cli_user_errors(tmp_path):
     parse = tp.get_args_parser().parse_args
-    with pytest.raises(data.UserError, match="not a multiple of --patch-size"):
+    with pytest.raises(cli.UserError, match="not a multiple of --patch-size"):
         tp.main(parse(["--input-size", "30", "--patch-size", "4", "--out", str(tmp_path / "p.pt")]))
-    with pytest.raises(data.UserError, match="does not exist"):
+    with pytest.raises(cli.UserError, match="does not exist"):
         tp.main(parse(["--input-size", "16", "--patch-size", "4",
                        "--out", str(tmp_path / "no" / "p.pt")]))
