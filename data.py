@@ -1,4 +1,6 @@
-"""Datasets and transforms shared by every l-DAE script (the CLI conventions are in cli.py).
+"""The data sets every l-DAE script reads, behind one entry point (build_dataset). The
+transforms and the --decode gpu path are in augment.py, the synthetic shapes in synthetic.py,
+the CLI conventions in cli.py.
 
 `--dataset` / `--data-path` mean the same in tokenizer_pca.py, pretrain.py and linprobe.py:
   synthetic     procedurally drawn shapes/textures (default; offline, deterministic, 10 classes)
@@ -18,9 +20,9 @@ transforms, same [-1, 1] output:
                     large crops keep detail (the square crop drops the sides of wide photos).
                     ImageNet train: 252 GB at 256, 318 GB at 288. `{split}` in --data-path ->
                     train/val; else one file, 10% val.
-  --decode gpu      imagefolder, pretrain.py only: workers only read bytes; batch_to_images
-                    decodes the batch with torchvision.io.decode_jpeg(device="cuda") and
-                    crops/flips on the GPU.
+  --decode gpu      imagefolder, pretrain.py only: workers only read bytes;
+                    augment.batch_to_images decodes the batch with
+                    torchvision.io.decode_jpeg(device="cuda") and crops/flips on the GPU.
 Commands (`pack` and `bench` live in pack_data.py; `python data.py` runs them):
   python data.py pack --dataset imagefolder --data-path /data/imagenet --split train \
       --input-size 288 --out /data/in1k_train_288.u8 --num-workers 16
@@ -35,10 +37,8 @@ Contract: images are float (3, H, W) in [-1, 1] (DiT normalisation, RECIPE s2), 
 repeated to 3 channels. Bad user input raises cli.UserError: one `error: <msg>` line, exit 2.
 """
 import collections
-import contextlib
 import functools
 import gzip
-import math
 import os
 import shutil
 import zlib
@@ -47,24 +47,13 @@ import numpy as np
 import torch
 import torchvision
 from torch.utils.data import Dataset, Subset
-from torchvision import transforms as T
 
+import augment
 import cli
+import synthetic
 from cli import UserError, atomic_write, bounded, load_torch
 
 DATASETS = ("synthetic", "imagefolder", "fashion-mnist", "cifar10", "packed")
-BICUBIC = T.InterpolationMode.BICUBIC
-
-
-@contextlib.contextmanager
-def torch_threads(n):
-    """n intra-op threads for a while (on a loaded 2-core box 2 threads made render 200x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 # ---- The data flags every script shares.
@@ -94,193 +83,6 @@ def add_data_args(parser):
     group.add_argument("--synthetic-seed", type=int, default=0,
                        help="synthetic: seed (train/val: other streams)")
     return parser
-
-
-# ---- Transforms: RGB first (grayscale -> 3 equal channels), [-1, 1] = Normalize(0.5, 0.5) last
-# (DiT). Input: a PIL image or a uint8 (C, H, W) tensor (packed): the geometric ops draw alike on
-# both.
-TRANSFORM_KINDS = ("center", "rrc", "eval")
-
-
-class ToRGB:
-    """A class, not a lambda, so transforms pickle for spawn-started DataLoader workers."""
-
-    def __call__(self, img):
-        if isinstance(img, torch.Tensor):                     # uint8 (C, H, W)
-            return img.expand(3, -1, -1) if img.shape[0] == 1 else img
-        return img.convert("RGB") if img.mode != "RGB" else img
-
-
-class ToFloat:
-    """T.ToTensor for PIL; uint8 tensor -> the same float / 255 (bit-identical values)."""
-
-    def __call__(self, img):
-        if isinstance(img, torch.Tensor):
-            return img.float().div(255)
-        return T.functional.to_tensor(img)
-
-
-class Transform(T.Compose):
-    """T.Compose that remembers what it does: `kind`, `size` and the rrc `scale`, so the
-    --decode gpu path can redo it on the device and the packed path can check its stored size."""
-
-    def __init__(self, ops, kind, size, scale):
-        super().__init__(ops)
-        self.kind = kind
-        self.size = size
-        self.scale = scale
-
-
-def eval_resize(input_size):
-    """Shorter side before the eval center crop: x256/224 (MAE), except below 64 px (see below)."""
-    return int(round(input_size * 256 / 224)) if input_size >= 64 else input_size
-
-
-def check_transform_kind(kind):
-    if kind not in TRANSFORM_KINDS:
-        raise UserError(f"unknown transform kind {kind!r}; use center, rrc or eval")
-
-
-def build_transform(kind, input_size, scale=(0.2, 1.0)):
-    """kind: "center" | "rrc" | "eval"; PIL image or uint8 tensor -> (3, input_size, input_size)
-    in [-1, 1].
-
-    center: DiT's ablation setting (RECIPE s6): shorter side to input_size (bicubic + antialias,
-            close to DiT's box-then-bicubic), center crop.
-    rrc:    final models (RECIPE s6): RandomResizedCrop + flip; scale (0.2, 1) is MAE's
-            pre-training crop, which the paper follows; pass (0.08, 1) for MAE's probe.
-    eval:   probe (RECIPE s5, MAE): resize to input_size * 256/224, center crop; below 64 px only
-            resize + crop (tiny object-centred images would lose content).
-    """
-    check_transform_kind(kind)
-    if kind == "rrc":
-        crop = T.RandomResizedCrop(input_size, scale=tuple(scale), interpolation=BICUBIC,
-                                   antialias=True)
-        geometry = [crop, T.RandomHorizontalFlip()]
-    else:
-        side = input_size if kind == "center" else eval_resize(input_size)
-        geometry = [T.Resize(side, interpolation=BICUBIC, antialias=True),
-                    T.CenterCrop(input_size)]
-    ops = [ToRGB(), *geometry, ToFloat(), T.Normalize([0.5] * 3, [0.5] * 3)]
-    return Transform(ops, kind, input_size, tuple(scale))
-
-
-# ---- Synthetic shapes (offline default): ten classes that differ only in shape/texture/layout;
-# colour, position, size, rotation, background and noise are random for all, so no pixel (nor a
-# linear map of the pixels) gives the class away, while shape features do. Image i has its own
-# generator seeded by (seed, split stream, i): deterministic, independent of batching/workers,
-# any resolution, no memory.
-SYNTHETIC_CLASSES = ("disc", "ring", "square", "triangle", "cross",
-                     "h-stripes", "v-stripes", "checkerboard", "two-blobs", "polka-dots")
-
-
-def shape_mask(name, pu, pv, freq, phase):
-    """The pixels (S, S) bool of class `name`'s object, drawn in its own frame (pu, pv), ~[-1, 1]
-    across the object; freq and phase set the texture of the textured classes."""
-    rad = (pu ** 2 + pv ** 2).sqrt()
-    box = torch.maximum(pu.abs(), pv.abs())
-    if name == "disc":
-        return rad <= 1
-    if name == "ring":
-        return (rad <= 1) & (rad >= 0.6)
-    if name == "square":
-        return box <= 0.85
-    if name == "triangle":
-        return (pv <= 0.75) & (pv >= -0.95 + 1.9 * pu.abs())
-    if name == "cross":
-        return ((pu.abs() <= 0.3) | (pv.abs() <= 0.3)) & (box <= 0.95)
-    if name == "two-blobs":
-        return ((pu - 0.55) ** 2 + pv ** 2 <= 0.2) | ((pu + 0.55) ** 2 + pv ** 2 <= 0.2)
-    wave_u = freq * pu + phase
-    wave_v = freq * pv + phase
-    if name == "h-stripes":
-        return (box <= 0.95) & (torch.sin(wave_v) > 0)
-    if name == "v-stripes":
-        return (box <= 0.95) & (torch.sin(wave_u) > 0)
-    if name == "checkerboard":
-        return (box <= 0.95) & (torch.sin(wave_u) * torch.sin(wave_v) > 0)
-    if name == "polka-dots":
-        return (box <= 0.95) & (torch.cos(wave_u) + torch.cos(wave_v) > 1.0)
-    raise ValueError(f"unknown synthetic class {name!r}")
-
-
-class SyntheticShapes(Dataset):
-    classes = list(SYNTHETIC_CLASSES)
-
-    def __init__(self, size=2000, img_size=32, seed=0, stream=0, transform=None):
-        self.size, self.img_size, self.seed, self.stream = size, img_size, seed, stream
-        self.transform = transform
-
-    def __len__(self):
-        return self.size
-
-    def render(self, index):
-        """-> (uint8 (3, S, S) tensor, label). Label cycles so classes are exactly balanced."""
-        label = index % len(SYNTHETIC_CLASSES)
-        seed = ((self.seed * 1_000_003 + self.stream) * 1_000_003 + index) % 2**63
-        generator = torch.Generator().manual_seed(seed)
-
-        def uniform(*shape):                                   # U[0, 1), this image's stream
-            return torch.rand(shape, generator=generator)
-        # Draw at 2x and average-pool: cheap anti-aliasing so edges are not pure staircase.
-        S = self.img_size * 2 if self.img_size <= 128 else self.img_size
-        centres = (torch.arange(S) + 0.5) / S * 2 - 1                     # pixel centres in [-1, 1]
-        yy, xx = torch.meshgrid(centres, centres, indexing="ij")           # (S, S)
-        cx, cy = (uniform(2) - 0.5) * 0.9                                  # object centre
-        half_size = 0.3 + 0.3 * uniform(1)
-        # +-20 degrees: keeps h/v stripes apart
-        angle = (uniform(1) - 0.5) * (math.pi / 4.5)
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        pu = ((xx - cx) * cos + (yy - cy) * sin) / half_size              # object frame, ~[-1, 1]
-        pv = (-(xx - cx) * sin + (yy - cy) * cos) / half_size
-        freq = (2.5 + 2.5 * uniform(1)) * math.pi                          # texture frequency
-        phase = uniform(1) * 2 * math.pi
-        mask = shape_mask(SYNTHETIC_CLASSES[label], pu, pv, freq, phase)   # (S, S) bool
-        # background: random colour + linear gradient; foreground redrawn until clearly different
-        background = uniform(3)
-        for _ in range(20):
-            foreground = uniform(3)
-            if (foreground - background).abs().sum() > 0.6:
-                break
-        direction = uniform(2) * 2 - 1
-        gradient = 0.25 * (direction[0] * xx + direction[1] * yy)          # (S, S)
-        tint = uniform(3)[:, None, None] * 2 - 1
-        img = background[:, None, None] + gradient[None] * tint
-        img = torch.where(mask[None], foreground[:, None, None].expand(3, S, S), img)
-        if S != self.img_size:
-            img = torch.nn.functional.avg_pool2d(img[None], 2)[0]
-        img = img + 0.04 * torch.randn(img.shape, generator=generator)     # sensor-like noise
-        return (img.clamp(0, 1) * 255).round().to(torch.uint8), label
-
-    def __getitem__(self, index):
-        img, label = self.render(index)
-        pil = T.functional.to_pil_image(img)
-        if self.transform is None:
-            return pil, label
-        return self.transform(pil), label
-
-
-def write_jpeg_folder(root, n, size=(500, 375), quality=90, seed=0):
-    """n SyntheticShapes JPEGs in root/<class>/ at ImageNet-typical size and quality (bench,
-    tests): drawn at the long side, cropped, plus noise (sd 8) so they do not compress trivially
-    (~70 KB)."""
-    from PIL import Image
-    width, height = size
-    side = max(size)
-    shapes = SyntheticShapes(n, side, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    top, left = (side - height) // 2, (side - width) // 2
-    with torch_threads(1):
-        for i in range(n):
-            img, label = shapes.render(i)                                  # (3, side, side) uint8
-            img = img[:, top:top + height, left:left + width].float()
-            noise = 8 * torch.randn(img.shape, generator=generator)
-            img = (img + noise).clamp(0, 255).round().to(torch.uint8)
-            folder = os.path.join(root, SYNTHETIC_CLASSES[label])
-            os.makedirs(folder, exist_ok=True)
-            pixels = img.permute(1, 2, 0).numpy()
-            Image.fromarray(pixels).save(os.path.join(folder, f"{i:05d}.jpg"), quality=quality)
-    return root
 
 
 # ---- ImageFolder: checks up front, and a loader that names the bad file.
@@ -427,126 +229,6 @@ def _build_packed(path, split, transform):
     return Subset(ds, _holdout(ds.labels, split)), where
 
 
-# ---- --decode gpu: workers only read the files; the training process decodes a whole batch
-# with decode_jpeg(list, device="cuda") (nvJPEG) and crops / resizes / flips on the GPU. The rrc
-# draws use a per-image seed taken from the torch RNG in __getitem__: a function of (seed, epoch,
-# index) under pretrain.Indexed. RawImages: an item (B = 1) or batch: B uint8 1-D tensors (file
-# bytes), B seeds, B paths (for errors), and the transform to apply.
-RawImages = collections.namedtuple("RawImages", "jpegs seeds names kind size scale")
-
-
-class JpegFolder(Dataset):
-    """Items: (RawImages of one, label); decoded(ds) gives the same images through PIL (PCA fit)."""
-
-    def __init__(self, base, transform):
-        if getattr(transform, "kind", None) is None:
-            raise UserError("--decode gpu re-does the center/rrc/eval transforms of "
-                            "data.build_transform on the device; this script passes another "
-                            "transform, so use --decode pil")
-        self.base, self.kind, self.size = base, transform.kind, transform.size
-        self.scale = transform.scale
-        # flat-root splits and bench subsets are Subsets of the ImageFolder: map their indices
-        indices, folder = range(len(base)), base
-        while isinstance(folder, Subset):
-            indices, folder = [folder.indices[i] for i in indices], folder.dataset
-        self.samples, self.classes = [folder.samples[i] for i in indices], folder.classes
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        path, label = self.samples[i]
-        try:
-            # clone(): read_file's storage is a file mapping that claims to be shared memory but
-            # has no fd: sent from a worker, EBADF and a hang
-            raw = torchvision.io.read_file(path).clone()
-        except RuntimeError as e:
-            raise UserError(f"cannot read image file {path} ({e}); remove or replace it") from None
-        seed = int(torch.randint(2**62, ()))
-        return RawImages([raw], [seed], [path], self.kind, self.size, self.scale), label
-
-
-def decoded(ds):
-    """The dataset with images as tensors (through PIL), for code that reads items itself (PCA
-    fit)."""
-    return ds.base if isinstance(ds, JpegFolder) else ds
-
-
-def collate(batch):
-    """collate_fn for every mode: tensor items -> default_collate; RawImages items -> one
-    RawImages."""
-    if not isinstance(batch[0][0], RawImages):
-        return torch.utils.data.default_collate(batch)
-    first = batch[0][0]
-    images = RawImages([raw.jpegs[0] for raw, _ in batch], [raw.seeds[0] for raw, _ in batch],
-                       [raw.names[0] for raw, _ in batch], first.kind, first.size, first.scale)
-    return images, torch.tensor([label for _, label in batch])
-
-
-def batch_to_images(x, device):
-    """The training loop's `x.to(device)`: tensors move (non_blocking; pinned by the DataLoader),
-    a RawImages batch is decoded + augmented on `device` -> (B, 3, S, S) float in [-1, 1]."""
-    if isinstance(x, RawImages):
-        return decode_batch(x.jpegs, x.size, x.kind, device, seeds=x.seeds, scale=x.scale,
-                            names=x.names)
-    return x.to(device, non_blocking=True)
-
-
-def decode_batch(jpegs, size, kind, device, seeds=None, scale=(0.2, 1.0), names=None):
-    """B encoded JPEGs (uint8 1-D tensors) -> (B, 3, size, size) float in [-1, 1] on `device`.
-    build_transform's ops on uint8 tensors: seeded alike (manual_seed(s) before the PIL
-    transform, seeds=[s] here) they draw the same crop and flip. On CPU decode_jpeg and PIL decode
-    alike (libjpeg-turbo); PIL's bicubic rounds in 8-bit fixed point: mean |diff| ~0.002, max
-    ~0.05 (tests). nvJPEG's IDCT / chroma upsampling differs by a few more grey levels (to be
-    measured on the GPU)."""
-    device = torch.device(device)
-    check_transform_kind(kind)
-    names = names or [f"image {index} of the batch" for index in range(len(jpegs))]
-    if kind == "rrc" and seeds is None:
-        seeds = torch.randint(2**62, (len(jpegs),)).tolist()
-    try:   # one batched call: on CUDA nvJPEG decodes the batch together
-        imgs = torchvision.io.decode_jpeg(list(jpegs), mode=torchvision.io.ImageReadMode.RGB,
-                                          device=device)
-    except RuntimeError:   # a non-JPEG / odd file in the batch (ImageNet has a PNG and CMYK JPEGs)
-        imgs = [_decode_any(raw, name).to(device) for raw, name in zip(jpegs, names)]
-    out = []
-    for index, img in enumerate(imgs):                              # (3, H, W) uint8, sizes differ
-        if kind == "rrc":
-            out.append(_random_resized_crop(img, size, scale, seeds[index]))
-        else:
-            side = size if kind == "center" else eval_resize(size)
-            resized = T.functional.resize(img, side, BICUBIC, antialias=True)
-            out.append(T.functional.center_crop(resized, size))
-    # (B, 3, S, S): x / 255 normalised with (0.5, 0.5)
-    return torch.stack(out).float().div_(127.5).sub_(1)
-
-
-def _random_resized_crop(img, size, scale, seed):
-    """T.RandomResizedCrop + flip on one uint8 tensor, drawn as build_transform draws them after
-    torch.manual_seed(seed); the caller's RNG stream is left untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        top, left, height, width = T.RandomResizedCrop.get_params(img, list(scale),
-                                                                  [3 / 4, 4 / 3])
-        flip = bool(torch.rand(1) < 0.5)
-    img = T.functional.resized_crop(img, top, left, height, width, [size, size], BICUBIC,
-                                    antialias=True)
-    return img.flip(-1) if flip else img
-
-
-def _decode_any(raw, name):
-    """Any image file torchvision reads -> uint8 (3, H, W). A 16-bit PNG decodes to uint16: keep
-    its high byte, as the PIL path does (values 0..65535 would otherwise reach the model)."""
-    try:
-        img = torchvision.io.decode_image(raw, mode=torchvision.io.ImageReadMode.RGB)
-    except RuntimeError as e:
-        raise UserError(f"cannot decode image file {name} ({str(e)[:200]}); "
-                        f"remove or replace it") from None
-    if img.dtype == torch.uint16:
-        img = (img.to(torch.int32) >> 8).to(torch.uint8)
-    return img
-
-
 # ---- Fashion-MNIST from the original gz files, offline. torchvision (0.29) only checks that the
 # four decompressed files exist in <root>/FashionMNIST/raw; download=True would check the *.gz
 # md5s, which Debian's re-compressed files fail. So we decompress into a cache in that layout
@@ -672,8 +354,8 @@ def _build_synthetic(args, split, transform):
     else:
         size = getattr(args, "synthetic_val_size", None) or max(1, args.synthetic_size // 4)
     # Images are drawn at input_size, so the "center" transform is an identity crop.
-    ds = SyntheticShapes(size, args.input_size, seed=getattr(args, "synthetic_seed", 0),
-                         stream=0 if split == "train" else 1, transform=transform)
+    ds = synthetic.SyntheticShapes(size, args.input_size, seed=getattr(args, "synthetic_seed", 0),
+                                   stream=0 if split == "train" else 1, transform=transform)
     return ds, f"generated, seed {ds.seed}"
 
 
@@ -696,7 +378,7 @@ def build_dataset(args, split, transform, decode_gpu_ok=False):
     elif name == "imagefolder":
         ds, where = _build_imagefolder(args.data_path, split, transform)
         if decode_gpu:
-            ds = JpegFolder(ds, transform)
+            ds = augment.JpegFolder(ds, transform)
             where += "; --decode gpu: items are encoded bytes"
     elif name == "packed":
         ds, where = _build_packed(args.data_path, split, transform)

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import augment
 import checkpoint
 import cli
 import data
@@ -338,7 +339,7 @@ def train(args, rank, world, device):
         raise UserError(f"the teacher takes {teacher.config['img_size']} px images, not "
                         f"--input-size {args.input_size}")
     source, ckpt = checkpoint.open_run(args, is_main, world, ignore=())
-    transform = data.build_transform(args.aug, args.input_size)
+    transform = augment.build_transform(args.aug, args.input_size)
     train_set = trainer.node_first(lambda: data.build_dataset(args, "train", transform), world)
     trainer.cap_batch(args, len(train_set), world, is_main)
     changed = checkpoint.check_resume(ckpt, args, world) if ckpt is not None else []
@@ -349,7 +350,8 @@ def train(args, rank, world, device):
                       args.match).to(device)
     if args.whiten_target and ckpt is None:
         n = min(args.whiten_target, len(train_set))
-        images = data.batch_to_images(data.collate([train_set[i] for i in range(n)])[0], device)
+        batch = augment.collate([train_set[i] for i in range(n)])[0]
+        images = augment.batch_to_images(batch, device)
         model.fit_whitening(images, torch.Generator().manual_seed(args.seed))
     engine = trainer.Engine(model, args, rank, world, device)
     start = checkpoint.restore(engine, ckpt, model.config)

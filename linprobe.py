@@ -32,6 +32,7 @@ import time
 import torch
 import torch.distributed as dist
 
+import augment
 import cli
 import data
 import pretrain                                   # contract: checkpoints, DDP setup
@@ -138,14 +139,14 @@ def check_flags(args):
 def build_sets(args, size):
     """-> (protocol, why, center-crop train set or None, random-crop train set or None, val).
     The center-crop set is built first when anything reads it: --protocol auto counts it."""
-    eval_tf = data.build_transform("eval", size)
+    eval_tf = augment.build_transform("eval", size)
     centre = None
     if args.protocol != "mae" or args.knn:
         centre = data.build_dataset(args, "train", eval_tf)
     protocol, why = choose_protocol(args, None if centre is None else len(centre))
     crops = None
     if protocol == "mae" or args.views > 1:
-        crop_tf = data.build_transform("rrc", size, scale=(0.08, 1.0))  # MAE's probe crop scale
+        crop_tf = augment.build_transform("rrc", size, scale=(0.08, 1.0))  # MAE's probe crop scale
         crops = data.build_dataset(args, "train", crop_tf)
     return protocol, why, centre, crops, data.build_dataset(args, "val", eval_tf)
 

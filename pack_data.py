@@ -23,8 +23,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
 
+import augment
 import cli
 import data
+import synthetic
 from cli import UserError
 
 
@@ -32,8 +34,8 @@ from cli import UserError
 def pack_transform(size):
     """The "center" transform's PIL ops kept in uint8: packed at size == --input-size, the center
     path gives tensors bit-identical to the imagefolder path."""
-    return T.Compose([data.ToRGB(), T.Resize(size, interpolation=data.BICUBIC, antialias=True),
-                      T.CenterCrop(size), T.PILToTensor()])
+    resize = T.Resize(size, interpolation=augment.BICUBIC, antialias=True)
+    return T.Compose([augment.ToRGB(), resize, T.CenterCrop(size), T.PILToTensor()])
 
 
 def pack(args):
@@ -113,7 +115,7 @@ def time_loader(name, ds, workers, batch_size, collate_fn=None):
     next(iter(warm_up))                                   # file and page caches, worker imports
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn)
     # workers = 0: the main process loads, on one core
-    threads = data.torch_threads(1) if workers == 0 else contextlib.nullcontext()
+    threads = cli.torch_threads(1) if workers == 0 else contextlib.nullcontext()
     with threads:
         start, cpu_start, stamps = time.perf_counter(), cpu_seconds(), []
         for _ in loader:
@@ -141,7 +143,7 @@ def first_images(data_path, count, transform):
 
 
 def _decode_on_cpu(batch):
-    return data.batch_to_images(data.collate(batch)[0], "cpu")
+    return augment.batch_to_images(augment.collate(batch)[0], "cpu")
 
 
 def print_table(rows, target):
@@ -157,10 +159,10 @@ def bench(args):
     """Decoded + augmented img/s of each input path on this machine's CPU -> the BenchRows."""
     if args.make and not os.path.isdir(args.data_path):
         print(f"[bench] writing {args.make} synthetic JPEGs to {args.data_path}", flush=True)
-        data.write_jpeg_folder(args.data_path, args.make)
+        synthetic.write_jpeg_folder(args.data_path, args.make)
     size, batch_size, pack_size = args.input_size, args.batch_size, args.pack_size
     workers = [int(count) for count in args.workers.split(",")]
-    rrc = data.build_transform("rrc", size)
+    rrc = augment.build_transform("rrc", size)
     print(f"[bench] {args.data_path}, first {args.images} images, {size}px, batch {batch_size}, "
           f"load avg {os.getloadavg()[0]:.2f}")
     pil_only = first_images(args.data_path, args.images, T.PILToTensor())
@@ -180,7 +182,7 @@ def bench(args):
     uint8_rrc = T.Compose(rrc.transforms[:3])
     rows.append(time_loader(f"packed {pack_size}px + rrc + flip, uint8 out",
                             data.Packed(out, uint8_rrc), max(workers), batch_size))
-    raw = data.JpegFolder(first_images(args.data_path, args.images, rrc), rrc)
+    raw = augment.JpegFolder(first_images(args.data_path, args.images, rrc), rrc)
     rows.append(time_loader("read JPEG bytes only (--decode gpu workers)", raw, 0, batch_size,
                             len))
     rows.append(time_loader("decode_batch on CPU (read + decode_jpeg + rrc + flip)", raw, 0,

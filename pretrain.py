@@ -13,7 +13,7 @@ ImageNet, final ViT-B l-DAE (RECIPE s6: batch 2048, blr 1e-4, 100 warmup of 400 
   Continue a stopped run with --resume auto (bit-identical to an uninterrupted run). Under
   `torchrun --max-restarts N` a restarted worker group resumes by itself. SIGTERM or Ctrl-C:
   the run finishes its step, saves, and exits 128 + the signal number. --decode gpu decodes the
-  JPEGs on the GPU when the CPUs cannot keep up (see data.py).
+  JPEGs on the GPU when the CPUs cannot keep up (see augment.py).
 A paper row: python pretrain.py --preset t3_ldae ...   (dit_baseline.PRESETS; explicit flags win)
 Speed:       python pretrain.py --model vit_b --benchmark 20 --batch-size 256 [--compile]
 
@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 
+import augment
 import checkpoint
 import cli
 import data
@@ -321,10 +322,10 @@ def get_pca(args, cfg, rank, world, device, train_base):
         # RECIPE s2: fitted on DiT center crops (as tokenizer_pca.py does), even for rrc runs
         fit_ds = train_base
         if args.aug != "center":
-            center = data.build_transform("center", cfg["img_size"])
+            center = augment.build_transform("center", cfg["img_size"])
             fit_ds = data.build_dataset(args, "train", center, decode_gpu_ok=True)
         print(f"[pca] fitting on {args.pca_images} train images (RECIPE s2) -> {path}", flush=True)
-        pca = fit_pca(data.decoded(fit_ds), cfg["patch_size"], args.pca_images,
+        pca = fit_pca(augment.decoded(fit_ds), cfg["patch_size"], args.pca_images,
                       center=args.pca_center, seed=args.seed, device=device,
                       num_workers=args.num_workers, meta={"dataset": args.dataset})
         cli.save_torch(pca.to_dict(), path)
@@ -407,7 +408,7 @@ def train(args, rank, world, device):
 def training_set(args, cfg):
     if cfg.get("input") == "latents":
         return dit_baseline.make_latent_dataset(args.latents_file)
-    transform = data.build_transform(args.aug, args.input_size)
+    transform = augment.build_transform(args.aug, args.input_size)
     return data.build_dataset(args, "train", transform, decode_gpu_ok=True)
 
 

@@ -264,7 +264,7 @@ def fit_pca(dataset, patch_size, num_images=None, patches_per_image=0, center=Fa
     """Fit a PatchPCA on a random sample of images (RECIPE s2). patches_per_image=0 uses all
     patches of each image, k > 0 a random k of them. Deterministic given seed (with num_workers
     > 0 the loader's workers are seeded from it too; still, give it a dataset with a
-    deterministic transform such as data.build_transform("center", size)).
+    deterministic transform such as augment.build_transform("center", size)).
     dataset: map-style dataset of (image, label) with images (C, H, W) in [-1, 1], an image
     tensor (N, C, H, W), or an iterable of batches."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -457,6 +457,7 @@ def _write_pngs(pca, ds, out, input_size, dims):
 
 
 def main(args):
+    import augment
     import cli
     import data
     if args.benchmark:
@@ -465,7 +466,7 @@ def main(args):
         return res
     _check_args(args)
     # The tokenizer sees the images the ablation models see: DiT center crop (RECIPE s2, s6).
-    ds = data.build_dataset(args, "train", data.build_transform("center", args.input_size))
+    ds = data.build_dataset(args, "train", augment.build_transform("center", args.input_size))
     per_image = args.patches_per_image or "all"
     print(f"[pca] fit on {min(args.num_images, len(ds))} of {len(ds)} images at {args.input_size} "
           f"px: patch {args.patch_size} (D = {3 * args.patch_size ** 2}), {per_image} patches "

@@ -22,11 +22,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import augment
 import checkpoint
 import cli
-import data
 from cli import UserError
-
 
 
 # ---- Flags every training stage takes -----------------------------------------------------------
@@ -150,7 +149,7 @@ def make_loader(train_set, args, world, rank, device):
     indexed = Indexed(train_set, args.seed)
     loader = torch.utils.data.DataLoader(
         indexed, batch_sampler=sampler, num_workers=args.num_workers,
-        collate_fn=data.collate,                   # --decode gpu: a batch of JPEG bytes
+        collate_fn=augment.collate,                   # --decode gpu: a batch of JPEG bytes
         worker_init_fn=ignore_stop_signals, pin_memory=device.type == "cuda",
         persistent_workers=args.num_workers > 0)
     return sampler, indexed, loader
@@ -351,7 +350,7 @@ class Engine:
             # the noise (t, eps) of global micro-batch k = rank x accum + a of step s is seeded by
             # (seed, s, k): the same whichever rank or accumulation step computes it
             torch.manual_seed(mix_seed(self.args.seed, 3, step, self.rank * accum + a))
-            x = data.batch_to_images(x, self.device)          # --decode gpu decodes here
+            x = augment.batch_to_images(x, self.device)          # --decode gpu decodes here
             y = y.to(self.device, non_blocking=True)
             sync_now = self.ddp is None or a == accum - 1
             with contextlib.nullcontext() if sync_now else self.ddp.no_sync():
@@ -459,7 +458,7 @@ class TrainingRun:
     def first_images(self, n=8):
         """The first n training images (epoch 0's augmentation), on the device: for pictures."""
         items = [self.indexed[(0, i)] for i in range(min(n, len(self.indexed.base)))]
-        return data.batch_to_images(data.collate(items)[0], self.engine.device)
+        return augment.batch_to_images(augment.collate(items)[0], self.engine.device)
 
     def run(self, start, source=None, changed=()):
         """Train from step `start` (> 0: resumed from `source`) -> the final JSON result."""

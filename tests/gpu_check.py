@@ -1,6 +1,6 @@
 """One command that verifies this project on a CUDA machine, offline, in under 8 minutes:
 correctness of the CUDA paths, the speed table, and a few minutes of learning. Every section runs
-through the project's own entry points (pretrain.py, linprobe.py, data.decode_batch).
+through the project's own entry points (pretrain.py, linprobe.py, augment.decode_batch).
 
 On the GPU machine (one H200 here; writes report.md, results.json and log.txt into --out, nothing
 else; the Fashion-MNIST gz files are carried as the ignored folder .carry/fmnist):
@@ -18,7 +18,7 @@ correctness  precision    a few l-DAE and DiT steps in bf16 vs fp32 (TF32 matmul
              nccl         an NCCL (gloo on CPU) process group: all_reduce and a DDP step == plain
              resume       pretrain.py SIGKILLed after its first epoch checkpoint, then --resume
                           auto: every tensor of the final checkpoint == an uninterrupted run
-             decode       data.decode_batch on the device vs the PIL transforms (center, eval,
+             decode       augment.decode_batch on the device vs the PIL transforms (center, eval,
                           rrc): mean and 99.9th-percentile |difference|; a --decode gpu training run
              compile      --compile vs eager, the same steps: losses and updates within TOL
 speed        gemm         a large bf16 matmul: the ceiling the MFU figures sit under
@@ -57,10 +57,12 @@ import torchvision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import augment  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
 import linprobe  # noqa: E402
 import pretrain  # noqa: E402
+import synthetic  # noqa: E402
 import trainer  # noqa: E402
 from cli import UserError  # noqa: E402
 from tokenizer_pca import fit_pca  # noqa: E402
@@ -350,7 +352,7 @@ def pca_file(ctx):
     """One 4 px patch PCA of 32 px synthetic shapes shared by the short runs (no per-run fit)."""
     path = os.path.join(ctx.work, "pca32.pt")
     if not os.path.exists(path):
-        shapes = data.SyntheticShapes(256, 32, transform=data.build_transform("center", 32))
+        shapes = synthetic.SyntheticShapes(256, 32, transform=augment.build_transform("center", 32))
         with quiet(ctx):
             cli.save_torch(fit_pca(shapes, 4, progress=False, device="cpu").to_dict(), path)
     return path
@@ -636,16 +638,16 @@ def check_decode(ctx):
     s = ctx.size
     folder = os.path.join(ctx.work, "jpegs")
     with quiet(ctx):
-        data.write_jpeg_folder(folder, s["jpegs"], size=s["jpeg_size"])
+        synthetic.write_jpeg_folder(folder, s["jpegs"], size=s["jpeg_size"])
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs)
     raw = [torchvision.io.read_file(f) for f in files]
     seeds = list(range(len(files)))
     worst_mean, worst_p999, rows = 0.0, 0.0, []
     for kind in ("center", "eval", "rrc"):
-        data.decode_batch(raw, s["decode_px"], kind, ctx.device, seeds=seeds)      # warm-up
+        augment.decode_batch(raw, s["decode_px"], kind, ctx.device, seeds=seeds)      # warm-up
         sync(ctx)
         t = time.perf_counter()
-        x = data.decode_batch(raw, s["decode_px"], kind, ctx.device, seeds=seeds)
+        x = augment.decode_batch(raw, s["decode_px"], kind, ctx.device, seeds=seeds)
         sync(ctx)
         ips = len(raw) / (time.perf_counter() - t)
         d = (x.cpu() - pil_reference(files, kind, s["decode_px"], seeds)).abs().flatten()
@@ -661,9 +663,9 @@ def check_decode(ctx):
 
 
 def pil_reference(files, kind, size, seeds):
-    """The DataLoader path: PIL decode + data.build_transform, seeded as decode_batch is."""
+    """The DataLoader path: PIL decode + augment.build_transform, seeded as decode_batch is."""
     from PIL import Image
-    tf, out = data.build_transform(kind, size), []
+    tf, out = augment.build_transform(kind, size), []
     for f, seed in zip(files, seeds):
         torch.manual_seed(seed)
         with Image.open(f) as img:

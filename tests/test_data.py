@@ -11,8 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+import augment
 import cli
 import data
+import synthetic
 from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +25,7 @@ def _args(*argv):
 
 
 def _tf(size=16):
-    return data.build_transform("center", size)
+    return augment.build_transform("center", size)
 
 
 def _make_imagefolder(root, classes=("a", "b"), per_class=3, size=20):
@@ -136,8 +138,8 @@ def test_fashion_mnist_from_gz_folder_offline(tmp_path, monkeypatch):
     os.chmod(src, 0o555)  # data folders may be read-only (/usr/share): we only write to the cache
     try:
         a = _args("--dataset", "fashion-mnist", "--data-path", str(src), "--input-size", "32")
-        tr = data.build_dataset(a, "train", data.build_transform("center", 32))
-        va = data.build_dataset(a, "val", data.build_transform("eval", 32))
+        tr = data.build_dataset(a, "train", augment.build_transform("center", 32))
+        va = data.build_dataset(a, "val", augment.build_transform("eval", 32))
     finally:
         os.chmod(src, 0o755)
     assert (len(tr), len(va), data.num_classes(tr)) == (12, 5, 10)
@@ -187,22 +189,22 @@ def test_synthetic_deterministic_balanced_and_split_streams(capsys):
     a = _args("--synthetic-size", "40", "--input-size", "32")
     tr1, tr2 = data.build_dataset(a, "train", _tf(32)), data.build_dataset(a, "train", _tf(32))
     va = data.build_dataset(a, "val", _tf(32))
-    assert len(va) == 10 and data.num_classes(tr1) == 10 == len(data.SYNTHETIC_CLASSES)
+    assert len(va) == 10 and data.num_classes(tr1) == 10 == len(synthetic.SYNTHETIC_CLASSES)
     assert "10 classes, 40 images" in capsys.readouterr().out
     x0, y0 = tr1[5]
     assert x0.shape == (3, 32, 32) and -1 <= x0.min() < 0 < x0.max() <= 1
     assert torch.equal(x0, tr2[5][0]) and y0 == tr2[5][1]
     assert not torch.equal(x0, va[5][0])  # val is a different stream
-    other = data.SyntheticShapes(40, 32, seed=1)
+    other = synthetic.SyntheticShapes(40, 32, seed=1)
     assert not torch.equal(tr1.render(5)[0], other.render(5)[0])
     assert sorted(tr1[i][1] for i in range(40)) == sorted(list(range(10)) * 4)  # balanced
-    assert data.SyntheticShapes(4, 64).render(2)[0].shape == (3, 64, 64)  # any resolution
+    assert synthetic.SyntheticShapes(4, 64).render(2)[0].shape == (3, 64, 64)  # any resolution
 
 
 def test_synthetic_colour_does_not_give_away_the_class():
     # Colour/position are shared across classes: the mean colour of an image is near chance for
     # the class (a nearest-class-mean rule on it should do poorly), unlike the shape.
-    ds = data.SyntheticShapes(300, 16)
+    ds = synthetic.SyntheticShapes(300, 16)
     items = [ds.render(i) for i in range(300)]
     X = torch.stack([img.float().mean((1, 2)) for img, _ in items])  # (N, 3) mean colour
     y = torch.tensor([label for _, label in items])
@@ -216,12 +218,12 @@ def test_transforms_shapes_and_range():
     gray = np.random.RandomState(0).randint(0, 256, (40, 60), dtype=np.uint8)
     img = Image.fromarray(gray)
     for kind in ("center", "rrc", "eval"):
-        x = data.build_transform(kind, 32)(img)
+        x = augment.build_transform(kind, 32)(img)
         assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
-    white = data.build_transform("center", 8)(Image.new("RGB", (10, 10), (255, 255, 255)))
+    white = augment.build_transform("center", 8)(Image.new("RGB", (10, 10), (255, 255, 255)))
     assert torch.allclose(white, torch.ones(3, 8, 8))  # [-1, 1] normalisation
     with pytest.raises(UserError, match="unknown transform"):
-        data.build_transform("bogus", 32)
+        augment.build_transform("bogus", 32)
 
 
 def test_concurrent_fashion_mnist_preparation_is_safe(tmp_path, monkeypatch):

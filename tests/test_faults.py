@@ -17,10 +17,12 @@ import zlib
 import pytest
 import torch
 
+import augment
 import cli
 import data
 import linprobe
 import pretrain
+import synthetic
 import tokenizer_pca
 from cli import UserError
 from tokenizer_pca import fit_pca
@@ -33,7 +35,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def pca_file(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("pca") / "pca.pt")
-    shapes = data.SyntheticShapes(48, 32, transform=data.build_transform("center", 32))
+    shapes = synthetic.SyntheticShapes(48, 32, transform=augment.build_transform("center", 32))
     cli.save_torch(fit_pca(shapes, 4, progress=False, device="cpu").to_dict(), path)
     return path
 
@@ -472,25 +474,25 @@ def test_16_bit_pngs_decode_like_the_pil_path_alone_and_mixed(tmp_path):
              "rgb16.png": np.stack([ramp, ramp[::-1], np.full_like(ramp, 30000)], -1)}
     for name, pixels in files.items():
         png16(tmp_path / name, pixels)
-    data.write_jpeg_folder(tmp_path / "jpg", 2, size=(48, 40))
+    synthetic.write_jpeg_folder(tmp_path / "jpg", 2, size=(48, 40))
     jpeg = next(p for p in (tmp_path / "jpg").rglob("*.jpg"))
     paths = [str(tmp_path / n) for n in files] + [str(jpeg)]
     raws = [torch.frombuffer(bytearray(open(p, "rb").read()), dtype=torch.uint8) for p in paths]
-    tf = data.build_transform("center", 32)
+    tf = augment.build_transform("center", 32)
     pil = torch.stack([tf(data._checked_loader(p)) for p in paths])
     for part in (slice(0, 1), slice(1, 2), slice(0, 3)):            # alone, and mixed with a JPEG
-        out = data.decode_batch(raws[part], 32, "center", "cpu", names=paths[part])
+        out = augment.decode_batch(raws[part], 32, "center", "cpu", names=paths[part])
         assert out.min() >= -1 and out.max() <= 1
         assert (out - pil[part]).abs().mean() < 0.02
     assert pil[0].std() > 0.3                                       # the gray ramp is not clipped
 
 
 def test_an_empty_class_folder_is_named(tmp_path, capsys):
-    root = data.write_jpeg_folder(tmp_path / "imgs", 20, size=(40, 32))
+    root = synthetic.write_jpeg_folder(tmp_path / "imgs", 20, size=(40, 32))
     (tmp_path / "imgs" / "zebra").mkdir()
     args = data.add_data_args(cli.ArgumentParser()).parse_args(
         ["--dataset", "imagefolder", "--data-path", str(root)])
-    data.build_dataset(args, "train", data.build_transform("center", 32))
+    data.build_dataset(args, "train", augment.build_transform("center", 32))
     out = capsys.readouterr().out
     assert "1 class folder(s) of" in out and "hold no images: zebra" in out
 

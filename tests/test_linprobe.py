@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+import augment
 import ldae
 import linprobe
 import pretrain
 import probing
+import synthetic
 from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -289,8 +290,8 @@ def test_default_vit_tiny_learns_more_than_a_random_network(tmp_path):
 def test_random_init_has_active_blocks_not_pooled_embeddings(ckpt):
     args = probe_args(ckpt, "--random-init")
     model = probing.load_backbone(args, torch.device("cpu"))
-    x = torch.stack([data.SyntheticShapes(4, 32, transform=data.build_transform("center", 32))[i][0]
-                     for i in range(4)])
+    shapes = synthetic.SyntheticShapes(4, 32, transform=augment.build_transform("center", 32))
+    x = torch.stack([shapes[i][0] for i in range(4)])
     with torch.no_grad():
         xp = model.add_noise(x, torch.zeros(4, dtype=torch.long))  # the clean input it probes
         pooled = (model.x_embedder(xp) + model.pos_embed).mean(1)  # (B, D) what zero gates give

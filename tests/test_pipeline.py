@@ -13,7 +13,9 @@ import torch
 import torchvision
 from PIL import Image
 
+import augment
 import data
+import synthetic
 from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +30,7 @@ MEAN_TOL, MAX_TOL = 0.01, 0.2
 @pytest.fixture(scope="module")
 def jpegs(tmp_path_factory):
     """20 synthetic JPEGs (48x36, q90) in 10 class folders: a flat imagefolder root."""
-    return str(data.write_jpeg_folder(tmp_path_factory.mktemp("jpegs"), 20, size=(48, 36)))
+    return str(synthetic.write_jpeg_folder(tmp_path_factory.mktemp("jpegs"), 20, size=(48, 36)))
 
 
 def _args(*argv):
@@ -50,13 +52,14 @@ def test_pack_reads_back_equal_to_the_pil_path(jpegs, tmp_path):
     arr = np.load(out)
     assert arr.shape == (10, 3, 24, 24) and arr.dtype == np.uint8
     assert meta["shape"] == [10, 3, 24, 24]
+    # flat root: 10 train images
     ref = data.build_dataset(_args("--dataset", "imagefolder", "--data-path", jpegs), "train",
-                             data.build_transform("center", 24))       # flat root: 10 train images
+                             augment.build_transform("center", 24))
     # --data-path with {split}: the file serves that split whole; stored at --input-size the
     # "center" transform is the identity geometry, so the tensors equal the PIL path's exactly.
     packed = _args("--dataset", "packed", "--data-path", str(tmp_path / "{split}_24.u8"),
                    "--input-size", "24")
-    ds = data.build_dataset(packed, "train", data.build_transform("center", 24))
+    ds = data.build_dataset(packed, "train", augment.build_transform("center", 24))
     assert len(ds) == len(ref) == 10 and data.classes(ds) == data.classes(ref)
     for i in range(10):
         (x, y), (xr, yr) = ds[i], ref[i]
@@ -65,13 +68,13 @@ def test_pack_reads_back_equal_to_the_pil_path(jpegs, tmp_path):
     # Center crops at 16 from the stored 24px resize a second time (uint8 tensors): close to PIL
     # straight from the JPEG. Two resamplings of these tiny noisy images differ by ~0.05 on average;
     # a one-pixel shift or a flip gives 0.12-0.16 (measured), so 0.08 separates right from wrong.
-    c16 = data.build_transform("center", 16)
-    small = data.Packed(str(out), data.build_transform("center", 16))
+    c16 = augment.build_transform("center", 16)
+    small = data.Packed(str(out), augment.build_transform("center", 16))
     files = [ref.dataset.samples[j][0] for j in ref.indices]
     d = torch.stack([(small[i][0] - c16(Image.open(files[i]))).abs() for i in range(10)])
     assert d.mean() < 0.08
     # rrc on the packed tensors: shape, range, and the same draws as the PIL path for the same seed
-    rrc = data.Packed(str(out), data.build_transform("rrc", 16))
+    rrc = data.Packed(str(out), augment.build_transform("rrc", 16))
     torch.manual_seed(3)
     x1 = rrc[0][0]
     torch.manual_seed(3)
@@ -95,7 +98,7 @@ def test_packed_file_without_split_holds_out_val(jpegs, tmp_path):
 
 
 def test_packed_errors_name_the_file_and_the_fix(jpegs, tmp_path):
-    tf = data.build_transform("center", 16)
+    tf = augment.build_transform("center", 16)
     with pytest.raises(UserError, match="needs --data-path FILE"):
         data.build_dataset(_args("--dataset", "packed"), "train", tf)
     missing = tmp_path / "nope.u8"
@@ -105,7 +108,7 @@ def test_packed_errors_name_the_file_and_the_fix(jpegs, tmp_path):
     _pack(jpegs, good, 16)
     with pytest.raises(UserError, match="smaller than --input-size 32.*re-pack"):
         data.build_dataset(_args("--dataset", "packed", "--data-path", str(good)), "train",
-                           data.build_transform("rrc", 32))
+                           augment.build_transform("rrc", 32))
     bad = tmp_path / "bad.u8"
     bad.write_bytes(os.urandom(1000))
     with pytest.raises(UserError, match="meta.pt .*is missing"):
@@ -124,7 +127,7 @@ def test_packed_errors_name_the_file_and_the_fix(jpegs, tmp_path):
 
 
 def _pil_reference(files, kind, size, seeds):
-    tf, out = data.build_transform(kind, size), []
+    tf, out = augment.build_transform(kind, size), []
     for f, s in zip(files, seeds):
         torch.manual_seed(s)
         out.append(tf(Image.open(f)))
@@ -136,61 +139,61 @@ def test_decode_batch_on_cpu_matches_the_pil_transform(jpegs, kind):
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(jpegs) for f in fs)[:8]
     raw = [torchvision.io.read_file(f) for f in files]
     seeds = list(range(100, 108))
-    x = data.decode_batch(raw, 32, kind, "cpu", seeds=seeds)
+    x = augment.decode_batch(raw, 32, kind, "cpu", seeds=seeds)
     ref = _pil_reference(files, kind, 32, seeds)      # same seed -> same crop box and flip draw
     d = (x - ref).abs()
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
     assert d.mean() < MEAN_TOL and d.max() < MAX_TOL, (d.mean(), d.max())
     if kind == "rrc":   # other seeds -> other crops: the seeds are really used
-        other = data.decode_batch(raw, 32, kind, "cpu", seeds=[s + 50 for s in seeds])
+        other = augment.decode_batch(raw, 32, kind, "cpu", seeds=[s + 50 for s in seeds])
         assert (other - ref).abs().mean() > 0.05
 
 
 def test_decode_gpu_dataset_collate_and_batch_to_images(jpegs, tmp_path):
     a = _args("--dataset", "imagefolder", "--data-path", jpegs, "--decode", "gpu")
-    tf = data.build_transform("rrc", 32)
+    tf = augment.build_transform("rrc", 32)
     # linprobe.py, tokenizer_pca.py
     with pytest.raises(UserError, match="--decode gpu is only for pretrain.py"):
         data.build_dataset(a, "train", tf)
     ds = data.build_dataset(a, "train", tf, decode_gpu_ok=True)
     item, y = ds[0]
-    assert isinstance(item, data.RawImages) and item.jpegs[0].dtype == torch.uint8
+    assert isinstance(item, augment.RawImages) and item.jpegs[0].dtype == torch.uint8
     assert item.kind == "rrc"
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, collate_fn=data.collate,
-                                         timeout=60)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1,
+                                         collate_fn=augment.collate, timeout=60)
     xb, yb = next(iter(loader))
-    assert isinstance(xb, data.RawImages) and len(xb.jpegs) == 4
+    assert isinstance(xb, augment.RawImages) and len(xb.jpegs) == 4
     assert yb.tolist() == [ds[i][1] for i in range(4)]
-    x = data.batch_to_images(xb, torch.device("cpu"))
+    x = augment.batch_to_images(xb, torch.device("cpu"))
     assert x.shape == (4, 3, 32, 32) and -1 <= x.min() and x.max() <= 1
     # crops are a function of the item seeds
-    assert torch.equal(x, data.batch_to_images(xb, "cpu"))
+    assert torch.equal(x, augment.batch_to_images(xb, "cpu"))
     # the decoded() view: the same images through PIL (for the PCA fit / grids), same labels
-    pil = data.decoded(ds)
-    assert pil[0][0].shape == (3, 32, 32) and pil[0][1] == y and data.decoded(pil) is pil
+    pil = augment.decoded(ds)
+    assert pil[0][0].shape == (3, 32, 32) and pil[0][1] == y and augment.decoded(pil) is pil
     # tensors pass through collate / batch_to_images unchanged
-    xt, _ = data.collate([pil[0], pil[1]])
-    assert torch.equal(data.batch_to_images(xt, "cpu"), xt)
+    xt, _ = augment.collate([pil[0], pil[1]])
+    assert torch.equal(augment.batch_to_images(xt, "cpu"), xt)
     # errors: other datasets, foreign transforms, broken files (named)
     with pytest.raises(UserError, match="--decode gpu decodes JPEG files"):
         data.build_dataset(_args("--decode", "gpu"), "train", tf, decode_gpu_ok=True)
     with pytest.raises(UserError, match="use --decode pil"):
         data.build_dataset(a, "train", lambda im: im, decode_gpu_ok=True)
     bad = tmp_path / "bad"
-    data.write_jpeg_folder(bad, 2, size=(20, 16))
+    synthetic.write_jpeg_folder(bad, 2, size=(20, 16))
     broken = os.path.join(bad, "disc", "broken.jpg")
     open(broken, "wb").write(b"\xff\xd8 not a jpeg")
     raw = [torchvision.io.read_file(os.path.join(bad, "disc", "00000.jpg")),
            torchvision.io.read_file(broken)]
     with pytest.raises(UserError, match="cannot decode image file .*broken.jpg"):
-        data.decode_batch(raw, 16, "center", "cpu", names=["ok.jpg", broken])
+        augment.decode_batch(raw, 16, "center", "cpu", names=["ok.jpg", broken])
 
 
 def test_png_in_a_jpeg_batch_falls_back_to_decode_image(jpegs, tmp_path):
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(jpegs) for f in fs)[:2]
     Image.open(files[1]).save(tmp_path / "x.png")          # ImageNet has a PNG named .JPEG
     raw = [torchvision.io.read_file(files[0]), torchvision.io.read_file(str(tmp_path / "x.png"))]
-    x = data.decode_batch(raw, 24, "center", "cpu")
+    x = augment.decode_batch(raw, 24, "center", "cpu")
     ref = _pil_reference([files[0], str(tmp_path / "x.png")], "center", 24, [0, 0])
     assert (x - ref).abs().mean() < MEAN_TOL
 

@@ -9,10 +9,11 @@ import sys
 import pytest
 import torch
 
+import augment
 import cli
-import data
 import ldae
 import pretrain
+import synthetic
 import trainer
 from cli import UserError
 from tokenizer_pca import fit_pca
@@ -21,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def shapes(n):
-    return data.SyntheticShapes(n, 32, transform=data.build_transform("center", 32))
+    return synthetic.SyntheticShapes(n, 32, transform=augment.build_transform("center", 32))
 
 
 @pytest.fixture(scope="module")
@@ -148,17 +149,17 @@ def test_resume_is_bit_identical_mid_epoch_and_across_workers(tmp_path, pca_file
 
 
 def test_decode_gpu_decodes_batches_on_the_device_cpu_here(tmp_path, monkeypatch):
-    # --decode gpu: workers ship JPEG bytes, Engine.step decodes them with data.decode_batch on the
-    # training device (CPU here: the same code path as CUDA, only decode_jpeg's device differs)
+    # --decode gpu: workers ship JPEG bytes, Engine.step decodes them with augment.decode_batch on
+    # the training device (CPU here: the same code path as CUDA, only decode_jpeg's device differs)
     # flat root: 30 train images
-    jpegs = data.write_jpeg_folder(tmp_path / "jpegs", 40, size=(48, 36))
-    calls, real = [], data.decode_batch
+    jpegs = synthetic.write_jpeg_folder(tmp_path / "jpegs", 40, size=(48, 36))
+    calls, real = [], augment.decode_batch
 
     def counting_decode_batch(batch, *args, **kwargs):
         calls.append(len(batch))
         return real(batch, *args, **kwargs)
 
-    monkeypatch.setattr(data, "decode_batch", counting_decode_batch)
+    monkeypatch.setattr(augment, "decode_batch", counting_decode_batch)
     argv = ["--model", "vit_tiny", "--dataset", "imagefolder", "--data-path", str(jpegs),
             "--aug", "rrc", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0.5",
             "--lr", "1e-3", "--num-workers", "1", "--pca-images", "16", "--log-every", "1",

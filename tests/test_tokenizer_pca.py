@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+import augment
 import cli
-import data
+import synthetic
 import tokenizer_pca as tp
 from tokenizer_pca import PatchPCA, fit_pca
 
@@ -147,7 +148,7 @@ def test_save_load_roundtrip_weights_only(fitted, tmp_path):
 
 
 def test_fit_deterministic_and_seed_dependent():
-    ds = data.SyntheticShapes(24, 16, seed=3, transform=data.build_transform("center", 16))
+    ds = synthetic.SyntheticShapes(24, 16, seed=3, transform=augment.build_transform("center", 16))
     kw = dict(patches_per_image=3, progress=False, device="cpu", batch_size=8)
     a = fit_pca(ds, 4, num_images=16, seed=1, **kw)
     b = fit_pca(ds, 4, num_images=16, seed=1, **kw)
