@@ -34,6 +34,7 @@ import augment
 import checkpoint
 import cli
 import data
+import distributed
 import ldae
 import pretrain
 import trainer
@@ -332,7 +333,7 @@ def save_student(model, engine, path, args, step):
 
 def train(args, rank, world, device):
     is_main = rank == 0
-    trainer.check_layout(args, world)
+    distributed.check_layout(args, world)
     teacher, depth, fixed_t, teacher_ckpt = load_teacher(args, device)
     args.input_size = args.input_size or teacher.config["img_size"]
     if args.input_size != teacher.config["img_size"]:
@@ -340,8 +341,8 @@ def train(args, rank, world, device):
                         f"--input-size {args.input_size}")
     source, ckpt = checkpoint.open_run(args, is_main, world, ignore=())
     transform = augment.build_transform(args.aug, args.input_size)
-    train_set = trainer.node_first(lambda: data.build_dataset(args, "train", transform), world)
-    trainer.cap_batch(args, len(train_set), world, is_main)
+    train_set = distributed.node_first(lambda: data.build_dataset(args, "train", transform), world)
+    distributed.cap_batch(args, len(train_set), world, is_main)
     changed = checkpoint.check_resume(ckpt, args, world) if ckpt is not None else []
     torch.manual_seed(args.seed)                   # the same init on every rank
     student = build_student(args.student, teacher, args.input_size)
@@ -428,7 +429,7 @@ def print_settings(args, teacher, depth, fixed_t, n_images, engine, last, base_l
 
 
 def main(args):
-    return trainer.run_distributed(train, args)
+    return distributed.run_distributed(train, args)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch.distributed as dist
 import augment
 import cli
 import data
+import distributed
 import pretrain                                   # contract: checkpoints, DDP setup
 import probing
 import trainer
@@ -254,7 +255,7 @@ def main(args):
         return compare(args)
     check_flags(args)
     t_start = time.time()
-    rank, world, device = trainer.setup_distributed()
+    rank, world, device = distributed.setup_distributed()
     if rank == 0:
         cli.check_writable_dir(args.output_dir, "--output-dir")
     run = prepare(args, device, world)

@@ -36,6 +36,7 @@ import augment
 import checkpoint
 import cli
 import data
+import distributed
 import dit_baseline
 import ldae
 import trainer
@@ -344,7 +345,7 @@ def get_pca(args, cfg, rank, world, device, train_base):
 
 def train(args, rank, world, device):
     is_main = rank == 0
-    trainer.check_layout(args, world)
+    distributed.check_layout(args, world)
     torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matmuls and convolutions on CUDA
     torch.backends.cudnn.allow_tf32 = True
     with torch.device("meta"):                     # the config alone, nothing allocated
@@ -356,8 +357,8 @@ def train(args, rank, world, device):
         raise UserError("--decode gpu decodes JPEG files, but this model reads --latents-file; "
                         "drop --decode gpu")
     source, ckpt = checkpoint.open_run(args, is_main, world, ignore=MODEL_ARGS)
-    train_set = trainer.node_first(lambda: training_set(args, cfg), world)
-    trainer.cap_batch(args, len(train_set), world, is_main)
+    train_set = distributed.node_first(lambda: training_set(args, cfg), world)
+    distributed.cap_batch(args, len(train_set), world, is_main)
     changed = []
     if ckpt is not None:
         changed = checkpoint.check_resume(ckpt, args, world, ignore=MODEL_ARGS)
@@ -421,7 +422,7 @@ def warn_if_all_warmup(args, steps_per_epoch, last, lr_fn, base_lr):
 
 
 def main(args):
-    return trainer.run_distributed(train, args)
+    return distributed.run_distributed(train, args)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset
 
 import cli
 import dit_baseline
-import pretrain                                   # checkpoints, the lr schedule (trainer.lr_at)
+import pretrain                                   # checkpoints and their models
 import trainer
 from cli import UserError
 

@@ -1,21 +1,19 @@
-"""The training machinery pretrain.py and distill.py share (one way to train): distributed set-up,
-the deterministic data order, the optimizer step (Engine: AdamW, EMA, precision, DDP), the stop
-signals, the run log, checkpoints and resume, and the loop (TrainingRun).
+"""The training machinery pretrain.py and distill.py share (one way to train): the common flags,
+the lr schedule, the optimizer step (Engine: AdamW, EMA, precision, DDP, no host sync per step)
+and the loop (TrainingRun: log lines, kept checkpoints, epoch pictures, stop signals, resume).
+The processes and the data order are in distributed.py, the run's files in checkpoint.py.
 
 A stage gives it a model whose loss(images, labels) is a scalar, and two callables: what its
 checkpoint holds besides the weights (model config, PCA basis, ...) and, optionally, a picture to
-write at epoch ends. Determinism: the data order is a function of (seed, epoch), an image's
-augmentation of (seed, epoch, index) and the noise of micro-batch k of step s of (seed, s, k), so a
-resume, even mid-epoch, is bit-identical, and any layout with the same world x accum computes the
-same steps (8 GPUs, or 1 GPU with --accum-iter 8).
+write at epoch ends. Determinism: besides the data order (distributed.py), the noise of
+micro-batch k of step s is seeded by (seed, s, k), so a resume, even mid-epoch, is bit-identical,
+and any layout with the same world x accum computes the same steps.
 """
 import contextlib
 import copy
-import datetime
 import math
 import os
 import signal
-import threading
 import time
 
 import torch
@@ -25,10 +23,11 @@ import torch.nn as nn
 import augment
 import checkpoint
 import cli
+import distributed
 from cli import UserError
 
 
-# ---- Flags every training stage takes -----------------------------------------------------------
+# ---- Flags every training stage takes -------------------------------------------------------
 def add_training_args(p):
     """The schedule, optimiser and run flags of pretrain.py and distill.py (the paper's
     pre-training defaults, RECIPE s6; a stage sets its own with p.set_defaults)."""
@@ -75,7 +74,7 @@ def add_training_args(p):
     return p
 
 
-# ---- Schedule and data order ------------------------------------------------------------------
+# ---- The lr schedule ------------------------------------------------------------------------
 def lr_at(step, steps_per_epoch, base_lr, warmup_epochs, epochs, min_lr=0.0):
     """RECIPE s6: linear warmup, then half-cycle cosine, per iteration on the fractional epoch."""
     epoch = step / steps_per_epoch
@@ -90,186 +89,6 @@ def scaled_lr(args, batch_size):
     if args.lr is not None:
         return args.lr
     return args.blr * batch_size / 256
-
-
-def mix_seed(*xs):
-    """A 63-bit seed from a few ints (FNV-style; no Python hash randomisation involved)."""
-    h = 0xCBF29CE484222325
-    for x in xs:
-        h = ((h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3) % 2**64
-    return h % 2**63
-
-
-class Indexed(torch.utils.data.Dataset):
-    """Keys are (epoch, index); the image's augmentation is drawn from the CPU RNG seeded by
-    (seed, epoch, index): the same in any worker, on any rank, and after a mid-epoch resume."""
-
-    def __init__(self, base, seed):
-        self.base, self.seed = base, seed
-
-    def __getitem__(self, key):
-        with torch.random.fork_rng(devices=[]):   # torchvision transforms use the global CPU RNG
-            torch.manual_seed(mix_seed(self.seed, 1, *key))
-            return self.base[key[1]]
-
-
-class GlobalBatchSampler:
-    """DistributedSampler's job (set_epoch, a slice per rank), but each global batch is cut into
-    world x accum contiguous micro-batches (rank r owns k = r x accum + a) and an epoch can start
-    at any step. Permutation = f(seed, epoch); the incomplete last global batch is dropped."""
-
-    def __init__(self, n, global_batch, world, rank, accum, seed):
-        self.n, self.global_batch, self.rank, self.accum = n, global_batch, rank, accum
-        self.seed, self.micro = seed, global_batch // (world * accum)
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch, start_step=0):
-        self.epoch, self.start = epoch, start_step
-
-    def __iter__(self):
-        order = torch.Generator().manual_seed(mix_seed(self.seed, 2, self.epoch))
-        perm = torch.randperm(self.n, generator=order)
-        for step in range(self.start, self.n // self.global_batch):
-            for a in range(self.accum):
-                first = step * self.global_batch + (self.rank * self.accum + a) * self.micro
-                yield [(self.epoch, int(i)) for i in perm[first:first + self.micro]]
-
-
-def ignore_stop_signals(worker_id):
-    """DataLoader workers leave SIGTERM / SIGINT to the main process, which finishes the step,
-    saves and then shuts them down (a worker killed first would fail the step being finished)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def make_loader(train_set, args, world, rank, device):
-    """-> (sampler, Indexed dataset, DataLoader) of this rank's micro-batches."""
-    sampler = GlobalBatchSampler(len(train_set), args.batch_size, world, rank, args.accum_iter,
-                                 args.seed)
-    indexed = Indexed(train_set, args.seed)
-    loader = torch.utils.data.DataLoader(
-        indexed, batch_sampler=sampler, num_workers=args.num_workers,
-        collate_fn=augment.collate,                   # --decode gpu: a batch of JPEG bytes
-        worker_init_fn=ignore_stop_signals, pin_memory=device.type == "cuda",
-        persistent_workers=args.num_workers > 0)
-    return sampler, indexed, loader
-
-
-def check_layout(args, world):
-    if args.batch_size % (world * args.accum_iter):
-        raise UserError(f"--batch-size {args.batch_size} (the global batch) must be a positive "
-                        f"multiple of world size {world} x --accum-iter {args.accum_iter}")
-
-
-def cap_batch(args, n, world, is_main):
-    """A default batch (the paper's 2048) on a small set becomes one global batch of the whole
-    set (a multiple of world x accum), so the defaults run on any data; said, not silent."""
-    layout = world * args.accum_iter
-    if args.batch_size <= n:
-        return
-    capped = n // layout * layout
-    if capped == 0:
-        raise UserError(f"the training set ({n} images) is smaller than world size {world} x "
-                        f"--accum-iter {args.accum_iter}")
-    if is_main:
-        print(f"[train] note: --batch-size {args.batch_size} exceeds the training set ({n} "
-              f"images); using a global batch of {capped}", flush=True)
-    args.batch_size = capped
-
-
-# ---- Distributed ------------------------------------------------------------------------------
-def setup_distributed():
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE: NCCL on GPUs, gloo on CPU; else one process."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device("cuda", local % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        # long timeout: rank 0 may fit the PCA while the others wait at a barrier
-        timeout = datetime.timedelta(minutes=60)
-        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-        # torchrun keeps its store across an elastic restart (--max-restarts): keys of this
-        # attempt's own, or a restarted worker may read the previous attempt's addresses and hang
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}/", store),
-                                rank=rank, world_size=world, timeout=timeout,
-                                device_id=device if device.type == "cuda" else None)
-    return rank, world, device
-
-
-def node_first(build, world):
-    """build() on each node's local rank 0 first, then on the node's other ranks: a cache that the
-    ranks of a node share (the decompressed Fashion-MNIST files) is prepared once, not by all of
-    them at the same time. -> build()'s result. Every rank passes the one barrier."""
-    if world == 1:
-        return build()
-    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    result = None
-    if first:
-        result = build()
-    dist.barrier()
-    if not first:
-        result = build()
-    return result
-
-
-def run_distributed(train_fn, args):
-    """main() of a training script: set up, train, always tear the process group down."""
-    rank, world, device = setup_distributed()
-    try:
-        return train_fn(args, rank, world, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-class StopSignal:
-    """SIGTERM (a cluster's notice before it kills a job) or SIGINT (Ctrl-C) asks the run to stop:
-    it finishes the step, saves a resumable checkpoint and exits. Under torchrun all ranks must
-    stop after the same step, so each step all-reduces the flag (max) on a CPU gloo group,
-    asynchronously, and uses the result one step later: no rank waits for its GPU. A second
-    signal stops at once, the default way."""
-
-    def __init__(self, world):
-        self.world, self.received, self.previous = world, 0, {}
-        self.group = None
-        if world > 1:
-            self.group = dist.new_group(backend="gloo")
-        self.flag, self.pending = None, None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():   # signal.signal's rule
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self._on_signal)
-        return self
-
-    def __exit__(self, *exc):
-        if self.pending is not None:
-            self.pending.wait()                    # every rank launched it: it completes
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _on_signal(self, signum, frame):
-        if self.received:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self.received = signum
-
-    def agreed(self):
-        """Call once per step on every rank -> the signal all ranks stop on now (0: go on)."""
-        if self.world == 1:
-            return self.received
-        signum = 0
-        if self.pending is not None:
-            self.pending.wait()
-            signum = int(self.flag.item())         # a CPU tensor: no device sync
-        self.flag = torch.tensor([self.received], dtype=torch.int64)
-        self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group,
-                                       async_op=True)
-        return signum
 
 
 # ---- One optimizer step -----------------------------------------------------------------------
@@ -349,7 +168,7 @@ class Engine:
         for a, (x, y) in enumerate(micro):
             # the noise (t, eps) of global micro-batch k = rank x accum + a of step s is seeded by
             # (seed, s, k): the same whichever rank or accumulation step computes it
-            torch.manual_seed(mix_seed(self.args.seed, 3, step, self.rank * accum + a))
+            torch.manual_seed(distributed.mix_seed(self.args.seed, 3, step, self.rank * accum + a))
             x = augment.batch_to_images(x, self.device)          # --decode gpu decodes here
             y = y.to(self.device, non_blocking=True)
             sync_now = self.ddp is None or a == accum - 1
@@ -448,8 +267,8 @@ class TrainingRun:
         self.describe, self.picture = describe, picture
         self.is_main = engine.rank == 0
         self.steps_per_epoch = len(train_set) // args.batch_size    # drop the last partial batch
-        self.sampler, self.indexed, self.loader = make_loader(train_set, args, world, engine.rank,
-                                                              engine.device)
+        loading = distributed.make_loader(train_set, args, world, engine.rank, engine.device)
+        self.sampler, self.indexed, self.loader = loading
         self.latest = os.path.join(args.output_dir, "checkpoint.pt")
         self.log_path = os.path.join(args.output_dir, "log.jsonl")
         self.step, self.saved_at, self.final_loss = 0, None, None
@@ -474,7 +293,7 @@ class TrainingRun:
         self.marks = {"log": (now, start), "epoch": (now, start)}
         signum = 0
         try:
-            with StopSignal(self.world) as stop:
+            with distributed.StopSignal(self.world) as stop:
                 with cli.progress(total=self.last, initial=start, disable=not self.is_main,
                                   unit="step") as self.bar:
                     while self.step < self.last and not signum:

@@ -551,7 +551,7 @@ def determinism(ctx, argv, plain):
 
 
 def check_nccl(ctx):
-    """A world-1 process group on the backend trainer.setup_distributed picks (NCCL on CUDA):
+    """A world-1 process group on the backend distributed.setup_distributed picks (NCCL on CUDA):
     all_reduce, and one DDP(trainer.LossModule) backward equal to the plain module's, bitwise.
     (One GPU cannot host two NCCL ranks, so pretrain's own DDP path, world > 1, cannot run here.)
     On the device in a child process: a hung NCCL init is killed after 120 s."""

@@ -519,8 +519,8 @@ def test_concurrent_cache_preparation_in_two_processes(tmp_path):
 NODE_FIRST = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-import trainer
-rank, world, _ = trainer.setup_distributed()
+import distributed
+rank, world, _ = distributed.setup_distributed()
 
 def build():
     with open({log!r}, "a") as f:
@@ -531,7 +531,7 @@ def build():
         f.write(f"end {{rank}}\\n")
     return rank
 
-assert trainer.node_first(build, world) == rank
+assert distributed.node_first(build, world) == rank
 """
 
 
