@@ -269,19 +269,13 @@ def test_mae_accumulation_averages_over_the_micro_batches_that_exist(ckpt, tmp_p
     assert res["accum_iter"] == 2 and divisors == [2, 2]
 
 
-def test_default_vit_tiny_learns_more_than_a_random_network(tmp_path):
-    # `python pretrain.py --model vit_tiny` with no other flag (the registry's d and latent
-    # normalisation, pretrain.SMALL_DEFAULTS' batch, lr and length; docs/RESULTS.md,
-    # Reproduction), then
-    # `--compare` on 2000 val images: learned > random init > raw pixels on the synthetic set.
-    # Fails if the objective, the latent normalisation, the defaults or the probe stop learning
-    # anything a random network lacks. Measured: 25.1 learned vs 18.65 random init vs 11.35
-    # pixels; the registry's old d = 4 at pixel scale gave 17.4 vs 18.1. About a minute on 2 cores.
-    out = tmp_path / "run"
-    pretrain.main(pretrain.get_args_parser().parse_args(
-        ["--model", "vit_tiny", "--num-workers", "0", "--output-dir", str(out)]))
-    ck = str(out / "checkpoint.pt")
-    res = linprobe.main(probe_args(ck, "--protocol", "cached", "--compare",
+def test_default_vit_tiny_learns_more_than_a_random_network(quickstart_checkpoint, tmp_path):
+    # `python pretrain.py --model vit_tiny` with no other flag (conftest.py; docs/RESULTS.md,
+    # Reproduction), then `--compare` on 2000 val images: learned > random init > raw pixels on
+    # the synthetic set. Fails if the objective, the latent normalisation, the defaults or the
+    # probe stop learning anything a random network lacks. Measured: 25.1 learned vs 18.65
+    # random init vs 11.35 pixels; the registry's old d = 4 at pixel scale gave 17.4 vs 18.1.
+    res = linprobe.main(probe_args(quickstart_checkpoint, "--protocol", "cached", "--compare",
                                    "--synthetic-val-size", "2000", "--num-workers", "0",
                                    "--output-dir", str(tmp_path / "probe")))
     assert res["top1"] > res["random_init_top1"] > res["pixels_top1"], res
