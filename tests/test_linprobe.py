@@ -96,6 +96,23 @@ def test_lars_matches_its_definition_step_by_step():
     assert (params[0].detach() - W).norm() < 4 * 10 * lr * eta * W.norm()
 
 
+def test_the_papers_probe_lr_is_a_relative_step_of_six_thousandths():
+    # Why the probe's lr is 6.4 (MAE: blr 0.1 x 16384 / 256) although the paper's text says
+    # 6.4e-3 (RECIPE.md s5): under this LARS (trust 0.001) the first step at lr 6.4 moves a
+    # weight matrix by 6.4e-3 of its norm, whatever its gradient; at lr 6.4e-3 by 6.4e-6.
+    args = linprobe.get_args_parser().parse_args(["--baseline", "pixels"])
+    lr = args.blr * args.batch_size / 256
+    assert lr == pytest.approx(6.4)
+    for lr_tried, relative_move in ((lr, 6.4e-3), (6.4e-3, 6.4e-6)):
+        torch.manual_seed(0)
+        W = torch.randn(10, 768, requires_grad=True)
+        start = W.detach().clone()
+        W.grad = 1e3 * torch.randn(10, 768)
+        probing.LARS([W], lr=lr_tried, weight_decay=0.0).step()
+        moved = (W.detach() - start).norm() / start.norm()
+        assert moved.item() == pytest.approx(relative_move, rel=1e-4)
+
+
 def test_lr_schedule_and_head_init():
     f = lambda e: probing.lr_at(e, 6.4, 10, 90)  # noqa: E731
     assert f(0) == 0 and f(5) == pytest.approx(3.2) and f(10) == pytest.approx(6.4)
