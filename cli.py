@@ -4,7 +4,8 @@ temporary name, fsync, rename; a full disk said plainly) and a user's torch file
 (load_torch: weights only, a file that would run code refused by name).
 
 A script's entry point is `cli.run_cli(main, get_args_parser())`; its main(args) raises UserError
-for anything the user can fix.
+for anything the user can fix, Interrupted when a signal stopped it after saving. Also here: the
+progress bar (throttled off a terminal), check_writable_dir and torch_threads.
 """
 import argparse
 import contextlib

@@ -408,9 +408,6 @@ def print_settings(args, teacher, depth, fixed_t, n_images, engine, last, base_l
         whitening = f"target whitened (ZCA of {args.whiten_target} images)"
     if args.random_teacher:
         weights = "RANDOM weights (--random-teacher)"
-    ema = "off"
-    if args.ema:
-        ema = f"{args.ema:g}"
     lines = [f"teacher     {args.teacher} ({teacher.config['name']}, {weights}), block {depth}, "
              f"clean input",
              f"t           {how}",
@@ -421,10 +418,7 @@ def print_settings(args, teacher, depth, fixed_t, n_images, engine, last, base_l
              f"{args.accum_iter}",
              f"lr          peak {base_lr:.4g}, warmup {args.warmup_epochs:g} of {args.epochs:g} "
              f"epochs",
-             f"steps       {start} -> {last}",
-             f"ema         {ema}",
-             f"precision   {engine.prec}",
-             f"output      {args.output_dir}"]
+             *trainer.run_settings_lines(args, engine, start, last)]
     print("[distill] effective settings\n  " + "\n  ".join(lines), flush=True)
 
 

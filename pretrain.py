@@ -291,11 +291,6 @@ def print_settings(args, model, engine, world, n_images, steps_per_epoch, last, 
     lr_rule = f"--blr {args.blr:g} x batch / 256"
     if args.lr is not None:
         lr_rule = "--lr"
-    steps = f"{start} -> {last}"
-    if args.max_steps:
-        steps += f" (--max-steps {args.max_steps})"
-    ema = f"{args.ema:g}" if args.ema else "off"
-    compiled = ", compiled" if args.compile else ""
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     lines = [
         f"model       {cfg['name']} ({cfg['family']}): {params:.2f}M params, {cfg['img_size']} px, "
@@ -305,10 +300,7 @@ def print_settings(args, model, engine, world, n_images, steps_per_epoch, last, 
         f"micro-batch {micro}; {steps_per_epoch} steps per epoch",
         f"lr          peak {base_lr:.4g} ({lr_rule}), warmup {args.warmup_epochs:g} epochs "
         f"({warmup_steps} steps), cosine to {args.min_lr:g} over {args.epochs:g} epochs",
-        f"steps       {steps}",
-        f"ema         {ema}",
-        f"precision   {engine.prec}{compiled}",
-        f"output      {args.output_dir}",
+        *trainer.run_settings_lines(args, engine, start, last),
     ]
     print("[pretrain] effective settings\n  " + "\n  ".join(lines), flush=True)
 

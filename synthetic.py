@@ -4,6 +4,7 @@ Ten classes that differ only in shape, texture and layout; colour, position, siz
 background and noise are random for all, so no pixel (nor a linear map of the pixels) gives the
 class away, while shape features do. Image i has its own generator seeded by (seed, split stream,
 i): deterministic, independent of batching and workers, any resolution, nothing stored.
+write_jpeg_folder saves some as a JPEG class folder (the input benchmark, tests).
 """
 import math
 import os

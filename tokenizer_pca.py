@@ -11,7 +11,7 @@ Run:
       --input-size 32 --patch-size 4 --out /tmp/pca_fm.pt
   python tokenizer_pca.py --dataset imagefolder --data-path /data/imagenet/train --input-size 256 \
       --patch-size 16 --num-images 20000 --patches-per-image 64 --out pca_in1k.pt   # paper setting
-  python tokenizer_pca.py --benchmark          # accumulation speed vs numpy SVD, 1M x 768 patches
+  python tests/bench_pca.py                    # accumulation speed vs numpy SVD, 1M x 768 patches
 
 Choices the paper leaves open (RECIPE s2 [choice]), all recorded in the saved file:
   * No mean subtraction by default (--center turns it on): the basis is then the eigenbasis of
@@ -331,12 +331,6 @@ def get_args_parser():
                      help="images per batch of the fit")
     fit.add_argument("--device", default=None,
                      help="where X^T X accumulates (default: cuda if available, else cpu)")
-    bench = p.add_argument_group("benchmark")
-    bench.add_argument("--benchmark", action="store_true",
-                       help="time the accumulation on 1M random 768-dim patches vs numpy, then "
-                            "exit")
-    bench.add_argument("--benchmark-patches", type=num(int, 1), default=1_000_000,
-                       help="rows of the --benchmark matrix")
     data.add_data_args(p)
     return p
 
@@ -356,53 +350,6 @@ def _recon_grid(pca, x, dims):
     """Rows: originals, then the projection at each d in dims (all in [0, 1] for saving)."""
     rows = [x] + [pca.project(x, d) for d in dims]
     return torch.cat(rows).clamp(-1, 1) * 0.5 + 0.5
-
-
-def benchmark(n=1_000_000, D=768, device=None, batch=16384, numpy_rows=100_000):
-    """Accumulation alone vs numpy on the same random data (the fit must be decode-bound).
-
-    numpy's SVD of all 1M x 768 rows needs ~16 GB (U plus LAPACK workspace), so it runs on the
-    first `numpy_rows` rows and its time is scaled linearly to n (SVD of a tall N x D matrix costs
-    O(N D^2)); both figures are printed. The eigenvalues of that sub-sample are compared too.
-    """
-    import numpy as np
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    X = torch.randn(n, D, generator=torch.Generator().manual_seed(0))      # (n, D) float32
-    accumulator = GramAccumulator(D, device)
-    accumulator.add(X[:batch])  # warm-up (BLAS threads, CUDA context), then start over
-    accumulator = GramAccumulator(D, device)
-    t0 = time.time()
-    for chunk in X.split(batch):
-        accumulator.add(chunk)
-    mean, M = accumulator.moments()
-    if accumulator.device.type == "cuda":
-        torch.cuda.synchronize()
-    t_acc = time.time() - t0
-    t1 = time.time()
-    eig_basis(M, mean, False)
-    t_eig = time.time() - t1
-    rows = min(n, numpy_rows)
-    Xn = X[:rows].numpy()
-    t2 = time.time()
-    sv = np.linalg.svd(Xn, full_matrices=False, compute_uv=True)[1]      # the plain approach
-    t_np = time.time() - t2
-    t_np_n = t_np * n / rows
-    sub = GramAccumulator(D, "cpu", torch.float64)
-    sub.add(X[:rows])
-    ev_sub = eig_basis(sub.moments()[1], None, False)[1].numpy()
-    rel = float(np.abs(ev_sub - sv.astype(np.float64) ** 2 / rows).max() / ev_sub.max())
-    res = {"patches": n, "dim": D, "device": str(accumulator.device),
-           "gemm_dtype": str(accumulator.gemm_dtype),
-           "accumulate_s": round(t_acc, 3), "accumulate_patches_per_s": round(n / t_acc),
-           "eigh_s": round(t_eig, 3), "numpy_svd_rows": rows, "numpy_svd_s": round(t_np, 3),
-           "numpy_svd_s_scaled_to_n": round(t_np_n, 2),
-           "speedup_vs_numpy_svd": round(t_np_n / (t_acc + t_eig), 2),
-           "max_rel_eigenvalue_diff": rel}
-    print(f"accumulate {n:,} x {D}: {t_acc:.2f} s ({n / t_acc:,.0f} patches/s) on "
-          f"{accumulator.device}, + eigh {t_eig:.2f} s")
-    print(f"numpy SVD of {rows:,} x {D}: {t_np:.2f} s -> {t_np_n:.1f} s scaled to {n:,} rows; "
-          f"ratio {res['speedup_vs_numpy_svd']}x; eigenvalues agree to {rel:.1e} (relative)")
-    return res
 
 
 def _check_args(args):
@@ -460,10 +407,6 @@ def main(args):
     import augment
     import cli
     import data
-    if args.benchmark:
-        res = benchmark(args.benchmark_patches, device=args.device)
-        print(json.dumps(res))
-        return res
     _check_args(args)
     # The tokenizer sees the images the ablation models see: DiT center crop (RECIPE s2, s6).
     ds = data.build_dataset(args, "train", augment.build_transform("center", args.input_size))

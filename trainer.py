@@ -254,6 +254,22 @@ class Engine:
             self.scaler.load_state_dict(ckpt["scaler"])
 
 
+def run_settings_lines(args, engine, start, last):
+    """The lines every trainer's effective-settings block ends with: steps, EMA, precision and
+    output folder."""
+    steps = f"{start} -> {last}"
+    if args.max_steps:
+        steps += f" (--max-steps {args.max_steps})"
+    ema = "off"
+    if args.ema:
+        ema = f"{args.ema:g}"
+    compiled = ""
+    if args.compile:
+        compiled = ", compiled"
+    return [f"steps       {steps}", f"ema         {ema}",
+            f"precision   {engine.prec}{compiled}", f"output      {args.output_dir}"]
+
+
 # ---- The loop ---------------------------------------------------------------------------------
 class TrainingRun:
     """The steps from a start step to `last`: log lines, kept checkpoints, epoch pictures; a

@@ -1,5 +1,6 @@
-# Tests for data.py: every dataset error names its path/file; offline Fashion-MNIST from gz files;
-# synthetic determinism; transforms; UserError through DataLoader workers and run_cli (exit 2).
+# Tests for data.py, synthetic.py, augment.py and cli.run_cli: every dataset error names its
+# path/file; offline Fashion-MNIST from gz files; synthetic determinism; transforms; UserError
+# through DataLoader workers and run_cli (exit 2).
 import argparse
 import gzip
 import os
