@@ -1,7 +1,7 @@
 # Tests for the fast input paths (data.py, augment.py, pack_data.py): the packed uint8 format
-# (pack -> read back, equal to the PIL path; errors), --decode gpu (decode_batch on CPU vs the PIL transforms, same
-# crops for the same seed; bytes dataset + collate + batch_to_images), and the CLI (data.py,
-# which runs pack_data.py's commands). No timing asserts.
+# (pack -> read back, equal to the PIL path; errors), --decode gpu (decode_batch on CPU vs the
+# PIL transforms, same crops for the same seed; bytes dataset + collate + batch_to_images), and
+# the CLI (data.py, which runs pack_data.py's commands). No timing asserts.
 import argparse
 import os
 import subprocess
