@@ -16,6 +16,13 @@ from torchvision import transforms as T
 from cli import UserError
 
 BICUBIC = T.InterpolationMode.BICUBIC
+try:   # TorchCodec where it is installed and loads (a build for another torch fails here)
+    from torchcodec import decoders as torchcodec_decoders
+except Exception:
+    torchcodec_decoders = None
+# The decoders of file bytes: torchvision.io's are deprecated from torchvision 0.29 on (they
+# move to TorchCodec, same libjpeg-turbo / nvJPEG); torchvision.io serves while it has them.
+DECODERS = ("torchcodec", "torchvision")[torchcodec_decoders is None:]
 
 
 # ---- Transforms: RGB first (grayscale -> 3 equal channels), [-1, 1] = Normalize(0.5, 0.5) last
@@ -116,14 +123,34 @@ class JpegFolder(Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        try:
-            # clone(): read_file's storage is a file mapping that claims to be shared memory but
-            # has no fd: sent from a worker, EBADF and a hang
-            raw = torchvision.io.read_file(path).clone()
-        except RuntimeError as e:
-            raise UserError(f"cannot read image file {path} ({e}); remove or replace it") from None
+        raw = read_bytes(path)
         seed = int(torch.randint(2**62, ()))
         return RawImages([raw], [seed], [path], self.kind, self.size, self.scale), label
+
+
+def read_bytes(path):
+    """A file's bytes as a uint8 tensor (what the decoders take)."""
+    try:
+        with open(path, "rb") as f:
+            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+    except (OSError, ValueError) as e:                 # ValueError: an empty file
+        raise UserError(f"cannot read image file {path} ({e}); remove or replace it") from None
+
+
+def decode_jpegs(jpegs, device):
+    """B JPEG files' bytes -> B uint8 (3, H, W) on `device`, in one call (nvJPEG on CUDA)."""
+    if DECODERS[0] == "torchcodec":
+        return torchcodec_decoders.decode_jpeg(list(jpegs), mode="RGB", device=device)
+    return torchvision.io.decode_jpeg(list(jpegs), mode="RGB", device=device)
+
+
+def decode_image(raw):
+    """Any image file's bytes -> uint8 or uint16 (3, H, W): the first frame of an animation."""
+    if DECODERS[0] == "torchcodec":
+        img = torchcodec_decoders.decode_image(raw, mode="RGB", output_dtype="auto")
+    else:
+        img = torchvision.io.decode_image(raw, mode="RGB")
+    return img[0] if img.ndim == 4 else img
 
 
 def decoded(ds):
@@ -165,8 +192,7 @@ def decode_batch(jpegs, size, kind, device, seeds=None, scale=(0.2, 1.0), names=
     if kind == "rrc" and seeds is None:
         seeds = torch.randint(2**62, (len(jpegs),)).tolist()
     try:   # one batched call: on CUDA nvJPEG decodes the batch together
-        imgs = torchvision.io.decode_jpeg(list(jpegs), mode=torchvision.io.ImageReadMode.RGB,
-                                          device=device)
+        imgs = decode_jpegs(jpegs, device)
     except RuntimeError:   # a non-JPEG / odd file in the batch (ImageNet has a PNG and CMYK JPEGs)
         imgs = [_decode_any(raw, name).to(device) for raw, name in zip(jpegs, names)]
     out = []
@@ -195,11 +221,11 @@ def _random_resized_crop(img, size, scale, seed):
 
 
 def _decode_any(raw, name):
-    """Any image file torchvision reads -> uint8 (3, H, W). A 16-bit PNG decodes to uint16: keep
+    """Any image file the decoder reads -> uint8 (3, H, W). A 16-bit PNG decodes to uint16: keep
     its high byte, as the PIL path does (values 0..65535 would otherwise reach the model)."""
     try:
-        img = torchvision.io.decode_image(raw, mode=torchvision.io.ImageReadMode.RGB)
-    except RuntimeError as e:
+        img = decode_image(raw)
+    except (RuntimeError, ValueError) as e:
         raise UserError(f"cannot decode image file {name} ({str(e)[:200]}); "
                         f"remove or replace it") from None
     if img.dtype == torch.uint16:

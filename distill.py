@@ -14,10 +14,13 @@ Per image x with label y (RepFusion's classification recipe):
   t ~ pi(. | x)        the policy: a small conv net on the image -> softmax over t = 0..T-1
   z = teacher.forward_features(x, t)      clean input (no noise, as the authors' code), frozen
   s = adaptor(student features(x))        pooled student features, a linear map to z's width
-  loss = MSE(s, z) + CE(head(z), y) - mean(log pi(t|x) r) - lambda H(pi(.|x)),  r = -CE(head(z), y)
+  loss = MSE(s, z) + CE(head(z), y) - mean(log pi(t|x) (r - b)) - lambda H(pi(.|x))
+      r = -CE(head(z), y),  b = the mean r of the micro-batch's other images
 The head is an MLP on the teacher's features: its cross-entropy rewards the t whose features say
-most about the label (REINFORCE, no baseline, as the authors); lambda decays linearly from
---entropy-reg to 0 over --entropy-epochs. The student gets no label loss here. Training runs on
+most about the label. The baseline b is ours (--policy-baseline none: the authors' REINFORCE,
+b = 0, which learns the informative levels in 1-2 runs of 20 on a toy teacher where ours learns
+them in every run: docs/RESULTS.md); lambda decays linearly from --entropy-reg to 0 over
+--entropy-epochs. The student gets no label loss here. Training runs on
 trainer.py (the same DDP, precision, EMA, checkpoints, exact resume and log as pre-training); the
 student is written to OUTPUT_DIR/student.pt as a checkpoint linprobe.py and export_timm.py read.
 """
@@ -163,12 +166,12 @@ class RepFusion(nn.Module):
     """The module the engine trains: student + adaptor + reward head + policy; loss(x, y)."""
 
     def __init__(self, teacher, student, num_classes, t_policy, fixed_t, teacher_depth,
-                 entropy_reg, teacher_source, match="pooled"):
+                 entropy_reg, teacher_source, match="pooled", baseline="batch"):
         super().__init__()
         self.teacher = Frozen(teacher)
         self.student = student
         self.t_policy, self.fixed_t, self.teacher_depth = t_policy, fixed_t, teacher_depth
-        self.match = match
+        self.match, self.baseline = match, baseline
         self.pool = match == "pooled"
         # --whiten-target: target -> (target - mean) @ zca, fitted once by fit_whitening (the
         # identity until then); saved with the run, so a resumed run uses the same map
@@ -188,7 +191,7 @@ class RepFusion(nn.Module):
         self.pca = teacher.pca
         self.config = dict(family="repfusion", student=student.config, teacher=teacher_source,
                            t_policy=t_policy, fixed_t=fixed_t, teacher_depth=teacher_depth,
-                           num_classes=num_classes, match=match)
+                           num_classes=num_classes, match=match, policy_baseline=baseline)
 
     def choose_t(self, images):
         """-> (t (B,) long, the policy's distribution or None)."""
@@ -238,9 +241,19 @@ class RepFusion(nn.Module):
         loss = loss + label_loss.mean()
         if levels is not None:
             reward = -label_loss.detach()          # informative teacher features: a high reward
-            loss = loss - (levels.log_prob(t) * reward).mean()
+            loss = loss - (levels.log_prob(t) * self.advantage(reward)).mean()
             loss = loss - self.entropy_weight * levels.entropy().mean()
         return loss
+
+    def advantage(self, reward):
+        """REINFORCE's weight of log pi(t|x). --policy-baseline batch: the reward minus the mean
+        reward of the micro-batch's other images (leave-one-out, so unbiased). Without it (none,
+        the authors'), every reward is negative: each sampled t is pushed down and the policy
+        drifts onto whichever levels it happened not to sample (measured: docs/RESULTS.md)."""
+        if self.baseline == "none" or reward.numel() < 2:
+            return reward
+        others = (reward.sum() - reward) / (reward.numel() - 1)
+        return reward - others
 
     @torch.no_grad()
     def sampled_t(self, images):
@@ -279,6 +292,9 @@ def get_args_parser():
                    help="rl: a policy over t trained by REINFORCE; fixed: --t for every image")
     g.add_argument("--t", type=num(int, 0), default=None,
                    help="--t-policy fixed: the level (default: the teacher's probe level, 10)")
+    g.add_argument("--policy-baseline", default="batch", choices=["batch", "none"],
+                   help="batch: REINFORCE with the leave-one-out mean reward of the micro-batch "
+                   "as baseline (learns reliably); none: the authors' form, no baseline")
     g.add_argument("--entropy-reg", type=num(float, 0), default=0.1,
                    help="initial weight of the policy's entropy bonus (the authors': 0.1)")
     g.add_argument("--entropy-epochs", type=num(float, 0), default=None,
@@ -348,7 +364,7 @@ def train(args, rank, world, device):
     student = build_student(args.student, teacher, args.input_size)
     model = RepFusion(teacher, student, data.num_classes(train_set), args.t_policy, fixed_t,
                       depth, args.entropy_reg, os.path.abspath(args.teacher),
-                      args.match).to(device)
+                      args.match, args.policy_baseline).to(device)
     if args.whiten_target and ckpt is None:
         n = min(args.whiten_target, len(train_set))
         batch = augment.collate([train_set[i] for i in range(n)])[0]
@@ -400,8 +416,8 @@ def policy_report(model, images):
 def print_settings(args, teacher, depth, fixed_t, n_images, engine, last, base_lr, start):
     how = f"fixed t = {fixed_t}"
     if args.t_policy == "rl":
-        how = (f"policy over t = 0..{teacher.config.get('num_steps', 1000) - 1} (REINFORCE), "
-               f"entropy {args.entropy_reg:g} -> 0")
+        how = (f"policy over t = 0..{teacher.config.get('num_steps', 1000) - 1} (REINFORCE, "
+               f"baseline {args.policy_baseline}), entropy {args.entropy_reg:g} -> 0")
     weights = f"{args.teacher_weights} weights"
     whitening = "raw target"
     if args.whiten_target:

@@ -640,7 +640,7 @@ def check_decode(ctx):
     with quiet(ctx):
         synthetic.write_jpeg_folder(folder, s["jpegs"], size=s["jpeg_size"])
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs)
-    raw = [torchvision.io.read_file(f) for f in files]
+    raw = [augment.read_bytes(f) for f in files]
     seeds = list(range(len(files)))
     worst_mean, worst_p999, rows = 0.0, 0.0, []
     for kind in ("center", "eval", "rrc"):

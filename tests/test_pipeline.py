@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 
 import augment
@@ -25,6 +24,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # max ~0.05 in [-1, 1] units; the bounds leave 3-5x margin, and a wrong crop, flip, channel order
 # or normalisation gives mean |diff| > 0.1.
 MEAN_TOL, MAX_TOL = 0.01, 0.2
+
+
+@pytest.fixture(params=["torchcodec", "torchvision"])
+def decoder(request, monkeypatch):
+    """The same decoding tests on both decoders of file bytes (augment.DECODERS, the first is
+    used)."""
+    if request.param not in augment.DECODERS:
+        pytest.skip(f"{request.param} is not installed (or does not load with this torch)")
+    monkeypatch.setattr(augment, "DECODERS", (request.param,))
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +144,9 @@ def _pil_reference(files, kind, size, seeds):
 
 
 @pytest.mark.parametrize("kind", ["center", "eval", "rrc"])
-def test_decode_batch_on_cpu_matches_the_pil_transform(jpegs, kind):
+def test_decode_batch_on_cpu_matches_the_pil_transform(jpegs, kind, decoder):
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(jpegs) for f in fs)[:8]
-    raw = [torchvision.io.read_file(f) for f in files]
+    raw = [augment.read_bytes(f) for f in files]
     seeds = list(range(100, 108))
     x = augment.decode_batch(raw, 32, kind, "cpu", seeds=seeds)
     ref = _pil_reference(files, kind, 32, seeds)      # same seed -> same crop box and flip draw
@@ -149,7 +158,7 @@ def test_decode_batch_on_cpu_matches_the_pil_transform(jpegs, kind):
         assert (other - ref).abs().mean() > 0.05
 
 
-def test_decode_gpu_dataset_collate_and_batch_to_images(jpegs, tmp_path):
+def test_decode_gpu_dataset_collate_and_batch_to_images(jpegs, tmp_path, decoder):
     a = _args("--dataset", "imagefolder", "--data-path", jpegs, "--decode", "gpu")
     tf = augment.build_transform("rrc", 32)
     # linprobe.py, tokenizer_pca.py
@@ -183,16 +192,15 @@ def test_decode_gpu_dataset_collate_and_batch_to_images(jpegs, tmp_path):
     synthetic.write_jpeg_folder(bad, 2, size=(20, 16))
     broken = os.path.join(bad, "disc", "broken.jpg")
     open(broken, "wb").write(b"\xff\xd8 not a jpeg")
-    raw = [torchvision.io.read_file(os.path.join(bad, "disc", "00000.jpg")),
-           torchvision.io.read_file(broken)]
+    raw = [augment.read_bytes(os.path.join(bad, "disc", "00000.jpg")), augment.read_bytes(broken)]
     with pytest.raises(UserError, match="cannot decode image file .*broken.jpg"):
         augment.decode_batch(raw, 16, "center", "cpu", names=["ok.jpg", broken])
 
 
-def test_png_in_a_jpeg_batch_falls_back_to_decode_image(jpegs, tmp_path):
+def test_png_in_a_jpeg_batch_falls_back_to_decode_image(jpegs, tmp_path, decoder):
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(jpegs) for f in fs)[:2]
     Image.open(files[1]).save(tmp_path / "x.png")          # ImageNet has a PNG named .JPEG
-    raw = [torchvision.io.read_file(files[0]), torchvision.io.read_file(str(tmp_path / "x.png"))]
+    raw = [augment.read_bytes(files[0]), augment.read_bytes(str(tmp_path / "x.png"))]
     x = augment.decode_batch(raw, 24, "center", "cpu")
     ref = _pil_reference([files[0], str(tmp_path / "x.png")], "center", 24, [0, 0])
     assert (x - ref).abs().mean() < MEAN_TOL
