@@ -20,9 +20,9 @@ The head is an MLP on the teacher's features: its cross-entropy rewards the t wh
 most about the label. The baseline b is ours (--policy-baseline none: the authors' REINFORCE,
 b = 0, which learns the informative levels in 1-2 runs of 20 on a toy teacher where ours learns
 them in every run: docs/RESULTS.md); lambda decays linearly from --entropy-reg to 0 over
---entropy-epochs. The student gets no label loss here. Training runs on
-trainer.py (the same DDP, precision, EMA, checkpoints, exact resume and log as pre-training); the
-student is written to OUTPUT_DIR/student.pt as a checkpoint linprobe.py and export_timm.py read.
+--entropy-epochs. The student gets no label loss here. Training uses pre-training's machinery
+(util/engine.py, util/checkpoint.py: DDP, precision, EMA, exact resume, the log); the student is
+written to OUTPUT_DIR/student.pt, a checkpoint linprobe.py and export_timm.py read.
 """
 import json
 import math
@@ -31,75 +31,19 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
-import augment
-import checkpoint
-import cli
-import data
-import distributed
 import ldae
-import pretrain
-import trainer
-from cli import UserError
 from tokenizer_pca import PatchPCA
+from util import checkpoint, cli, datasets, distributed, files, lr_sched, registry, transforms
+from util.cli import UserError
+from util.engine import Engine, train_one_epoch
+from util.resnet import ResNetStudent
+from util.train_flags import add_training_args
 
 STUDENTS = ("resnet18", "vit_tiny", "vit_small")
 
 
 # ---- Students ---------------------------------------------------------------------------------
-class ResNetStudent(nn.Module):
-    """torchvision's ResNet-18 adapted to small images as RepFusion does (a 3 x 3 stride-1 first
-    convolution, no max-pool) with the probe interface of this project's models: forward_features
-    (images, t, depth) -> the average-pooled output of stage `depth` (1..4; t is ignored)."""
-
-    probe_t = 0
-
-    def __init__(self, img_size=32, name="resnet18"):
-        super().__init__()
-        self.config = dict(family="resnet", name=name, img_size=img_size, in_chans=3, depth=8,
-                           patch_size=1)        # depth 8: a probe reads stage depth // 2 = 4
-        self.net = torchvision.models.resnet18(num_classes=1)
-        self.net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        self.net.maxpool = nn.Identity()
-        self.net.fc = nn.Identity()
-        self.pca = None
-        self.dim = 512
-
-    def init_weights(self, active=True):
-        """A fresh random network (torchvision's initialisation), for --random-init probes."""
-        for m in self.modules():
-            if hasattr(m, "reset_parameters") and m is not self:
-                m.reset_parameters()
-
-    def forward_features(self, images, t=None, depth=None, noisy=False, pool=True):
-        depths = depth if isinstance(depth, (list, tuple)) else [depth or 4]
-        if not all(1 <= d <= 4 for d in depths):
-            raise UserError(f"a ResNet student has stages 1..4, not {depths}")
-        net, feats = self.net, {}
-        x = net.relu(net.bn1(net.conv1(images)))
-        for i, stage in enumerate((net.layer1, net.layer2, net.layer3, net.layer4)):
-            x = stage(x)
-            if pool:
-                feats[i + 1] = x.mean(dim=(2, 3))                 # (B, C) average pool
-            else:
-                feats[i + 1] = x.flatten(2).transpose(1, 2)       # (B, H W, C): the positions
-        out = [feats[d] for d in depths]
-        if isinstance(depth, (list, tuple)):
-            return out
-        return out[0]
-
-
-MODELS = {"resnet18": {}}
-
-
-def build_model(name, pca=None, img_size=32, **ignored):
-    """The 'resnet' family of pretrain.model_from_checkpoint (student checkpoints)."""
-    if name not in MODELS:
-        raise KeyError(f"unknown student {name!r}; choose from {', '.join(MODELS)}")
-    return ResNetStudent(img_size, name)
-
-
 def build_student(name, teacher, img_size):
     """A student that sees the raw image. A ViT student is a registry l-DAE network read as an
     encoder (last encoder block, t = 10): built on the teacher's PCA basis with d = D, its clean
@@ -300,8 +244,8 @@ def get_args_parser():
     g.add_argument("--entropy-epochs", type=num(float, 0), default=None,
                    help="epochs over which that weight decays linearly to 0 (default: half the "
                    "run)")
-    trainer.add_training_args(p)
-    data.add_data_args(p)
+    add_training_args(p)
+    datasets.add_data_args(p)
     # RepFusion trains from scratch for longer than a probe; small-data defaults that run on CPU
     p.set_defaults(epochs=10, batch_size=64, lr=1e-3, warmup_epochs=1, ema=0.999, save_every=5,
                    grid_every=1000, log_every=10, input_size=None, output_dir="out/student")
@@ -309,9 +253,78 @@ def get_args_parser():
 
 
 # ---- Training ---------------------------------------------------------------------------------
+def main(args):
+    return distributed.run_distributed(train, args)
+
+
+def train(args, rank, world, device):
+    """Teacher -> data -> student + policy -> the epoch loop -> student.pt."""
+    is_main = rank == 0
+    distributed.check_layout(args, world)
+    teacher, depth, fixed_t, teacher_ckpt = load_teacher(args, device)
+    args.input_size = args.input_size or teacher.config["img_size"]
+    if args.input_size != teacher.config["img_size"]:
+        raise UserError(f"the teacher takes {teacher.config['img_size']} px images, not "
+                        f"--input-size {args.input_size}")
+    source, ckpt = checkpoint.open_run(args, is_main, world, ignore=())
+
+    transform = transforms.build_transform(args.aug, args.input_size)
+    train_set = distributed.node_first(
+        lambda: datasets.build_dataset(args, "train", transform), world)
+    distributed.cap_batch(args, len(train_set), world, is_main)
+    changed = checkpoint.check_resume(ckpt, args, world) if ckpt is not None else []
+
+    torch.manual_seed(args.seed)                   # the same init on every rank
+    student = build_student(args.student, teacher, args.input_size)
+    model = RepFusion(teacher, student, datasets.num_classes(train_set), args.t_policy, fixed_t,
+                      depth, args.entropy_reg, os.path.abspath(args.teacher), args.match,
+                      args.policy_baseline).to(device)
+    if args.whiten_target and ckpt is None:        # a resumed run has the map in its weights
+        n = min(args.whiten_target, len(train_set))
+        images = torch.stack([train_set[i][0] for i in range(n)]).to(device)
+        model.fit_whitening(images, torch.Generator().manual_seed(args.seed))
+    engine = Engine(model, args, rank, world, device)
+    start = checkpoint.restore(engine, ckpt, model.config)
+    base_lr = lr_sched.scaled_lr(args)
+    steps_per_epoch = len(train_set) // args.batch_size
+    entropy_steps = (args.entropy_epochs or args.epochs / 2) * steps_per_epoch
+
+    def lr_fn(step):
+        # the entropy weight decays on the lr's step clock, so a resume sets it exactly
+        weight = args.entropy_reg * max(0.0, 1.0 - step / max(entropy_steps, 1e-9))
+        model.entropy_weight.fill_(weight)
+        return lr_sched.lr_at(step, steps_per_epoch, base_lr, args.warmup_epochs, args.epochs,
+                              args.min_lr)
+
+    def describe():
+        return {"model_config": model.config, "pca": teacher_ckpt["pca"]}
+
+    run = checkpoint.Run(args, engine, len(train_set), lr_fn, describe, start, source, changed)
+    loader = distributed.make_loader(train_set, args, world, rank, device)
+    if is_main:
+        print_settings(args, teacher, depth, fixed_t, len(train_set), run, base_lr)
+
+    with distributed.StopSignal(world) as stop, run:
+        for epoch in range(run.first_epoch, run.epochs):
+            signum = train_one_epoch(engine, loader, epoch, run, stop)
+            run.end_epoch(signum)                  # the log and the checkpoint
+            if signum:
+                run.stop(signum)
+    if not is_main:
+        return None
+    res = run.result()
+    res["student"] = save_student(model, engine, os.path.join(args.output_dir, "student.pt"),
+                                  args, run.step)
+    res["policy_t"] = policy_report(model, distributed.first_images(loader, 64, device))
+    print(f"[distill] done. student: {res['student']} (python linprobe.py {res['student']} "
+          f"--protocol cached --compare)")
+    print(json.dumps(res), flush=True)
+    return res
+
+
 def load_teacher(args, device):
-    ckpt = pretrain.load_checkpoint(args.teacher)
-    teacher = pretrain.model_from_checkpoint(ckpt, args.teacher_weights, device)
+    ckpt = registry.load(args.teacher)
+    teacher = registry.model_from_checkpoint(ckpt, args.teacher_weights, device)
     if args.random_teacher:
         # fixed by --seed, drawn before the student's init (which re-seeds)
         torch.manual_seed(args.seed)
@@ -341,65 +354,10 @@ def save_student(model, engine, path, args, step):
     pca = student.pca.to_dict() if student.pca is not None else None
     primitives = (int, float, str, bool, type(None))
     keep = {k: v for k, v in vars(args).items() if isinstance(v, primitives)}
-    cli.save_torch({"model": student_part(state["model"]), "ema": ema, "step": step,
-                    "model_config": student.config, "pca": pca, "args": keep,
-                    "distilled_from": args.teacher, "version": 1}, path)
+    files.save_torch({"model": student_part(state["model"]), "ema": ema, "step": step,
+                      "model_config": student.config, "pca": pca, "args": keep,
+                      "distilled_from": args.teacher, "version": 1}, path)
     return path
-
-
-def train(args, rank, world, device):
-    is_main = rank == 0
-    distributed.check_layout(args, world)
-    teacher, depth, fixed_t, teacher_ckpt = load_teacher(args, device)
-    args.input_size = args.input_size or teacher.config["img_size"]
-    if args.input_size != teacher.config["img_size"]:
-        raise UserError(f"the teacher takes {teacher.config['img_size']} px images, not "
-                        f"--input-size {args.input_size}")
-    source, ckpt = checkpoint.open_run(args, is_main, world, ignore=())
-    transform = augment.build_transform(args.aug, args.input_size)
-    train_set = distributed.node_first(lambda: data.build_dataset(args, "train", transform), world)
-    distributed.cap_batch(args, len(train_set), world, is_main)
-    changed = checkpoint.check_resume(ckpt, args, world) if ckpt is not None else []
-    torch.manual_seed(args.seed)                   # the same init on every rank
-    student = build_student(args.student, teacher, args.input_size)
-    model = RepFusion(teacher, student, data.num_classes(train_set), args.t_policy, fixed_t,
-                      depth, args.entropy_reg, os.path.abspath(args.teacher),
-                      args.match, args.policy_baseline).to(device)
-    if args.whiten_target and ckpt is None:
-        n = min(args.whiten_target, len(train_set))
-        batch = augment.collate([train_set[i] for i in range(n)])[0]
-        images = augment.batch_to_images(batch, device)
-        model.fit_whitening(images, torch.Generator().manual_seed(args.seed))
-    engine = trainer.Engine(model, args, rank, world, device)
-    start = checkpoint.restore(engine, ckpt, model.config)
-    steps_per_epoch = len(train_set) // args.batch_size
-    last = min(max(1, round(args.epochs * steps_per_epoch)), args.max_steps or float("inf"))
-    base_lr = trainer.scaled_lr(args, args.batch_size)
-    entropy_steps = (args.entropy_epochs or args.epochs / 2) * steps_per_epoch
-
-    def lr_fn(step):
-        # the entropy weight decays with the same step clock as the lr (exact on resume)
-        weight = args.entropy_reg * max(0.0, 1.0 - step / max(entropy_steps, 1e-9))
-        model.entropy_weight.fill_(weight)
-        return trainer.lr_at(step, steps_per_epoch, base_lr, args.warmup_epochs, args.epochs,
-                             args.min_lr)
-
-    def describe():
-        return {"model_config": model.config, "pca": teacher_ckpt["pca"]}
-
-    run = trainer.TrainingRun(args, engine, train_set, world, lr_fn, last, describe)
-    if is_main:
-        print_settings(args, teacher, depth, fixed_t, len(train_set), engine, last, base_lr,
-                       start)
-    res = run.run(start, source, changed)
-    if is_main:
-        res["student"] = save_student(model, engine, os.path.join(args.output_dir, "student.pt"),
-                                      args, run.step)
-        res["policy_t"] = policy_report(model, run.first_images(64))
-        print(f"[distill] done. student: {res['student']} (python linprobe.py {res['student']} "
-              f"--protocol cached --compare)")
-        print(json.dumps(res), flush=True)
-    return res
 
 
 def policy_report(model, images):
@@ -413,33 +371,26 @@ def policy_report(model, images):
     return {"p10": round(q[0]), "median": round(q[1]), "p90": round(q[2])}
 
 
-def print_settings(args, teacher, depth, fixed_t, n_images, engine, last, base_lr, start):
+def print_settings(args, teacher, depth, fixed_t, n_images, run, base_lr):
     how = f"fixed t = {fixed_t}"
     if args.t_policy == "rl":
         how = (f"policy over t = 0..{teacher.config.get('num_steps', 1000) - 1} (REINFORCE, "
                f"baseline {args.policy_baseline}), entropy {args.entropy_reg:g} -> 0")
     weights = f"{args.teacher_weights} weights"
+    if args.random_teacher:
+        weights = "RANDOM weights (--random-teacher)"
     whitening = "raw target"
     if args.whiten_target:
         whitening = f"target whitened (ZCA of {args.whiten_target} images)"
-    if args.random_teacher:
-        weights = "RANDOM weights (--random-teacher)"
-    lines = [f"teacher     {args.teacher} ({teacher.config['name']}, {weights}), block {depth}, "
-             f"clean input",
-             f"t           {how}",
-             f"student     {args.student}, MSE on {args.match} features, {whitening}",
-             f"data        {args.dataset}: {n_images} train images, {args.input_size} px, "
-             f"aug {args.aug}",
-             f"batch       global {args.batch_size} = {engine.world} rank(s) x accum "
-             f"{args.accum_iter}",
-             f"lr          peak {base_lr:.4g}, warmup {args.warmup_epochs:g} of {args.epochs:g} "
-             f"epochs",
-             *trainer.run_settings_lines(args, engine, start, last)]
-    print("[distill] effective settings\n  " + "\n  ".join(lines), flush=True)
-
-
-def main(args):
-    return distributed.run_distributed(train, args)
+    cli.print_settings("distill", [
+        f"teacher     {args.teacher} ({teacher.config['name']}, {weights}), block {depth}, "
+        f"clean input",
+        f"t           {how}",
+        f"student     {args.student}, MSE on {args.match} features, {whitening}",
+        f"data        {args.dataset}: {n_images} train images, {args.input_size} px, "
+        f"aug {args.aug}",
+        f"lr          peak {base_lr:.4g}, warmup {args.warmup_epochs:g} of {args.epochs:g} epochs",
+        *run.settings_lines()])
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """
 The DiT baseline of Chen, Liu, Xie, He 2024 (RECIPE s7): a latent diffusion transformer (DiT,
 Peebles & Xie 2023) that the paper deconstructs, one component per row, into l-DAE. The file
-holds the DiT network (official DiT parameter names, so its state dicts load), the diffusion
-objective in a few dozen lines, and `PRESETS`: one entry per row of the paper's Tables 1-3 and
-the section-5 ablations, with `PAPER_ACC` beside each.
+holds the DiT network (official DiT parameter names and layout), the diffusion objective in a
+few dozen lines, and `PRESETS`: one entry per row of the paper's Tables 1-3 and the section-5
+ablations (README has the paper's top-1 of each).
 
     python pretrain.py --preset t2_pca_d32 --dataset imagefolder --data-path IMNET    # a row
     python pretrain.py --preset t3_ldae --model vit_tiny --input-size 32 --epochs 5   # row, small
@@ -21,20 +21,17 @@ The network's "image" is a latent grid (B, C, h, w):
                    of the pixel patches and the noise is isotropic, so this is pixel-space
                    diffusion up to a fixed linear map at the network's input and output.
   input="latents"  precomputed latents of the user's tokenizer (e.g. a KL-VAE's (4, 32, 32)),
-                   read by `LatentDataset` from a .pt file
-                   {"latents": (N, C, h, w), "labels": (N,)}.
+                   from a .pt file {"latents": (N, C, h, w), "labels": (N,)} (--latents-file:
+                   util/datasets.LatentFile; util/registry.py reads the shape from it).
 Learned variance (DiT's learn_sigma) is not needed for representation learning: the paper
 probes features, never samples. learn_sigma=True only adds the output channels that official
-checkpoints carry (so they load); the loss ignores that half.
+checkpoints carry; the loss ignores that half.
 """
-import functools
 import math
 
 import torch
 import torch.nn as nn
 
-import cli
-from cli import UserError
 from ldae import (DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, init_dit_weights,
                   noise_levels, pooled_features, registry_config, run_blocks,
                   sincos_pos_embed, training_flops)
@@ -85,7 +82,7 @@ def make_schedule(name, T=1000):
     elif name == "no_scaling":
         return torch.ones(T, dtype=torch.float64), math.sqrt(2) * t / T
     else:
-        raise UserError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
+        raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
     return g2.sqrt(), (1 - g2).sqrt()
 
 
@@ -101,7 +98,7 @@ MODELS["dit_tiny_1"] = dict(hidden_size=64, depth=4, num_heads=4, dit_patch=1, i
 MODELS["dit_tiny_2"] = dict(MODELS["dit_tiny_1"], dit_patch=2)
 
 # Overrides pretrain.py may pass (argparse dest names). dit_input is an alias of input;
-# latents_file makes build_model read (C, h, w) and the class count from the file.
+# latents_file is turned into input, latent_channels and latent_size by util/registry.py.
 MODEL_FLAGS = ("img_size", "patch_size", "latent_dim", "latent_scale", "latent_norm", "cond_ratio",
                "schedule", "prediction",
                "class_cond", "num_classes", "class_dropout_prob", "learn_sigma", "input",
@@ -109,35 +106,35 @@ MODEL_FLAGS = ("img_size", "patch_size", "latent_dim", "latent_scale", "latent_n
 
 
 def check_config(pca, input, prediction, img_size, patch_size, latent_dim, latent_norm):
-    """UserError, in words a pretrain.py user can act on, for a config DiT cannot take; else the
+    """ValueError, in words a pretrain.py user can act on, for a config DiT cannot take; else the
     latent width to use (input="pca": latent_dim 0 means all D coordinates, the Table 2 "pixel"
     row; input="latents": the file's channels decide, latent_dim is unused)."""
     if input not in ("pca", "latents"):
-        raise UserError(f"--dit-input must be pca or latents, not {input!r}")
+        raise ValueError(f"--dit-input must be pca or latents, not {input!r}")
     if prediction not in PREDICTIONS:
-        raise UserError(f"unknown prediction {prediction!r}; "
+        raise ValueError(f"unknown prediction {prediction!r}; "
                         f"choose from {', '.join(PREDICTIONS)}")
     if patch_size < 1 or img_size < 1:
-        raise UserError(f"--patch-size {patch_size} and --input-size {img_size} must be >= 1")
+        raise ValueError(f"--patch-size {patch_size} and --input-size {img_size} must be >= 1")
     if input == "pca":
         if pca.patch_size != patch_size or pca.channels != 3:
-            raise UserError(f"the PCA has {pca.patch_size}px patches but the model wants "
+            raise ValueError(f"the PCA has {pca.patch_size}px patches but the model wants "
                             f"{patch_size}px: refit the PCA or pass --patch-size {pca.patch_size}")
         D = pca.dim
         if not latent_dim or latent_dim <= 0:
             latent_dim = D
         if latent_dim > D:
-            raise UserError(f"latent_dim {latent_dim} exceeds D = {D} of "
+            raise ValueError(f"latent_dim {latent_dim} exceeds D = {D} of "
                             f"{patch_size}x{patch_size}x3 patches: use a smaller --latent-dim "
                             f"or a larger patch size")
         if img_size % patch_size:
-            raise UserError(f"image size {img_size} is not a multiple of the patch size "
+            raise ValueError(f"image size {img_size} is not a multiple of the patch size "
                             f"{patch_size}")
     if latent_norm not in LATENT_NORMS:
-        raise UserError(f"--latent-norm must be one of {', '.join(LATENT_NORMS)}, "
+        raise ValueError(f"--latent-norm must be one of {', '.join(LATENT_NORMS)}, "
                         f"not {latent_norm!r}")
     if input == "latents" and latent_norm != "none":
-        raise UserError("--latent-norm needs the PCA's eigenvalues; for --latents-file "
+        raise ValueError("--latent-norm needs the PCA's eigenvalues; for --latents-file "
                         "scale the latents yourself or pass --latent-scale")
     return latent_dim
 
@@ -157,7 +154,7 @@ class DiT(nn.Module):
             latent_channels = latent_dim
             latent_size = img_size // patch_size
         if latent_size % dit_patch:
-            raise UserError(f"the {latent_size}x{latent_size} latent grid does not tile into DiT "
+            raise ValueError(f"the {latent_size}x{latent_size} latent grid does not tile into DiT "
                             f"patches of {dit_patch}: pick a dit_*_{{1,2,4,8}} model that "
                             f"divides it")
         # RECIPE s2: the latent's scale is a choice the model owns (the PCA object is not changed);
@@ -202,15 +199,6 @@ class DiT(nn.Module):
         if self.class_cond:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)   # as DiT
 
-    def load_official(self, state_dict):
-        """Load a facebookresearch/DiT state dict (same size, latent, class count; learn_sigma=True
-        for theirs): every key and shape must match ours; our PCA buffers are kept."""
-        if self.config["cond_ratio"] != 1:
-            raise UserError("official DiT checkpoints have full-width conditioning: build the "
-                            "model with cond_ratio=1 (--cond-ratio 1) to load one")
-        own = {k: v for k, v in self.state_dict().items() if k.startswith("pca.")}
-        return self.load_state_dict({**state_dict, **own}, strict=True)
-
     # --- latent <-> image ---------------------------------------------------------------------
     def latent_gain(self):
         """(d,) multipliers of the PCA coordinates, ldae.LDAE's rule (RECIPE s2): DiT's
@@ -243,7 +231,7 @@ class DiT(nn.Module):
             return torch.full((B,), num_classes, device=device, dtype=torch.long)
         # checked on CPU only: on GPU int(y.max()) would sync the host every step
         if y.device.type == "cpu" and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
-            raise UserError(f"labels must be in 0..{num_classes - 1}: pass "
+            raise ValueError(f"labels must be in 0..{num_classes - 1}: pass "
                             f"num_classes = the dataset's class count to build_model")
         return y
 
@@ -284,7 +272,7 @@ class DiT(nn.Module):
              learn_sigma output is ignored: no VLB term (not needed for representations).
         """
         if self.class_cond and labels is None:
-            raise UserError("a class-conditional DiT needs labels: call loss(images, labels)")
+            raise ValueError("a class-conditional DiT needs labels: call loss(images, labels)")
         z0 = self.encode(images)                                        # (B, C, h, w) fp32
         t = self.sample_t(z0.shape[0], z0.device)                       # (B,)
         xt, eps = self.add_noise(z0, t)
@@ -329,50 +317,6 @@ class DiT(nn.Module):
         return training_flops(self)
 
 
-# ---- User latents (Table 1 and the VAE/AE rows of Table 2 need a real tokenizer's latents)
-class LatentDataset(torch.utils.data.Dataset):
-    """Precomputed latents from a .pt file {"latents": (N, C, h, w) float, "labels": (N,) long}
-    (optional "classes": list of names). Memory-mapped, so a 1.28M x 4 x 32 x 32 fp16 file
-    (10 GB) is not read into RAM. Items: (latent (C, h, w) float32, int label)."""
-
-    def __init__(self, path):
-        if not path:
-            raise UserError("this model reads precomputed latents: pass --latents-file FILE.pt "
-                            "holding {'latents': (N, C, h, w), 'labels': (N,)}")
-        saved = cli.load_torch(path, "latents file", "pass a .pt file of tensors written with "
-                               "torch.save({'latents': ..., 'labels': ...})", mmap=True)
-        if not isinstance(saved, dict) or "latents" not in saved or "labels" not in saved:
-            raise UserError(f"{path} must hold a dict with 'latents' (N, C, h, w) and "
-                            f"'labels' (N,)")
-        self.latents, self.labels = saved["latents"], saved["labels"].long()
-        if self.latents.ndim != 4 or len(self.labels) != len(self.latents):
-            raise UserError(f"{path}: latents must be (N, C, h, w) with N labels, got "
-                            f"{tuple(self.latents.shape)} and {tuple(self.labels.shape)}")
-        num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
-        self.classes = list(saved.get("classes") or map(str, range(num_classes)))
-
-    def __len__(self):
-        return len(self.latents)
-
-    def __getitem__(self, i):
-        return self.latents[i].float(), int(self.labels[i])
-
-
-@functools.lru_cache(maxsize=None)
-def open_latents(path):
-    """The LatentDataset of `path`, opened once per process: the model's build reads its shape and
-    class count, the training run its items."""
-    return LatentDataset(path)
-
-
-def make_latent_dataset(path):
-    """What pretrain.py uses instead of data.build_dataset when the model's input is "latents"."""
-    ds = open_latents(path)
-    print(f"[data] latents {path}: {len(ds.classes)} classes, {len(ds)} latents of "
-          f"{tuple(ds.latents.shape[1:])}", flush=True)
-    return ds
-
-
 # How a boolean flag may be spelled on the command line ("--class-cond false")
 _BOOL = {**dict.fromkeys(("true", "1", "yes", "on"), True),
          **dict.fromkeys(("false", "0", "no", "off"), False)}
@@ -380,27 +324,19 @@ _BOOL = {**dict.fromkeys(("true", "1", "yes", "on"), True),
 
 def build_model(name, pca=None, **overrides):
     """Registry behind `pretrain.py --model dit_*`. None overrides are ignored; dit_input is an
-    alias of input; latents_file sets input="latents" and reads (C, h, w) and the class count
-    from the file. pca=None: an identity basis of the right shape (overwritten by a checkpoint)."""
+    alias of input. pca=None: an identity basis of the right shape (overwritten by a
+    checkpoint)."""
     cfg = registry_config(MODELS, name, overrides, "DiT")
     # argparse hands boolean flags over as the strings typed
     for key in ("class_cond", "learn_sigma", "grad_checkpoint"):
         if isinstance(cfg.get(key), str):
             if cfg[key].lower() not in _BOOL:
-                flag = "--" + key.replace("_", "-")
-                raise UserError(f"{flag} must be true or false, not {cfg[key]!r}")
+                raise ValueError(f"--{key.replace('_', '-')} must be true or false, not "
+                                 f"{cfg[key]!r}")
             cfg[key] = _BOOL[cfg[key].lower()]
     if "dit_input" in cfg:
         cfg["input"] = cfg.pop("dit_input")
     cfg["input"] = {"latent": "latents"}.get(cfg.get("input"), cfg.get("input", "pca"))
-    path = cfg.pop("latents_file", None)
-    if path:
-        ds = open_latents(path)
-        cfg.update(input="latents", latent_channels=ds.latents.shape[1],
-                   latent_size=ds.latents.shape[2])
-        if ds.latents.shape[2] != ds.latents.shape[3]:
-            raise UserError(f"{path}: latents must be square, got {tuple(ds.latents.shape[2:])}")
-        cfg.setdefault("num_classes", len(ds.classes))
     if pca is None:
         pca = PatchPCA.empty(cfg.get("patch_size", 16), 3, cfg.get("img_size", 256))
     return DiT(pca, name=name, **cfg)
@@ -445,16 +381,6 @@ PRESETS = {
     "final_vit_b_1600ep": dict(_LDAE, aug="rrc", model="vit_b", epochs=1600),
     "final_vit_l_1600ep": dict(_LDAE, aug="rrc", model="vit_l", epochs=1600),
 }
-# ImageNet linear-probe top-1 (%) the paper reports for each preset (RECIPE s7).
-PAPER_ACC = {"t1_dit_cond": 57.5, "t1_no_cond": 62.5, "t1_no_perceptual": 58.4,
-             "t1_no_adversarial": 59.0, "t1_new_schedule": 63.4, "t2_pca_d8": 56.0,
-             "t2_pca_d16": 63.4, "t2_pca_d32": 65.1, "t2_pca_d64": 60.0, "t2_pca_d128": 53.9,
-             "t2_pixel": 23.6, "t3_pca_eps": 65.1, "t3_predict_x0": 62.4,
-             "t3_no_input_scaling": 63.6, "t3_image_input": 63.6, "t3_image_output": 63.9,
-             "t3_ldae": 64.5, "abl_single_level": 61.5, "abl_random_crop": 65.0,
-             "final_vit_b": 60.3, "final_vit_half_l": 65.0, "final_vit_l": 70.9,
-             "final_vit_half_l_800ep": 67.5, "final_vit_half_l_1600ep": 69.6,
-             "final_vit_b_1600ep": 66.6, "final_vit_l_1600ep": 75.0}
 # How the paper probes each row (RECIPE s5): "t = 10 and clean input in all our experiments,
 # except Tab. 4 where we use the optimal setting", i.e. the final 1600-epoch comparison.
 # linprobe.py --select-setting chooses (t, clean or noisy) on a held-out part of TRAIN.
@@ -462,6 +388,3 @@ TABLE4_PRESETS = ("final_vit_b_1600ep", "final_vit_l_1600ep")
 PAPER_PROBE = {name: ("the best (t, clean or noisy input), chosen on held-out train: "
                       "linprobe.py --select-setting" if name in TABLE4_PRESETS
                       else "t = 10, clean input") for name in PRESETS}
-# Stand-ins to run any row small (`--model SMALL_MODEL[family] --input-size 32`, the family of
-# the preset's model as pretrain.family_of decides it).
-SMALL_MODEL = {"dit": "dit_tiny_1", "ldae": "vit_tiny"}

@@ -33,10 +33,9 @@ import os
 import torch
 import torch.nn as nn
 
-import cli
 import ldae
-import pretrain
-from cli import UserError
+from util import cli, files, registry
+from util.cli import UserError
 
 
 def get_args_parser():
@@ -170,7 +169,7 @@ def main(args):
         raise UserError(f"output folder {out_dir} does not exist; create it or pick another --out")
     if args.check_images < 0:
         raise UserError("--check-images must be >= 0")
-    ckpt = pretrain.load_checkpoint(args.ckpt)
+    ckpt = registry.load(args.ckpt)
     cfg = ckpt["model_config"]
     if cfg.get("family", "ldae") != "ldae":
         raise UserError(f"{args.ckpt} holds a {cfg.get('family')} model ({cfg.get('name')}); "
@@ -181,7 +180,7 @@ def main(args):
         raise UserError(f"--probe-depth must be in 1..{cfg['depth']} (the blocks of {cfg['name']})")
     if args.probe_t is not None and not 0 <= args.probe_t < cfg["num_steps"]:
         raise UserError(f"--probe-t must be in 0..{cfg['num_steps'] - 1}, got {args.probe_t}")
-    model = pretrain.model_from_checkpoint(ckpt, args.weights, "cpu")
+    model = registry.model_from_checkpoint(ckpt, args.weights, "cpu")
     t = model.probe_t if args.probe_t is None else args.probe_t
     weights = args.weights if ckpt.get("ema") is not None else "raw"
     source = {"checkpoint": os.path.abspath(args.ckpt), "step": int(ckpt["step"]),
@@ -202,7 +201,7 @@ def main(args):
               f"(features up to {scale:.3g})", flush=True)
         if not diff <= 1e-4 * max(1.0, scale):
             raise RuntimeError(f"export self-check failed: max |diff| {diff:.3g}; nothing written")
-    cli.save_torch({"state_dict": sd, "timm_kwargs": kw, "source": source}, args.out)
+    files.save_torch({"state_dict": sd, "timm_kwargs": kw, "source": source}, args.out)
     print(json.dumps(res), flush=True)
     return res
 

@@ -1,47 +1,43 @@
 """Linear probe of a frozen l-DAE (or DiT-baseline) encoder: the number every table of the paper
 reports (RECIPE s5). Only a BatchNorm1d(affine=False) + Linear head trains, never the backbone.
-This file decides what runs (flags, protocol, data, settings, report); probing.py does it.
 
---protocol auto    (default) mae if the train set gives >= AUTO_MIN_STEPS (20) optimiser steps
-    per epoch at --batch-size, else cached (choose_protocol); the settings and JSON say why.
---protocol mae     the paper's ("follows MAE"): each epoch the encoder sees fresh RandomResizedCrop
-    + flip views; LARS, wd 0, batch 16384, lr = blr * batch / 256 with blr 0.1 (6.4), 90 epochs,
-    10 warmup, per-iteration cosine; resize + center-crop test. The paper's text says 6.4e-3:
-    under LARS (trust 0.001) lr 6.4 moves a weight matrix by ~6.4e-3 of its norm per step, so
-    both figures describe the same step; --lr 6.4e-3 here would be a step 1000x smaller.
---protocol cached  ONE encoder pass over train (center crop; --views K adds K-1 random crops) and
-    val; TRAIN-normalised features, the head solved to convergence (--solver lbfgs) or given
-    mae's LARS schedule (--solver lars), its one free setting (L2 or lr) chosen on a held-out
-    10% of TRAIN, never on val. --grid: a head per (depth, t), one pass per t (DDAE's grid).
---protocol knn     DINO's weighted k-NN on cached's one pass: the --knn-k (20) most cosine-similar
-    train images vote with weight exp(sim / --knn-t (0.07)); nothing trains or is chosen. --knn
-    adds it to the other protocols; --compare (learned vs --random-init, active blocks, vs
-    --baseline pixels, <= 32x32x3) prints linear and k-NN figures for all three.
-  python linprobe.py out/tiny/checkpoint.pt [--compare]        # small set: auto runs cached
-  torchrun --nproc_per_node=8 linprobe.py out/vit_b/checkpoint.pt --dataset imagefolder \
-      --data-path /data/imagenet                                  # auto runs mae, the paper's
-Input size, depth and model come from the checkpoint. Writes --output-dir/log.jsonl (a JSON line
-per epoch or solve) and head.pt (heads, feature normalisation, settings; no backbone; none for
-knn). The last line printed is one JSON object (top1, top5, protocol, probe settings).
+  python linprobe.py out/tiny/checkpoint.pt --compare          # small set: auto runs cached
+  torchrun --nproc_per_node=8 linprobe.py out/vit_b/checkpoint.pt --dataset imagefolder \\
+      --data-path IMNET                                          # auto runs mae, the paper's
+
+--protocol mae (the paper's: "follows MAE"): each epoch the frozen encoder sees a fresh
+    RandomResizedCrop + flip of every image; LARS, wd 0, batch 16384, lr = blr x batch / 256
+    with blr 0.1 (6.4), 90 epochs with 10 warmup, per-step cosine; resize + center-crop val.
+--protocol cached: ONE encoder pass over train (center crop; --views K adds K-1 random crops) and
+    val, features normalised with TRAIN statistics, the head solved to convergence (--solver
+    lbfgs) or given mae's LARS schedule (--solver lars), its one free setting chosen on a
+    held-out 10% of TRAIN, never on val (util/probe_cached.py). --grid: a head per (depth, t),
+    DDAE's grid; --select-setting: the best (t, clean / noisy input), the paper's Table 4.
+--protocol knn: DINO's weighted k-NN on cached's pass (util/knn.py); --knn adds it to the others.
+--protocol auto (default): mae when the train set gives >= AUTO_MIN_STEPS optimiser steps per
+    epoch at --batch-size, else cached. --compare probes the checkpoint, the same network at
+    random init (active blocks) and raw pixels (<= 32x32x3) in one table.
+Input size, depth and model come from the checkpoint. --output-dir gets log.jsonl (a line per
+epoch or solve) and head.pt (the heads, the feature normalisation, the settings; no backbone).
+The last line printed is one JSON object: top1, top5, the protocol and the probe's settings.
 """
 import argparse
+import functools
 import json
 import os
 import time
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
-import augment
-import cli
-import data
-import distributed
-import pretrain                                   # contract: checkpoints, DDP setup
-import probing
-import trainer
-from cli import UserError
-# the feature pass, by these names here too (tests/gpu_check.py times linprobe.make_featurizer)
-from probing import cached_features, extract, make_featurizer
+from util import cli, datasets, distributed, features, files, knn, lr_sched, probe_cached
+from util import registry, transforms
+from util.checkpoint import RunLog
+from util.cli import UserError
+from util.lars import LARS
 
 # --protocol auto's rule: MAE's schedule (warmup + cosine over 90 epochs) needs at least this many
 # optimiser steps per epoch to be the paper's schedule; at batch 16384 that is 327,680 images
@@ -55,33 +51,248 @@ COMPARE_ROWS = [("learned", {}), ("random_init", {"random_init": True}),
                 ("pixels", {"baseline": "pixels"})]
 
 
-def choose_protocol(args, n_train):
-    """-> (protocol, why): the one place --protocol auto is decided. n_train: train images (None
-    when the protocol was given and nothing needs the count)."""
-    if args.protocol != "auto":
-        return args.protocol, f"--protocol {args.protocol}"
-    if args.grid or args.select_setting or args.views > 1:
-        return "cached", "auto: --grid, --select-setting and --views need stored features"
-    steps = n_train // args.batch_size
-    counted = f"auto: {n_train} train images / batch {args.batch_size} = {steps} steps per epoch"
-    if steps >= AUTO_MIN_STEPS:
-        return "mae", f"{counted} >= {AUTO_MIN_STEPS}"
-    return "cached", f"{counted} < {AUTO_MIN_STEPS}; --protocol mae runs the paper's anyway"
+# ---- MAE's linear probe: the paper's protocol -------------------------------------------------
+def make_head(dim, num_classes):
+    """RECIPE s5 / MAE: BN without affine (a parameter-free standardiser), Linear init std 0.01."""
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    return head
 
 
-def head_name(key):
-    depth, t, noisy = key
-    suffix = "_noisy" if noisy else ""
-    return f"depth{depth}_t{t}{suffix}"
+def train_one_epoch(net, opt, batches, n_batches, accum, epoch, base_lr, args):
+    """One epoch of the probe: n_batches micro-batches (features (b, D), labels (b,)), `accum` of
+    them a step of the global batch, the lr set every step (linear warmup, half-cycle cosine to
+    0, on the fractional epoch). -> the mean loss (one host sync per epoch)."""
+    total = 0.0
+    for i, (x, y) in enumerate(batches):
+        step_start = i // accum * accum
+        if i == step_start:
+            opt.param_groups[0]["lr"] = lr_sched.lr_at(epoch + i / n_batches, 1, base_lr,
+                                                       args.warmup_epochs, args.epochs)
+        loss = F.cross_entropy(net(x), y)
+        # the mean over the micro-batches this step really has (a small set's only step may
+        # have fewer than accum); under DDP every micro-batch all-reduces: a tiny head
+        in_step = min(accum, n_batches - step_start)
+        (loss / in_step).backward()
+        if i + 1 == step_start + in_step:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        total = total + loss.detach()
+    return float(total) / max(n_batches, 1)
 
 
-def print_grid(keys, results):
-    """DDAE-style table of val top-1: rows depth, columns t (suffix n: noisy input)."""
-    levels = sorted({key[1:] for key in keys})
-    names = [f"{t}n" if noisy else f"{t}" for t, noisy in levels]
-    print("depth \\ t " + "".join(f"{name:>8}" for name in names))
-    for depth in sorted({key[0] for key in keys}):
-        print(f"{depth:>9} " + "".join(f"{results[(depth, *level)][1]:8.2f}" for level in levels))
+def train_head(head, batches, n_batches, accum, base_lr, args, log, tag, net=None):
+    """MAE's probe schedule (RECIPE s5): LARS (trust 0.001, momentum 0.9), wd 0, --epochs with
+    --warmup-epochs. batches(epoch) -> that epoch's micro-batches. net: what computes the logits
+    (the head, or its DDP wrapper)."""
+    opt = LARS(head.parameters(), lr=base_lr)
+    for epoch in range(args.epochs):
+        head.train()
+        start = time.time()
+        loss = train_one_epoch(net or head, opt, batches(epoch), n_batches, accum, epoch, base_lr,
+                               args)
+        log({**tag, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": loss,
+             "seconds": round(time.time() - start, 2)})
+    return head
+
+
+def mae_layout(args, world, n_train):
+    """The mae protocol's batch, split in one place: --batch-size over the ranks, then into
+    micro-batches of at most --max-device-batch (or --accum-iter of them) per step. MAE drops the
+    last partial batch, but a set smaller than one global batch keeps all its images (one
+    partial step per epoch). -> dict."""
+    per_rank = args.batch_size // world
+    accum = args.accum_iter or -(-per_rank // args.max_device_batch)
+    micro = max(1, per_rank // accum)
+    full = n_train // world >= per_rank
+    samples = -(-n_train // world)              # DistributedSampler pads to equal shards
+    batches = samples // micro
+    if not full:
+        batches = -(-samples // micro)
+    return {"accum": accum, "micro": micro, "drop_last": full, "batches": batches,
+            "steps": -(-batches // accum), "first_step": min(accum, batches)}
+
+
+def probe_mae(featurize, key, train_ds, val_x, val_y, base_lr, args, num_classes, device, rank,
+              world, log):
+    """The paper's protocol: the frozen encoder sees a fresh RandomResizedCrop + flip of every
+    image each epoch; the head is scored on val_x (M, D). -> (state, top1 %, top5 %, info)."""
+    layout = mae_layout(args, world, len(train_ds))
+    sampler = None
+    if world > 1:
+        sampler = torch.utils.data.DistributedSampler(train_ds, world, rank, seed=args.seed)
+    loader = DataLoader(train_ds, layout["micro"], shuffle=sampler is None, sampler=sampler,
+                        num_workers=args.num_workers, drop_last=layout["drop_last"],
+                        generator=torch.Generator().manual_seed(args.seed),
+                        pin_memory=device.type == "cuda")
+    torch.manual_seed(args.seed)
+    head = make_head(val_x.shape[1], num_classes).to(device)
+
+    def batches(epoch):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        for x, y in cli.progress(iterable=loader, desc=f"epoch {epoch + 1}", disable=rank != 0,
+                                 leave=False):
+            with torch.inference_mode():        # frozen backbone: eval mode, no graph
+                f = featurize(x.to(device, non_blocking=True))[key]     # (b, D)
+            yield f.clone(), y.to(device)       # clone: a tensor the head's autograd may save
+    ddp_head = None
+    if world > 1:
+        ddp_head = nn.parallel.DistributedDataParallel(head)
+    train_head(head, batches, len(loader), layout["accum"], base_lr, args,
+               functools.partial(log, echo=True), {}, ddp_head)
+    top1, top5 = probe_cached.evaluate(head, val_x, val_y, device)
+    info = {"solver": "LARS, probe schedule", "lr": base_lr,
+            "selection": "fixed (MAE: --blr * batch / 256, or --lr)",
+            "features_normalised": "BN only", "accum_iter": layout["first_step"],
+            "device_batch": layout["micro"]}
+    return {"head": {k: v.cpu() for k, v in head.state_dict().items()}}, top1, top5, info
+
+
+def fit_lars(train_x, train_y, eval_x, eval_y, lr, args, num_classes, device, seed, log=None,
+             tag=None):
+    """MAE's schedule on cached features (--protocol cached --solver lars; drop_last like MAE)
+    -> (head, top1 %, top5 %) on eval_x. train_x (V, N, D): each epoch draws one of the V views
+    of every image."""
+    n_views, n, dim = train_x.shape
+    torch.manual_seed(seed)
+    head = make_head(dim, num_classes).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    batch = min(args.batch_size, n)
+    train_x, train_y = train_x.to(device), train_y.to(device)
+
+    def batches(epoch):
+        order = torch.randperm(n, generator=generator).to(device)
+        view = torch.randint(n_views, (n,), generator=generator).to(device)
+        for i in range(n // batch):
+            idx = order[i * batch:(i + 1) * batch]
+            yield train_x[view[idx], idx], train_y[idx]                # (batch, D), (batch,)
+    train_head(head, batches, n // batch, 1, lr, args, log or (lambda rec: None), tag or {})
+    return head, *probe_cached.evaluate(head, eval_x, eval_y, device)
+
+
+def cached_solver(args, base_lr):
+    """--protocol cached's head and its one free setting -> (fit, setting name, values swept):
+    L-BFGS over --wd-grid, or MAE's LARS schedule over --lr-grid x the base lr."""
+    if args.solver == "lbfgs":
+        return functools.partial(probe_cached.fit_lbfgs, make_head=make_head), "wd", args.wd_grid
+    return fit_lars, "lr", [base_lr * factor for factor in args.lr_grid]
+
+
+# ---- The run ----------------------------------------------------------------------------------
+def main(args):
+    if args.compare:
+        return compare(args)
+    check_flags(args)
+    t_start = time.time()
+    rank, world, device = distributed.setup_distributed()
+    if rank == 0:
+        files.check_writable_dir(args.output_dir, "--output-dir")
+    run = prepare(args, device, world)
+    log = RunLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0)
+    if rank == 0:
+        cli.print_settings("linprobe", settings_lines(args, run))
+    before = None
+    if run.model is not None:
+        before = features.checksum(run.model)
+    results, knn_res, best, seconds = probe_features(args, run, rank, device, log.write)
+    unchanged = before is None or torch.equal(before, features.checksum(run.model))
+    if not unchanged:
+        raise RuntimeError("the frozen backbone's weights changed during probing")   # a bug
+    info = {"solver": "none: weighted k-NN", "selection": "none: k and T fixed"}
+    top1, top5 = knn_res.get("knn_top1"), knn_res.get("knn_top5")
+    if results:
+        _, top1, top5, info = results[best]
+    res = {"top1": round(top1, 2), "top5": round(top5, 2), "protocol": run.protocol,
+           "protocol_reason": run.why, "protocol_vs_paper": PAPER[run.protocol],
+           "features": run.features, "depth": best[0], "t": best[1], "noisy_input": best[2],
+           **info, **knn_res, "checkpoint": args.ckpt, "dataset": args.dataset,
+           "input_size": run.size, "num_classes": run.num_classes, "n_train": run.n_train,
+           "n_val": run.n_val, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
+           "batch_size": args.batch_size, "views": args.views, "seed": args.seed,
+           "backbone_unchanged": unchanged, **seconds,
+           "seconds_total": round(time.time() - t_start, 2)}
+    short = {key: summary(result) for key, result in results.items()}
+    if len(results) > 1:
+        res["grid"] = [{"depth": k[0], "t": k[1], "noisy": k[2], **v} for k, v in short.items()]
+    if rank == 0:
+        save_and_print(args, res, results, short, best)
+    if world > 1:
+        dist.destroy_process_group()
+    return res
+
+
+def prepare(args, device, world):
+    """The model, the probe settings and the data sets, every check done -> the run's facts."""
+    pixels = args.baseline == "pixels"
+    model, cfg = None, {}
+    if not pixels:
+        model = features.load_backbone(args, device)
+        cfg = model.config
+    elif args.ckpt:                             # pixels: a checkpoint only fixes the size
+        cfg = registry.load(args.ckpt)["model_config"]
+    size, keys = features.check_probe_keys(args, cfg, pixels, model)
+    protocol, why, centre_ds, crops_ds, val_ds = build_sets(args, size)
+    train_ds = centre_ds if centre_ds is not None else crops_ds   # mae alone: the crops only
+    num_classes = datasets.num_classes(train_ds)
+    if datasets.num_classes(val_ds) != num_classes or (args.nb_classes or num_classes) != \
+            num_classes:
+        raise UserError(f"class counts do not fit: train has {num_classes}, val "
+                        f"{datasets.num_classes(val_ds)}, --nb-classes {args.nb_classes}; point "
+                        f"--data-path at matching splits")
+    want = (cfg.get("in_chans", 3), size, size)
+    if tuple(val_ds[0][0].shape) != want:
+        raise UserError(f"images come out as {tuple(val_ds[0][0].shape)}, the model takes {want}")
+    use_knn = protocol == "knn" or args.knn
+    if use_knn and args.knn_k > len(train_ds):
+        raise UserError(f"--knn-k {args.knn_k} is more than the {len(train_ds)} train images; "
+                        f"pass --knn-k {len(train_ds)} or fewer")
+    return argparse.Namespace(
+        model=model, size=size, keys=keys, protocol=protocol, why=why, knn=use_knn,
+        centre_ds=centre_ds, crops_ds=crops_ds, val_ds=val_ds, n_train=len(train_ds),
+        n_val=len(val_ds), num_classes=num_classes, base_lr=lr_sched.scaled_lr(args),
+        world=world, features=describe_features(args, cfg, pixels))
+
+
+def probe_features(args, run, rank, device, log):
+    """The feature pass and the heads -> ({key: head result}, k-NN fields, the headline key,
+    timings). A grid's headline is chosen on held-out train (its best top-1), never on val."""
+    keys = run.keys
+    featurize = features.make_featurizer(run.model, keys, args)
+    t0 = time.time()
+    if run.protocol == "mae" and not run.knn:   # val only: the train pass is the training
+        val_x, val_y = features.extract(featurize, run.val_ds, args, device, rank, run.world,
+                                        "val")
+    else:
+        train_x, train_y, val_x, val_y = features.cached_features(
+            featurize, keys, run.centre_ds, run.crops_ds, run.val_ds, args, device, rank,
+            run.world)
+    seconds = {"seconds_features": round(time.time() - t0, 2)}
+    t0 = time.time()
+    results = {}
+    if run.protocol == "mae":
+        results[keys[0]] = probe_mae(featurize, keys[0], run.crops_ds, val_x[keys[0]], val_y,
+                                     run.base_lr, args, run.num_classes, device, rank, run.world,
+                                     log)
+    if run.protocol == "cached":
+        for key in keys:
+            tag = {"depth": key[0], "t": key[1], "noisy": key[2]}
+            results[key] = probe_cached.probe_cached(train_x[key], train_y, val_x[key], val_y,
+                                                     args, run.num_classes, device, log, tag,
+                                                     *cached_solver(args, run.base_lr))
+    seconds["seconds_head"] = round(time.time() - t0, 2)
+    best = keys[0]
+    if len(keys) > 1:
+        best = max(keys, key=lambda key: results[key][3].get("heldout_top1", 0.0))
+    knn_res = {}
+    if run.knn:                                 # the headline setting's center-crop features
+        t0 = time.time()
+        knn_res = knn.probe_knn(train_x[best][0], train_y, val_x[best], val_y, args,
+                                run.num_classes, device)
+        seconds["seconds_knn"] = round(time.time() - t0, 2)
+        log({"depth": best[0], "t": best[1], "noisy": best[2], **knn_res})
+    return results, knn_res, best, seconds
 
 
 def compare(args):
@@ -117,6 +328,21 @@ def compare(args):
     return res
 
 
+# ---- Checks, data, settings and the report ----------------------------------------------------
+def choose_protocol(args, n_train):
+    """-> (protocol, why): the one place --protocol auto is decided. n_train: train images (None
+    when the protocol was given and nothing needs the count)."""
+    if args.protocol != "auto":
+        return args.protocol, f"--protocol {args.protocol}"
+    if args.grid or args.select_setting or args.views > 1:
+        return "cached", "auto: --grid, --select-setting and --views need stored features"
+    steps = n_train // args.batch_size
+    counted = f"auto: {n_train} train images / batch {args.batch_size} = {steps} steps per epoch"
+    if steps >= AUTO_MIN_STEPS:
+        return "mae", f"{counted} >= {AUTO_MIN_STEPS}"
+    return "cached", f"{counted} < {AUTO_MIN_STEPS}; --protocol mae runs the paper's anyway"
+
+
 def check_flags(args):
     """The flag combinations that cannot run, refused before any work."""
     select = args.grid or args.select_setting
@@ -140,16 +366,16 @@ def check_flags(args):
 def build_sets(args, size):
     """-> (protocol, why, center-crop train set or None, random-crop train set or None, val).
     The center-crop set is built first when anything reads it: --protocol auto counts it."""
-    eval_tf = augment.build_transform("eval", size)
+    eval_tf = transforms.build_transform("eval", size)
     centre = None
     if args.protocol != "mae" or args.knn:
-        centre = data.build_dataset(args, "train", eval_tf)
+        centre = datasets.build_dataset(args, "train", eval_tf)
     protocol, why = choose_protocol(args, None if centre is None else len(centre))
     crops = None
     if protocol == "mae" or args.views > 1:
-        crop_tf = augment.build_transform("rrc", size, scale=(0.08, 1.0))  # MAE's probe crop scale
-        crops = data.build_dataset(args, "train", crop_tf)
-    return protocol, why, centre, crops, data.build_dataset(args, "val", eval_tf)
+        crop_tf = transforms.build_transform("rrc", size, scale=(0.08, 1.0))  # MAE's probe crops
+        crops = datasets.build_dataset(args, "train", crop_tf)
+    return protocol, why, centre, crops, datasets.build_dataset(args, "val", eval_tf)
 
 
 def describe_features(args, cfg, pixels):
@@ -161,7 +387,6 @@ def describe_features(args, cfg, pixels):
 
 
 def settings_lines(args, run):
-    """The effective settings in one block (as pretrain.py prints them): what this run does."""
     model = "none: raw pixels, flattened (<= 32x32x3 values)"
     if run.model is not None:
         cfg = run.model.config
@@ -181,7 +406,7 @@ def settings_lines(args, run):
         head = (f"LARS, {batch} cached features per step on one device, {run.n_train // batch} "
                 f"step(s) per epoch; lr = actual x {args.lr_grid} chosen on held-out train")
     if run.protocol == "mae":
-        layout = probing.mae_layout(args, run.world, run.n_train)
+        layout = mae_layout(args, run.world, run.n_train)
         head = (f"LARS, global batch {run.world * layout['accum'] * layout['micro']} = "
                 f"{run.world} rank(s) x accum {layout['accum']} x micro-batch {layout['micro']}, "
                 f"{layout['steps']} step(s) per epoch, the first of {layout['first_step']} "
@@ -193,8 +418,7 @@ def settings_lines(args, run):
              f"probe       {probe}",
              f"data        {args.dataset}: {run.n_train} train / {run.n_val} val images, "
              f"{run.num_classes} classes",
-             f"protocol    {run.protocol} ({run.why})",
-             f"            {PAPER[run.protocol]}",
+             f"protocol    {run.protocol} ({run.why})", f"            {PAPER[run.protocol]}",
              f"head        {head}"]
     if run.protocol != "knn" and not lbfgs:
         lines.append(f"lr          base {args.blr:g}, actual {run.base_lr:.4g} ({lr_rule})")
@@ -205,138 +429,6 @@ def settings_lines(args, run):
     return lines + [f"output      {args.output_dir}"]
 
 
-def prepare(args, device, world):
-    """The model, probe settings and data sets, every check done -> the run's facts."""
-    pixels = args.baseline == "pixels"
-    model = None
-    cfg = {}
-    if not pixels:
-        model = probing.load_backbone(args, device)
-        cfg = model.config
-    elif args.ckpt:                             # pixels: a checkpoint only fixes the size
-        cfg = pretrain.load_checkpoint(args.ckpt)["model_config"]
-    size, keys = probing.check_probe_keys(args, cfg, pixels, model)
-    protocol, why, centre_ds, crops_ds, val_ds = build_sets(args, size)
-    train_ds = centre_ds
-    if train_ds is None:                        # mae alone reads only the random crops
-        train_ds = crops_ds
-    num_classes = data.num_classes(train_ds)
-    if data.num_classes(val_ds) != num_classes or (args.nb_classes or num_classes) != num_classes:
-        raise UserError(f"class counts do not fit: train has {num_classes}, val "
-                        f"{data.num_classes(val_ds)}, --nb-classes {args.nb_classes}; point "
-                        f"--data-path at matching splits")
-    want = (cfg.get("in_chans", 3), size, size)
-    if tuple(val_ds[0][0].shape) != want:
-        raise UserError(f"images come out as {tuple(val_ds[0][0].shape)}, the model takes {want}")
-    knn = protocol == "knn" or args.knn
-    if knn and args.knn_k > len(train_ds):
-        raise UserError(f"--knn-k {args.knn_k} is more than the {len(train_ds)} train images; "
-                        f"pass --knn-k {len(train_ds)} or fewer")
-    base_lr = trainer.scaled_lr(args, args.batch_size)
-    return argparse.Namespace(
-        model=model, size=size, keys=keys, protocol=protocol, why=why, knn=knn,
-        centre_ds=centre_ds, crops_ds=crops_ds, val_ds=val_ds, n_train=len(train_ds),
-        n_val=len(val_ds), num_classes=num_classes, base_lr=base_lr, world=world,
-        features=describe_features(args, cfg, pixels))
-
-
-def append_log(path, rec, echo=False):
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-    except OSError as e:
-        raise cli.write_error(e, path) from None
-    if echo:
-        print(json.dumps(rec), flush=True)
-
-
-def main(args):
-    if args.compare:
-        return compare(args)
-    check_flags(args)
-    t_start = time.time()
-    rank, world, device = distributed.setup_distributed()
-    if rank == 0:
-        cli.check_writable_dir(args.output_dir, "--output-dir")
-    run = prepare(args, device, world)
-    log_path = os.path.join(args.output_dir, "log.jsonl")
-    if rank == 0:
-        print("[linprobe] effective settings\n  " + "\n  ".join(settings_lines(args, run)),
-              flush=True)
-        cli.atomic_write(log_path, lambda tmp: cli.write_lines(tmp, []))   # a fresh log
-
-    def log(rec, echo=False):
-        if rank == 0:
-            append_log(log_path, rec, echo)
-    before = None
-    if run.model is not None:
-        before = probing.checksum(run.model)
-    results, knn, best, seconds = probe_features(args, run, rank, device, log)
-    unchanged = before is None or torch.equal(before, probing.checksum(run.model))
-    if not unchanged:
-        raise RuntimeError("the frozen backbone's weights changed during probing")   # a bug
-    info = {"solver": "none: weighted k-NN", "selection": "none: k and T fixed"}
-    top1, top5 = knn.get("knn_top1"), knn.get("knn_top5")
-    if results:
-        _, top1, top5, info = results[best]
-    res = {"top1": round(top1, 2), "top5": round(top5, 2), "protocol": run.protocol,
-           "protocol_reason": run.why, "protocol_vs_paper": PAPER[run.protocol],
-           "features": run.features, "depth": best[0], "t": best[1], "noisy_input": best[2],
-           **info, **knn, "checkpoint": args.ckpt, "dataset": args.dataset,
-           "input_size": run.size, "num_classes": run.num_classes, "n_train": run.n_train,
-           "n_val": run.n_val, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
-           "batch_size": args.batch_size, "views": args.views, "seed": args.seed,
-           "backbone_unchanged": unchanged, **seconds,
-           "seconds_total": round(time.time() - t_start, 2)}
-    short = {key: summary(result) for key, result in results.items()}
-    if len(results) > 1:
-        res["grid"] = [{"depth": k[0], "t": k[1], "noisy": k[2], **v} for k, v in short.items()]
-    if rank == 0:
-        save_and_print(args, res, results, short, best)
-    if world > 1:
-        dist.destroy_process_group()
-    return res
-
-
-def probe_features(args, run, rank, device, log):
-    """The feature pass and the heads -> ({key: head result}, k-NN fields, the headline key,
-    timings). A grid's headline is chosen on held-out train (its best top-1), never on val."""
-    keys = run.keys
-    featurize = make_featurizer(run.model, keys, args)
-    t0 = time.time()
-    if run.protocol == "mae" and not run.knn:   # val only: the train pass is the training
-        val_x, val_y = extract(featurize, run.val_ds, args, device, rank, run.world, "val")
-    else:
-        train_x, train_y, val_x, val_y = cached_features(featurize, keys, run.centre_ds,
-                                                         run.crops_ds, run.val_ds, args, device,
-                                                         rank, run.world)
-    seconds = {"seconds_features": round(time.time() - t0, 2)}
-    t0 = time.time()
-    results = {}
-    if run.protocol == "mae":
-        results[keys[0]] = probing.probe_mae(featurize, keys[0], run.crops_ds, val_x[keys[0]],
-                                             val_y, run.base_lr, args, run.num_classes, device,
-                                             rank, run.world, log)
-    if run.protocol == "cached":
-        for key in keys:
-            tag = {"depth": key[0], "t": key[1], "noisy": key[2]}
-            results[key] = probing.probe_cached(train_x[key], train_y, val_x[key], val_y,
-                                                run.base_lr, args, run.num_classes, device, log,
-                                                tag)
-    seconds["seconds_head"] = round(time.time() - t0, 2)
-    best = keys[0]
-    if len(keys) > 1:
-        best = max(keys, key=lambda key: results[key][3].get("heldout_top1", 0.0))
-    knn = {}
-    if run.knn:                                 # the headline setting's center-crop features
-        t0 = time.time()
-        knn = probing.probe_knn(train_x[best][0], train_y, val_x[best], val_y, args,
-                                run.num_classes, device)
-        seconds["seconds_knn"] = round(time.time() - t0, 2)
-        log({"depth": best[0], "t": best[1], "noisy": best[2], **knn})
-    return results, knn, best, seconds
-
-
 def summary(result):
     """One head's figures and chosen setting, for the grid and head.pt."""
     _, top1, top5, info = result
@@ -345,14 +437,19 @@ def summary(result):
 
 
 def save_and_print(args, res, results, short, best):
-    """head.pt (every head, none for knn), the grid table, the result line and the JSON line."""
+    """head.pt (every head; none for knn), the grid table, the result line and the JSON line."""
     if len(results) > 1:                        # DDAE-style table: rows depth, columns t
-        print_grid(list(results), results)
+        levels = sorted({key[1:] for key in results})
+        print("depth \\ t " + "".join(f"{f'{t}n' if noisy else t:>8}" for t, noisy in levels))
+        for depth in sorted({key[0] for key in results}):
+            print(f"{depth:>9} " + "".join(f"{results[(depth, *level)][1]:8.2f}"
+                                           for level in levels))
     if results:
-        heads = {head_name(key): {**r[0], **short[key]} for key, r in results.items()}
+        heads = {f"depth{k[0]}_t{k[1]}{'_noisy' if k[2] else ''}": {**r[0], **short[k]}
+                 for k, r in results.items()}
         settings = {k: v for k, v in res.items() if k != "grid"}
-        cli.save_torch({"heads": heads, "settings": settings},
-                       os.path.join(args.output_dir, "head.pt"))
+        files.save_torch({"heads": heads, "settings": settings},
+                         os.path.join(args.output_dir, "head.pt"))
     setting = f"depth {best[0]}, t {best[1]}, {'noisy' if best[2] else 'clean'} input"
     also = ""
     if "knn_top1" in res and res["protocol"] != "knn":
@@ -409,8 +506,7 @@ def get_args_parser():
         help="global batch (all ranks and micro-batches)")
     add("--blr", type=num(float, 0), default=0.1, help="lr = blr * batch / 256 (MAE: 6.4 at 16384)")
     add("--lr", type=num(float, 0), default=None,
-        help="absolute lr (overrides --blr; the paper's 6.4e-3 is the per-step relative move "
-             "under LARS, i.e. lr 6.4 here)")
+        help="absolute lr (overrides --blr; the paper's 6.4e-3 is 6.4 here: see RECIPE s5)")
     add("--accum-iter", type=num(int, 1), default=None,
         help="mae: micro-batches per step (default: enough for --max-device-batch)")
     add("--solver", choices=("lbfgs", "lars"), default="lbfgs",
@@ -431,11 +527,10 @@ def get_args_parser():
     add("--knn-t", type=num(float, 0, low_open=True), default=0.07,
         help="k-NN: vote weight exp(cosine / T) (DINO's 0.07)")
     add("--seed", type=int, default=0, help="head init, data order, crops, held-out split")
-
     add("--nb-classes", type=num(int, 1), default=None,
         help="the head's expected class count (checked against the data)")
 
-    data.add_data_args(parser)
+    datasets.add_data_args(parser)
     parser.set_defaults(input_size=None)        # default: the checkpoint model's img_size
 
     output = parser.add_argument_group("device and output")

@@ -11,7 +11,7 @@ Run:
       --input-size 32 --patch-size 4 --out /tmp/pca_fm.pt
   python tokenizer_pca.py --dataset imagefolder --data-path /data/imagenet/train --input-size 256 \
       --patch-size 16 --num-images 20000 --patches-per-image 64 --out pca_in1k.pt   # paper setting
-  python tests/bench_pca.py                    # accumulation speed vs numpy SVD, 1M x 768 patches
+  python tools/bench_pca.py                    # accumulation speed vs numpy SVD, 1M x 768 patches
 
 Choices the paper leaves open (RECIPE s2 [choice]), all recorded in the saved file:
   * No mean subtraction by default (--center turns it on): the basis is then the eigenbasis of
@@ -264,7 +264,7 @@ def fit_pca(dataset, patch_size, num_images=None, patches_per_image=0, center=Fa
     """Fit a PatchPCA on a random sample of images (RECIPE s2). patches_per_image=0 uses all
     patches of each image, k > 0 a random k of them. Deterministic given seed (with num_workers
     > 0 the loader's workers are seeded from it too; still, give it a dataset with a
-    deterministic transform such as augment.build_transform("center", size)).
+    deterministic transform such as util.transforms.build_transform("center", size)).
     dataset: map-style dataset of (image, label) with images (C, H, W) in [-1, 1], an image
     tensor (N, C, H, W), or an iterable of batches."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -309,8 +309,7 @@ REPORT_DIMS = (8, 16, 32, 64, 128)  # Table 2's d values
 
 
 def get_args_parser():
-    import cli
-    import data
+    from util import cli, datasets
     num = cli.bounded
     p = cli.ArgumentParser(prog="tokenizer_pca.py",
                            description="Fit the patch-wise PCA tokenizer (RECIPE.md s2)")
@@ -331,7 +330,7 @@ def get_args_parser():
                      help="images per batch of the fit")
     fit.add_argument("--device", default=None,
                      help="where X^T X accumulates (default: cuda if available, else cpu)")
-    data.add_data_args(p)
+    datasets.add_data_args(p)
     return p
 
 
@@ -354,7 +353,7 @@ def _recon_grid(pca, x, dims):
 
 def _check_args(args):
     """UserError for flags that cannot work, before any image is read."""
-    import cli
+    from util import cli, files
     if args.input_size % args.patch_size:
         raise cli.UserError(f"--input-size {args.input_size} is not a multiple of --patch-size "
                             f"{args.patch_size}")
@@ -367,7 +366,7 @@ def _check_args(args):
     if not os.path.isdir(out_dir):
         raise cli.UserError(f"output folder {out_dir} does not exist; create it (mkdir -p "
                             f"{out_dir}) or pick another --out")
-    cli.check_writable_dir(out_dir, "the folder of --out")
+    files.check_writable_dir(out_dir, "the folder of --out")
 
 
 def _print_spectrum(pca, dims):
@@ -385,12 +384,13 @@ def _print_spectrum(pca, dims):
 
 def _write_pngs(pca, ds, out, input_size, dims):
     """The top components and a few reconstructions as PNGs beside `out` -> their paths."""
-    import cli
     import torchvision
+
+    from util import files
     stem = os.path.splitext(out)[0]
     components_png, recon_png = stem + "_components.png", stem + "_recon.png"
     components = _component_grid(pca)
-    cli.atomic_write(components_png, lambda tmp: torchvision.utils.save_image(
+    files.atomic_write(components_png, lambda tmp: torchvision.utils.save_image(
         components, tmp, format="png", nrow=8, padding=2, pad_value=0.5))
     x = torch.stack([ds[i][0] for i in range(min(8, len(ds)))])
     recon = _recon_grid(pca, x, dims)
@@ -398,18 +398,17 @@ def _write_pngs(pca, ds, out, input_size, dims):
         # upscale small images so the grid is readable
         upscale = max(1, 128 // input_size)
         recon = nn.functional.interpolate(recon, scale_factor=upscale, mode="nearest")
-    cli.atomic_write(recon_png, lambda tmp: torchvision.utils.save_image(
+    files.atomic_write(recon_png, lambda tmp: torchvision.utils.save_image(
         recon, tmp, format="png", nrow=len(x), padding=2, pad_value=1.0))
     return components_png, recon_png
 
 
 def main(args):
-    import augment
-    import cli
-    import data
+    from util import datasets, files, transforms
     _check_args(args)
     # The tokenizer sees the images the ablation models see: DiT center crop (RECIPE s2, s6).
-    ds = data.build_dataset(args, "train", augment.build_transform("center", args.input_size))
+    center = transforms.build_transform("center", args.input_size)
+    ds = datasets.build_dataset(args, "train", center)
     per_image = args.patches_per_image or "all"
     print(f"[pca] fit on {min(args.num_images, len(ds))} of {len(ds)} images at {args.input_size} "
           f"px: patch {args.patch_size} (D = {3 * args.patch_size ** 2}), {per_image} patches "
@@ -422,7 +421,7 @@ def main(args):
                   meta={"dataset": args.dataset, "data_path": args.data_path or ""})
     seconds = time.time() - start
     pca.meta["seconds"] = round(seconds, 3)
-    cli.save_torch(pca.to_dict(), args.out)
+    files.save_torch(pca.to_dict(), args.out)
     fitted = pca.meta
     rate = fitted["num_patches"] / seconds
     print(f"fitted on {fitted['num_images']} images, {fitted['num_patches']} patches "
@@ -441,5 +440,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    import cli
+    from util import cli
     cli.run_cli(main, get_args_parser())

@@ -1,11 +1,12 @@
-# Put the repo root on sys.path so tests import the flat top-level modules
-# (data, tokenizer_pca, ...).
+# The repository root (the stage scripts and util/) and tools/ on sys.path, as running a script
+# from the root puts them.
 import os
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 
 
 @pytest.fixture(scope="session")

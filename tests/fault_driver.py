@@ -21,9 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import cli  # noqa: E402
 import pretrain  # noqa: E402
-import trainer  # noqa: E402
+from util import cli  # noqa: E402
+from util.engine import Engine  # noqa: E402
 
 
 def inject(fault):
@@ -49,14 +49,14 @@ def inject(fault):
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         if os.environ.get("RANK") != "1" or not first_attempt:
             return
-    real_step, steps = trainer.Engine.step, [0]
+    real_step, steps = Engine.step, [0]
 
     def step_then_fault(self, *args, **kwargs):
         real_step(self, *args, **kwargs)
         steps[0] += 1
         if steps[0] == n:
             os.kill(os.getpid(), signals[kind])
-    trainer.Engine.step = step_then_fault
+    Engine.step = step_then_fault
 
 
 if __name__ == "__main__":

@@ -12,21 +12,18 @@ import pytest
 import torch
 from PIL import Image
 
-import augment
-import cli
-import data
-import synthetic
-from cli import UserError
+from util import cli, datasets, synthetic, transforms
+from util.cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _args(*argv):
-    return data.add_data_args(argparse.ArgumentParser()).parse_args(list(argv))
+    return datasets.add_data_args(argparse.ArgumentParser()).parse_args(list(argv))
 
 
 def _tf(size=16):
-    return augment.build_transform("center", size)
+    return transforms.build_transform("center", size)
 
 
 def _make_imagefolder(root, classes=("a", "b"), per_class=3, size=20):
@@ -42,17 +39,17 @@ def _make_imagefolder(root, classes=("a", "b"), per_class=3, size=20):
 def test_imagefolder_flat_and_split_layouts(tmp_path, capsys):
     _make_imagefolder(tmp_path / "flat", per_class=12)
     a = _args("--dataset", "imagefolder", "--data-path", str(tmp_path / "flat"))
-    tr, va = data.build_dataset(a, "train", _tf()), data.build_dataset(a, "val", _tf())
+    tr, va = datasets.build_dataset(a, "train", _tf()), datasets.build_dataset(a, "val", _tf())
     # items 0 and 10 of each class are val
-    assert (len(tr), len(va)) == (20, 4) and data.num_classes(tr) == 2
+    assert (len(tr), len(va)) == (20, 4) and datasets.num_classes(tr) == 2
     assert "2 classes, 20 images" in capsys.readouterr().out
     x, y = tr[0]
     assert x.shape == (3, 16, 16) and -1 <= x.min() and x.max() <= 1 and y in (0, 1)
     _make_imagefolder(tmp_path / "sp" / "train", classes=("a", "b", "c"))
     _make_imagefolder(tmp_path / "sp" / "val", classes=("a", "b", "c"), per_class=1)
     a = _args("--dataset", "imagefolder", "--data-path", str(tmp_path / "sp"))
-    assert len(data.build_dataset(a, "train", _tf())) == 9
-    assert len(data.build_dataset(a, "val", _tf())) == 3
+    assert len(datasets.build_dataset(a, "train", _tf())) == 9
+    assert len(datasets.build_dataset(a, "val", _tf())) == 3
     assert "3 classes, 3 images" in capsys.readouterr().out
 
 
@@ -74,7 +71,7 @@ def test_imagefolder_errors_name_the_path(tmp_path, case, match):
         _make_imagefolder(p / "train")
     argv = ["--dataset", "imagefolder"] + ([] if case == "no_path" else ["--data-path", str(p)])
     with pytest.raises(UserError, match=match) as e:
-        data.build_dataset(_args(*argv), "val" if case == "no_val" else "train", _tf())
+        datasets.build_dataset(_args(*argv), "val" if case == "no_val" else "train", _tf())
     if case != "no_path":
         assert str(p) in str(e.value)
 
@@ -83,7 +80,7 @@ def test_unreadable_image_names_file_in_process_and_in_workers(tmp_path):
     root = _make_imagefolder(tmp_path / "bad", classes=("a",), per_class=1)
     (root / "a" / "broken.png").write_bytes(b"this is not a png")
     args = _args("--dataset", "imagefolder", "--data-path", str(root))
-    ds = data.build_dataset(args, "train", _tf())
+    ds = datasets.build_dataset(args, "train", _tf())
     bad = [i for i, (f, _) in enumerate(ds.dataset.samples) if f.endswith("broken.png")][0]
     with pytest.raises(UserError, match="cannot read image file .*broken.png"):
         ds.dataset[bad]
@@ -139,11 +136,11 @@ def test_fashion_mnist_from_gz_folder_offline(tmp_path, monkeypatch):
     os.chmod(src, 0o555)  # data folders may be read-only (/usr/share): we only write to the cache
     try:
         a = _args("--dataset", "fashion-mnist", "--data-path", str(src), "--input-size", "32")
-        tr = data.build_dataset(a, "train", augment.build_transform("center", 32))
-        va = data.build_dataset(a, "val", augment.build_transform("eval", 32))
+        tr = datasets.build_dataset(a, "train", transforms.build_transform("center", 32))
+        va = datasets.build_dataset(a, "val", transforms.build_transform("eval", 32))
     finally:
         os.chmod(src, 0o755)
-    assert (len(tr), len(va), data.num_classes(tr)) == (12, 5, 10)
+    assert (len(tr), len(va), datasets.num_classes(tr)) == (12, 5, 10)
     x, y = tr[3]
     assert x.shape == (3, 32, 32) and y == 3
     assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])  # grayscale -> 3 equal channels
@@ -159,28 +156,28 @@ def test_fashion_mnist_errors(tmp_path, monkeypatch):
     a = _args("--dataset", "fashion-mnist", "--data-path", str(src))
     missing = r"missing in .*fm: t10k-labels-idx1-ubyte\[\.gz\].*dataset-fashion-mnist"
     with pytest.raises(UserError, match=missing):
-        data.build_dataset(a, "train", _tf())
+        datasets.build_dataset(a, "train", _tf())
     with gzip.open(src / "t10k-labels-idx1-ubyte.gz", "wb") as f:
         f.write(b"\x00\x00\x08\x03junk")  # an images magic where labels belong
     with pytest.raises(UserError, match="t10k-labels-idx1-ubyte.gz is not an idx file"):
-        data.build_dataset(a, "train", _tf())
+        datasets.build_dataset(a, "train", _tf())
     with pytest.raises(UserError, match="does not exist"):
         args = _args("--dataset", "fashion-mnist", "--data-path", str(tmp_path / "x"))
-        data.build_dataset(args, "train", _tf())
+        datasets.build_dataset(args, "train", _tf())
 
 
 def test_cifar10_missing_files(tmp_path):
     with pytest.raises(UserError, match="has no cifar-10-batches-py"):
         args = _args("--dataset", "cifar10", "--data-path", str(tmp_path))
-        data.build_dataset(args, "train", _tf())
+        datasets.build_dataset(args, "train", _tf())
 
 
-@pytest.mark.skipif(not os.path.isdir(data.DEBIAN_FMNIST),
+@pytest.mark.skipif(not os.path.isdir(datasets.DEBIAN_FMNIST),
                     reason="dataset-fashion-mnist not installed")
 def test_fashion_mnist_debian_package(tmp_path, monkeypatch):
     monkeypatch.setenv("LDAE_CACHE", str(tmp_path / "cache"))
     args = _args("--dataset", "fashion-mnist", "--input-size", "32")
-    ds = data.build_dataset(args, "val", _tf(32))
+    ds = datasets.build_dataset(args, "val", _tf(32))
     # the first test item is an ankle boot (class 9)
     assert len(ds) == 10000 and ds[0][0].shape == (3, 32, 32) and ds[0][1] == 9
 
@@ -188,9 +185,10 @@ def test_fashion_mnist_debian_package(tmp_path, monkeypatch):
 # --- synthetic ---------------------------------------------------------------------------------
 def test_synthetic_deterministic_balanced_and_split_streams(capsys):
     a = _args("--synthetic-size", "40", "--input-size", "32")
-    tr1, tr2 = data.build_dataset(a, "train", _tf(32)), data.build_dataset(a, "train", _tf(32))
-    va = data.build_dataset(a, "val", _tf(32))
-    assert len(va) == 10 and data.num_classes(tr1) == 10 == len(synthetic.SYNTHETIC_CLASSES)
+    tr1 = datasets.build_dataset(a, "train", _tf(32))
+    tr2 = datasets.build_dataset(a, "train", _tf(32))
+    va = datasets.build_dataset(a, "val", _tf(32))
+    assert len(va) == 10 and datasets.num_classes(tr1) == 10 == len(synthetic.SYNTHETIC_CLASSES)
     assert "10 classes, 40 images" in capsys.readouterr().out
     x0, y0 = tr1[5]
     assert x0.shape == (3, 32, 32) and -1 <= x0.min() < 0 < x0.max() <= 1
@@ -219,12 +217,12 @@ def test_transforms_shapes_and_range():
     gray = np.random.RandomState(0).randint(0, 256, (40, 60), dtype=np.uint8)
     img = Image.fromarray(gray)
     for kind in ("center", "rrc", "eval"):
-        x = augment.build_transform(kind, 32)(img)
+        x = transforms.build_transform(kind, 32)(img)
         assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
-    white = augment.build_transform("center", 8)(Image.new("RGB", (10, 10), (255, 255, 255)))
+    white = transforms.build_transform("center", 8)(Image.new("RGB", (10, 10), (255, 255, 255)))
     assert torch.allclose(white, torch.ones(3, 8, 8))  # [-1, 1] normalisation
     with pytest.raises(UserError, match="unknown transform"):
-        augment.build_transform("bogus", 32)
+        transforms.build_transform("bogus", 32)
 
 
 def test_concurrent_fashion_mnist_preparation_is_safe(tmp_path, monkeypatch):
@@ -235,20 +233,20 @@ def test_concurrent_fashion_mnist_preparation_is_safe(tmp_path, monkeypatch):
     src = tmp_path / "gz"
     src.mkdir()
     payload = os.urandom(1 << 16)
-    for name, magic in data.FMNIST_FILES.items():
+    for name, magic in datasets.FMNIST_FILES.items():
         with gzip.open(src / (name + ".gz"), "wb", compresslevel=1) as f:
             f.write(magic.to_bytes(4, "big") + payload)
     monkeypatch.setenv("LDAE_CACHE", str(tmp_path / "cache"))
-    copy = data.shutil.copyfileobj
+    copy = datasets.shutil.copyfileobj
     interleaved = []
 
     def copy_with_a_rival(fsrc, fdst, *a):
         if not interleaved:
             interleaved.append(True)
-            data._prepare_fashion_mnist(str(src))          # the rival finishes first
+            datasets._prepare_fashion_mnist(str(src))          # the rival finishes first
         return copy(fsrc, fdst, *a)
-    monkeypatch.setattr(data.shutil, "copyfileobj", copy_with_a_rival)
-    root = data._prepare_fashion_mnist(str(src))
+    monkeypatch.setattr(datasets.shutil, "copyfileobj", copy_with_a_rival)
+    root = datasets._prepare_fashion_mnist(str(src))
     cached = sorted((tmp_path / "cache").rglob("*"))
     files = [p for p in cached if p.is_file()]
     assert interleaved and len(files) == 4, cached                 # no temporary files left

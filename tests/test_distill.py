@@ -15,8 +15,9 @@ import torch.nn.functional as F
 import distill
 import linprobe
 import pretrain
-import trainer
-from cli import UserError
+from util import registry
+from util.cli import UserError
+from util.engine import Engine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +44,7 @@ def distill_args(teacher, out, *extra):
 def test_the_loss_is_repfusions_term_by_term(teacher_ckpt, baseline):
     # MSE(adaptor(student), teacher at t) + CE(head(teacher)) + REINFORCE with r = -CE (minus the
     # mean r of the batch's other images; none: the authors', no baseline) - entropy
-    teacher = pretrain.model_from_checkpoint(pretrain.load_checkpoint(teacher_ckpt))
+    teacher = registry.model_from_checkpoint(registry.load(teacher_ckpt))
     student = distill.build_student("vit_tiny", teacher, 32)
     model = distill.RepFusion(teacher, student, 10, "rl", 10, 2, 0.1, teacher_ckpt,
                               baseline=baseline)
@@ -73,7 +74,7 @@ def test_the_loss_is_repfusions_term_by_term(teacher_ckpt, baseline):
 def test_token_matching_compares_every_position_on_the_students_grid(teacher_ckpt):
     # --match tokens: MSE of adaptor(student tokens) and the teacher's tokens pooled to the
     # student's grid; the reward head still reads the teacher's pooled feature
-    teacher = pretrain.model_from_checkpoint(pretrain.load_checkpoint(teacher_ckpt))
+    teacher = registry.model_from_checkpoint(registry.load(teacher_ckpt))
     tokens = teacher.forward_features(torch.zeros(2, 3, 32, 32), pool=False)
     assert tokens.shape == (2, 64, 64)
     assert torch.allclose(tokens.mean(1), teacher.forward_features(torch.zeros(2, 3, 32, 32)))
@@ -134,7 +135,7 @@ def policy_mass_below_100(seed, baseline, steps=300):
     model = distill.RepFusion(TwoLevelTeacher(), TinyStudent(), 2, "rl", 10, 2, 0.1, "fake",
                               baseline=baseline)
     args = distill.get_args_parser().parse_args(["--teacher", "x", "--ema", "0"])
-    engine = trainer.Engine(model, args, 0, 1, torch.device("cpu"))
+    engine = Engine(model, args, 0, 1, torch.device("cpu"))
 
     def mass():
         x = torch.rand(256, 3, 16, 16) * 2 - 1
@@ -163,7 +164,7 @@ def test_students_are_checkpoints_linprobe_and_export_read(teacher_ckpt, tmp_pat
     res = distill.main(distill_args(teacher_ckpt, tmp_path / "vit"))
     assert res["steps"] == 8 and math.isfinite(res["final_loss"])
     assert set(res["policy_t"]) == {"p10", "median", "p90"}
-    student = pretrain.load_checkpoint(res["student"])
+    student = registry.load(res["student"])
     config = student["model_config"]
     assert config["family"] == "ldae" and config["latent_dim"] == 48
     probe = linprobe.main(linprobe.get_args_parser().parse_args(
@@ -176,11 +177,11 @@ def test_students_are_checkpoints_linprobe_and_export_read(teacher_ckpt, tmp_pat
     # a ResNet-18 student and the fixed-t baseline: a step each, and its checkpoint probes too
     res = distill.main(distill_args(teacher_ckpt, tmp_path / "resnet", "--student", "resnet18",
                                     "--t-policy", "fixed", "--max-steps", "2"))
-    model = pretrain.model_from_checkpoint(pretrain.load_checkpoint(res["student"]))
+    model = registry.model_from_checkpoint(registry.load(res["student"]))
     assert model.forward_features(torch.zeros(2, 3, 32, 32)).shape == (2, 512)
     assert res["policy_t"] == {"fixed": 10}
     with pytest.raises(UserError, match="distill.py run's checkpoint"):
-        pretrain.model_from_checkpoint(pretrain.load_checkpoint(res["checkpoint"]))
+        registry.model_from_checkpoint(registry.load(res["checkpoint"]))
 
 
 def test_distillation_resumes_bit_identically(teacher_ckpt, tmp_path):

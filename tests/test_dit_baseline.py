@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-import data
 import dit_baseline as db
 import ldae
 import pretrain
-from cli import UserError
+from util import datasets, features, registry
+from util.cli import UserError
 from tokenizer_pca import PatchPCA
 
 
@@ -59,7 +59,7 @@ def official_keys(depth):
     return keys
 
 
-def test_official_state_dict_names_and_load():
+def test_official_state_dict_names_and_shapes():
     kw = dict(input="latents", latent_channels=4, latent_size=32, class_cond=True, num_classes=1000,
               learn_sigma=True)
     with torch.device("meta"):
@@ -69,16 +69,6 @@ def test_official_state_dict_names_and_load():
     assert sd["y_embedder.embedding_table.weight"].shape == (1001, 384)     # + null class
     assert sd["final_layer.linear.weight"].shape == (2 * 2 * 8, 384)         # learn_sigma: 2 C
     assert sd["pos_embed"].shape == (1, 256, 384)
-    # a state dict with exactly the official keys loads, and the weights arrive
-    a = db.build_model("dit_tiny_2", **{**kw, "num_classes": 10, "latent_size": 8})
-    b = db.build_model("dit_tiny_2", **{**kw, "num_classes": 10, "latent_size": 8})
-    b.init_weights(active=True)
-    official = {k: v for k, v in b.state_dict().items() if not k.startswith("pca.")}
-    a.load_official(official)
-    modulation_a, modulation_b = a.blocks[1].adaLN_modulation[1], b.blocks[1].adaLN_modulation[1]
-    assert torch.equal(modulation_a.weight, modulation_b.weight)
-    with pytest.raises(RuntimeError):
-        a.load_official({k: v for k, v in official.items() if k != "pos_embed"})
 
 
 def test_unconditional_has_no_label_embedder():
@@ -115,7 +105,7 @@ def test_linear_gamma2_and_no_scaling():
     m = ldae.build_model("vit_tiny")                         # same sigma as l-DAE (RECIPE s3)
     t = torch.arange(1000)
     torch.testing.assert_close(s.float(), m.sigma(t))
-    with pytest.raises(UserError, match="unknown schedule"):
+    with pytest.raises(ValueError, match="unknown schedule"):
         db.make_schedule("cosine")
 
 
@@ -156,9 +146,9 @@ def test_x0_loss_weight(schedule, t, monkeypatch):
 
 def test_class_cond_needs_labels_in_range():
     m = db.build_model("dit_tiny_1", random_pca(4), class_cond=True, num_classes=3)
-    with pytest.raises(UserError, match="labels"):
+    with pytest.raises(ValueError, match="labels"):
         m.loss(images())
-    with pytest.raises(UserError, match="num_classes"):
+    with pytest.raises(ValueError, match="num_classes"):
         m.loss(images(), torch.tensor([0, 1, 2, 3]))
 
 
@@ -177,13 +167,13 @@ def test_pca_latent_layout_and_pixel_row():
 
 
 def test_bad_configs_raise_user_errors():
-    with pytest.raises(UserError, match="exceeds D"):
+    with pytest.raises(ValueError, match="exceeds D"):
         db.build_model("dit_tiny_1", random_pca(4), latent_dim=64)
-    with pytest.raises(UserError, match="does not tile"):
+    with pytest.raises(ValueError, match="does not tile"):
         db.build_model("dit_tiny_2", random_pca(8, 24), img_size=24, patch_size=8)   # 3x3 grid
-    with pytest.raises(UserError, match="patches"):
+    with pytest.raises(ValueError, match="patches"):
         db.build_model("dit_tiny_1", random_pca(8))                                  # wants 4 px
-    with pytest.raises(UserError, match="true or false"):
+    with pytest.raises(ValueError, match="true or false"):
         db.build_model("dit_tiny_1", random_pca(4), class_cond="maybe")
     assert db.build_model("dit_tiny_1", random_pca(4), class_cond="False").class_cond is False
     with pytest.raises(KeyError):
@@ -195,27 +185,27 @@ class Gadget:            # a class a pickle can name: loading it would run code
         return (print, ("this would have run",))
 
 
-def test_latent_dataset_and_build_from_file(latents_file, tmp_path):
-    ds = db.make_latent_dataset(latents_file)
+def test_latent_file_and_build_from_it(latents_file, tmp_path):
+    ds = datasets.open_latents(latents_file)
     x, y = ds[3]
     assert x.dtype == torch.float32 and x.shape == (4, 8, 8) and y == 0
-    assert data.num_classes(ds) == 3
-    m = db.build_model("dit_tiny_2", None, latents_file=latents_file, class_cond=True)
+    assert datasets.num_classes(ds) == 3
+    m = registry.build_model("dit_tiny_2", None, latents_file=latents_file, class_cond=True)
     assert m.config["input"] == "latents" and m.config["num_classes"] == 3
     assert m.x_embedder.proj.in_channels == 4 and m.pos_embed.shape[1] == 16
     xb = torch.stack([ds[i][0] for i in range(4)])
     assert torch.equal(m.encode(xb), xb)                      # latents go in as they are
     assert m.denoise(xb, 100)[1].shape == (4, 3, 8, 8)        # false-colour view for grids
     with pytest.raises(UserError, match="--latents-file"):
-        db.make_latent_dataset(None)
+        datasets.LatentFile(None)
     with pytest.raises(UserError, match="does not exist"):
-        db.make_latent_dataset(str(tmp_path / "nope.pt"))
+        datasets.LatentFile(str(tmp_path / "nope.pt"))
     torch.save({"x": torch.zeros(1)}, str(tmp_path / "bad.pt"))
     with pytest.raises(UserError, match="'latents'"):
-        db.make_latent_dataset(str(tmp_path / "bad.pt"))
+        datasets.LatentFile(str(tmp_path / "bad.pt"))
     torch.save({"latents": Gadget(), "labels": torch.zeros(1)}, str(tmp_path / "evil.pt"))
     with pytest.raises(UserError) as refused:
-        db.make_latent_dataset(str(tmp_path / "evil.pt"))
+        datasets.LatentFile(str(tmp_path / "evil.pt"))
     assert "refused" in str(refused.value) and "would run" in str(refused.value)
     assert "weights_only" not in str(refused.value)
 
@@ -255,7 +245,6 @@ def test_denoise_with_a_perfect_network_recovers_the_projection(monkeypatch):
 
 # --- presets ----------------------------------------------------------------------------------
 def test_presets_cover_the_paper():
-    assert set(db.PAPER_ACC) == set(db.PRESETS)
     for name in ["t1_dit_cond", "t1_no_cond", "t1_new_schedule", "t2_pixel", "t3_ldae",
                  "abl_single_level", "abl_random_crop", "final_vit_b", "final_vit_l"]:
         assert name in db.PRESETS
@@ -269,18 +258,19 @@ def test_presets_cover_the_paper():
 @pytest.mark.parametrize("name", sorted(db.PRESETS))
 def test_every_preset_takes_a_training_step(name, latents_file):
     preset = db.PRESETS[name]
-    fam = pretrain.family_of(preset["model"])
-    module = db if fam == "dit" else ldae
+    family = registry.family_of(preset["model"])
+    module = db if family == "dit" else ldae
     ov = {k: v for k, v in preset.items() if k in module.MODEL_FLAGS}
     if preset.get("latents_file", 0) is None:                 # Table 1: the user's latents
         ov["latents_file"] = latents_file
     torch.manual_seed(0)
-    model = module.build_model(db.SMALL_MODEL[fam], random_pca(8), img_size=32, patch_size=8, **ov)
+    small = {"dit": "dit_tiny_1", "ldae": "vit_tiny"}[family]   # the row at toy size
+    model = registry.build_model(small, random_pca(8), img_size=32, patch_size=8, **ov)
     for k in ("schedule", "prediction", "target", "noise", "latent_dim", "class_cond"):
         if k in ov and not (k == "latent_dim" and ov[k] == 0):   # 0 = all D (pixel row)
             assert model.config[k] == ov[k], k               # the preset really set the row
     if model.config.get("input") == "latents":
-        ds = db.LatentDataset(latents_file)
+        ds = datasets.open_latents(latents_file)
         x, y = torch.stack([ds[i][0] for i in range(4)]), torch.tensor([ds[i][1] for i in range(4)])
     else:
         x, y = images(), torch.tensor([0, 1, 2, 3])
@@ -303,12 +293,12 @@ def test_preset_runs_through_pretrain_and_checkpoint(tmp_path):
          "--pca-images", "16", "--num-workers", "0", "--output-dir", out])
     assert args.prediction == "x0" and args.schedule == "no_scaling" and args.latent_dim == 8
     pretrain.main(args)
-    m = pretrain.model_from_checkpoint(pretrain.load_checkpoint(out + "/checkpoint.pt"))
+    m = registry.model_from_checkpoint(registry.load(out + "/checkpoint.pt"))
     assert m.config["family"] == "dit" and m.config["prediction"] == "x0" and m.C == 8
     assert m.forward_features(images(2)).shape == (2, 64)
 
 
-def test_conditioning_ratio_quarter_in_paper_rows_full_for_official_weights():
+def test_conditioning_ratio_quarter_in_paper_rows_full_in_the_registry():
     m = db.build_model("dit_tiny_1", random_pca(4), cond_ratio=0.25, class_cond=True, num_classes=3)
     assert m.t_embedder.mlp[2].out_features == 16                   # 64 / 4
     assert m.blocks[0].adaLN_modulation[1].in_features == 16
@@ -316,10 +306,8 @@ def test_conditioning_ratio_quarter_in_paper_rows_full_for_official_weights():
     m.loss(images(2, 32), torch.tensor([0, 2])).backward()          # it trains
     assert db.build_model("dit_tiny_1", random_pca(4)).config["cond_ratio"] == 1.0
     for name, preset in db.PRESETS.items():                         # every paper DiT row: 1/4
-        if pretrain.family_of(preset["model"]) == "dit":
+        if registry.family_of(preset["model"]) == "dit":
             assert preset["cond_ratio"] == 0.25, name
-    with pytest.raises(db.UserError, match="full-width"):
-        m.load_official({})
 
 
 def test_dit_applies_the_same_latent_norm_as_ldae():

@@ -8,7 +8,6 @@ import importlib
 import os
 import re
 import shlex
-import sys
 
 import pytest
 
@@ -28,7 +27,7 @@ def documents():
         with open(os.path.join(ROOT, name)) as f:
             yield name, f.read()
     scripts = sorted(glob.glob(os.path.join(ROOT, "*.py")))
-    scripts += [os.path.join(ROOT, "tests", "gpu_check.py")]
+    scripts += sorted(glob.glob(os.path.join(ROOT, "tools", "*.py")))
     for path in scripts:
         with open(path) as f:
             doc = ast.get_docstring(ast.parse(f.read()))
@@ -61,15 +60,15 @@ def script_and_argv(command):
     if not scripts or any(w == "..." or w.startswith("[") or "$" in w for w in words):
         return None
     script = words[scripts[0]]
-    if not os.path.exists(os.path.join(ROOT, script)) or script == "tests/bench_vit_step.py":
+    if not os.path.exists(os.path.join(ROOT, script)) or script == "tools/bench_vit_step.py":
         return None
     argv = words[scripts[0] + 1:]
     # the shell's part of the line (a redirection, a pipe, a second command) is not the script's
     operators = [i for i, w in enumerate(argv) if w in (">", ">>", "|", "&&", ";", "2>&1")]
     if operators:
         argv = argv[:operators[0]]
-    if script == "data.py" and len(argv) < 2:
-        # prose naming the subcommand (`python data.py pack`), not a command line
+    if script == "tools/pack_data.py" and len(argv) < 2:
+        # prose naming the subcommand (`python tools/pack_data.py pack`), not a command line
         return None
     return script, argv
 
@@ -85,17 +84,14 @@ def documented_commands():
 
 
 def parser_of(script):
-    name = os.path.splitext(script)[0].replace("/", ".")
-    if name.startswith("tests."):
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
-        name = name[len("tests."):]
+    name = os.path.splitext(os.path.basename(script))[0]     # tools/ is on sys.path (conftest)
     return importlib.import_module(name).get_args_parser()
 
 
 def test_the_documents_show_commands_of_every_script():
     scripts = {param.values[0] for param in documented_commands()}
     expected = {"pretrain.py", "linprobe.py", "tokenizer_pca.py", "distill.py", "export_timm.py",
-                "data.py", "tests/gpu_check.py"}
+                "tools/pack_data.py", "tools/gpu_check.py"}
     assert expected <= scripts, expected - scripts
 
 

@@ -12,7 +12,8 @@ import dit_baseline
 import export_timm
 import ldae
 import pretrain
-from cli import UserError
+from util import registry  # noqa: E402
+from util.cli import UserError
 from tokenizer_pca import PatchPCA
 
 timm = pytest.importorskip("timm")
@@ -199,7 +200,7 @@ def test_a_real_pretrain_checkpoint_exports(tmp_path):
     ck = str(tmp_path / "checkpoint.pt")
     export(ck, tmp_path / "vit.pt")
     vit, saved = timm_from_file(tmp_path / "vit.pt")
-    model = pretrain.model_from_checkpoint(pretrain.load_checkpoint(ck), "ema")
+    model = registry.model_from_checkpoint(registry.load(ck), "ema")
     x = images(4, 32)
     with torch.no_grad():
         want = model.forward_features(x)

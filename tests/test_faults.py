@@ -17,14 +17,11 @@ import zlib
 import pytest
 import torch
 
-import augment
-import cli
-import data
 import linprobe
 import pretrain
-import synthetic
 import tokenizer_pca
-from cli import UserError
+from util import cli, datasets, decode, distributed, files, registry, synthetic, transforms
+from util.cli import UserError
 from tokenizer_pca import fit_pca
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,8 +32,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def pca_file(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("pca") / "pca.pt")
-    shapes = synthetic.SyntheticShapes(48, 32, transform=augment.build_transform("center", 32))
-    cli.save_torch(fit_pca(shapes, 4, progress=False, device="cpu").to_dict(), path)
+    shapes = synthetic.SyntheticShapes(48, 32, transform=transforms.build_transform("center", 32))
+    files.save_torch(fit_pca(shapes, 4, progress=False, device="cpu").to_dict(), path)
     return path
 
 
@@ -282,7 +279,7 @@ def test_writes_are_fsynced_before_and_after_the_rename(tmp_path, monkeypatch):
     events, real_fsync, real_replace = [], os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
     monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
-    cli.save_torch({"x": torch.ones(3)}, str(tmp_path / "f.pt"))
+    files.save_torch({"x": torch.ones(3)}, str(tmp_path / "f.pt"))
     assert events == ["fsync", "replace", "fsync"]                    # file, rename, folder
 
 
@@ -348,7 +345,7 @@ class Gadget:            # a class a pickle can name: loading it would run code
 def test_a_pickled_object_is_refused_in_plain_words(tmp_path, pca_file, capsys):
     path = tmp_path / "evil.pt"
     torch.save({"model": Gadget()}, path)
-    for load in (lambda: pretrain.load_checkpoint(str(path)),
+    for load in (lambda: registry.load(str(path)),
                  lambda: run(tmp_path / "x", str(path))):
         with pytest.raises(UserError) as e:
             load()
@@ -420,7 +417,7 @@ def test_bad_probe_flags_and_outputs(tmp_path, ckpt, capsys, monkeypatch):
     with pytest.raises(UserError, match="--output-dir .*file is not writable"):
         linprobe.main(parse([ckpt, *common, "--output-dir", str(tmp_path / "file")]))
     (tmp_path / "ro").mkdir()
-    monkeypatch.setattr(cli, "open", read_only_under(tmp_path / "ro"), raising=False)
+    monkeypatch.setattr(files, "open", read_only_under(tmp_path / "ro"), raising=False)
     with pytest.raises(UserError, match="--output-dir .*ro is not writable .Read-only file system"):
         linprobe.main(parse([ckpt, *common, "--output-dir", str(tmp_path / "ro")]))
     monkeypatch.undo()
@@ -446,7 +443,7 @@ def test_bad_tokenizer_flags_and_outputs(tmp_path, capsys, monkeypatch):
     with pytest.raises(UserError, match="is a folder; pass a file name"):
         tokenizer_pca.main(parse([*argv, "--out", str(tmp_path)]))
     (tmp_path / "ro").mkdir()
-    monkeypatch.setattr(cli, "open", read_only_under(tmp_path / "ro"), raising=False)
+    monkeypatch.setattr(files, "open", read_only_under(tmp_path / "ro"), raising=False)
     with pytest.raises(UserError, match="the folder of --out .*ro is not writable"):
         tokenizer_pca.main(parse([*argv, "--out", str(tmp_path / "ro" / "pca.pt")]))
 
@@ -478,10 +475,10 @@ def test_16_bit_pngs_decode_like_the_pil_path_alone_and_mixed(tmp_path):
     jpeg = next(p for p in (tmp_path / "jpg").rglob("*.jpg"))
     paths = [str(tmp_path / n) for n in files] + [str(jpeg)]
     raws = [torch.frombuffer(bytearray(open(p, "rb").read()), dtype=torch.uint8) for p in paths]
-    tf = augment.build_transform("center", 32)
-    pil = torch.stack([tf(data._checked_loader(p)) for p in paths])
+    tf = transforms.build_transform("center", 32)
+    pil = torch.stack([tf(datasets._checked_loader(p)) for p in paths])
     for part in (slice(0, 1), slice(1, 2), slice(0, 3)):            # alone, and mixed with a JPEG
-        out = augment.decode_batch(raws[part], 32, "center", "cpu", names=paths[part])
+        out = decode.decode_batch(raws[part], 32, "center", "cpu", names=paths[part])
         assert out.min() >= -1 and out.max() <= 1
         assert (out - pil[part]).abs().mean() < 0.02
     assert pil[0].std() > 0.3                                       # the gray ramp is not clipped
@@ -490,9 +487,9 @@ def test_16_bit_pngs_decode_like_the_pil_path_alone_and_mixed(tmp_path):
 def test_an_empty_class_folder_is_named(tmp_path, capsys):
     root = synthetic.write_jpeg_folder(tmp_path / "imgs", 20, size=(40, 32))
     (tmp_path / "imgs" / "zebra").mkdir()
-    args = data.add_data_args(cli.ArgumentParser()).parse_args(
+    args = datasets.add_data_args(cli.ArgumentParser()).parse_args(
         ["--dataset", "imagefolder", "--data-path", str(root)])
-    data.build_dataset(args, "train", augment.build_transform("center", 32))
+    datasets.build_dataset(args, "train", transforms.build_transform("center", 32))
     out = capsys.readouterr().out
     assert "1 class folder(s) of" in out and "hold no images: zebra" in out
 
@@ -503,11 +500,11 @@ def test_concurrent_cache_preparation_in_two_processes(tmp_path):
     import gzip
     src = tmp_path / "gz"
     src.mkdir()
-    for name, magic in data.FMNIST_FILES.items():
+    for name, magic in datasets.FMNIST_FILES.items():
         with gzip.open(src / (name + ".gz"), "wb", compresslevel=1) as f:
             f.write(magic.to_bytes(4, "big") + os.urandom(1 << 20))
-    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import data; "
-            f"data._prepare_fashion_mnist({str(src)!r})")
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from util import datasets; "
+            f"datasets._prepare_fashion_mnist({str(src)!r})")
     env = {**ENV, "LDAE_CACHE": str(tmp_path / "cache")}
     argv = [sys.executable, "-c", code]
     procs = [subprocess.Popen(argv, env=env, stderr=subprocess.PIPE) for _ in range(2)]
@@ -519,7 +516,7 @@ def test_concurrent_cache_preparation_in_two_processes(tmp_path):
 NODE_FIRST = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-import distributed
+from util import distributed
 rank, world, _ = distributed.setup_distributed()
 
 def build():

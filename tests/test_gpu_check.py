@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-import cli
 import gpu_check
 import pretrain
+from util import cli, registry
 
 FINAL_STEP = gpu_check.SIZES["dry"]["synth"] // gpu_check.SIZES["dry"]["batch"] * \
     gpu_check.SIZES["dry"]["resume_epochs"]
@@ -23,7 +23,7 @@ def parse(*argv):
 
 def test_dry_run_runs_every_check_and_a_changed_tensor_fails_the_resume_check(tmp_path,
                                                                               monkeypatch):
-    real_load = pretrain.load_checkpoint
+    real_load = registry.load
 
     def load_with_one_changed_weight(path):
         # the final checkpoint of the killed-and-resumed run only: one weight off by 1e-3
@@ -34,7 +34,7 @@ def test_dry_run_runs_every_check_and_a_changed_tensor_fails_the_resume_check(tm
             ck["model"]["blocks.0.attn.qkv.weight"] = w
         return ck
 
-    monkeypatch.setattr(pretrain, "load_checkpoint", load_with_one_changed_weight)
+    monkeypatch.setattr(registry, "load", load_with_one_changed_weight)
     out = tmp_path / "out"
     res = gpu_check.main(parse("--out", str(out), "--dry-run"))
     # everything lands in --out itself, three files (the device returns <= 8, 2 folders deep)

@@ -11,13 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-import augment
 import ldae
 import linprobe
 import pretrain
-import probing
-import synthetic
-from cli import UserError
+from util import features, knn, lr_sched, probe_cached, synthetic, transforms
+from util.lars import LARS
+from util.cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +70,7 @@ def test_lars_matches_its_definition_step_by_step():
     W, b, Z = torch.randn(3, 4), torch.randn(3), torch.zeros(2, 2)     # matrix, 1-D, zero matrix
     params = [p.clone().requires_grad_() for p in (W, b, Z)]
     lr, wd, mom, eta = 0.5, 0.1, 0.9, 0.001
-    opt = probing.LARS(params, lr=lr, weight_decay=wd, momentum=mom, trust_coefficient=eta)
+    opt = LARS(params, lr=lr, weight_decay=wd, momentum=mom, trust_coefficient=eta)
     ref = [W.clone(), b.clone(), Z.clone()]
     bufs = [torch.zeros_like(p) for p in ref]
     for step in range(4):
@@ -108,17 +107,17 @@ def test_the_papers_probe_lr_is_a_relative_step_of_six_thousandths():
         W = torch.randn(10, 768, requires_grad=True)
         start = W.detach().clone()
         W.grad = 1e3 * torch.randn(10, 768)
-        probing.LARS([W], lr=lr_tried, weight_decay=0.0).step()
+        LARS([W], lr=lr_tried, weight_decay=0.0).step()
         moved = (W.detach() - start).norm() / start.norm()
         assert moved.item() == pytest.approx(relative_move, rel=1e-4)
 
 
 def test_lr_schedule_and_head_init():
-    f = lambda e: probing.lr_at(e, 6.4, 10, 90)  # noqa: E731
+    f = lambda e: lr_sched.lr_at(e, 1, 6.4, 10, 90)  # noqa: E731
     assert f(0) == 0 and f(5) == pytest.approx(3.2) and f(10) == pytest.approx(6.4)
     assert f(50) == pytest.approx(3.2) and f(90) == pytest.approx(0, abs=1e-12)
     torch.manual_seed(0)
-    head = probing.make_head(768, 1000)
+    head = linprobe.make_head(768, 1000)
     bn, lin = head
     assert isinstance(bn, torch.nn.BatchNorm1d) and not bn.affine and bn.eps == 1e-6
     assert lin.weight.std().item() == pytest.approx(0.01, rel=0.05) and lin.bias.abs().max() == 0
@@ -136,12 +135,13 @@ def test_probe_reaches_high_accuracy_on_separable_features(solver):
     Xtr, ytr = blobs(400)
     Xva, yva = blobs(200, seed=1)
     args = cached_args("--solver", solver)
-    state, top1, top5, info = probing.probe_cached(Xtr[None], ytr, Xva, yva, 1.0, args, 4,
-                                                   torch.device("cpu"), lambda rec: None, {})
+    state, top1, top5, info = probe_cached.probe_cached(
+        Xtr[None], ytr, Xva, yva, args, 4, torch.device("cpu"), lambda rec: None, {},
+        *linprobe.cached_solver(args, 1.0))
     assert top1 > 97 and top5 == 100 and info["heldout_top1"] > 95
     assert info["features_normalised"] == ("whitened" if solver == "lbfgs" else "standardised")
     # the saved head reproduces the score on raw features: (x - mean) @ map, then BN + Linear
-    head = probing.make_head(state["feature_map"].shape[1], 4)
+    head = linprobe.make_head(state["feature_map"].shape[1], 4)
     head.load_state_dict(state["head"])
     head.eval()
     pred = head((Xva - state["feature_mean"]) @ state["feature_map"]).argmax(1)
@@ -153,8 +153,9 @@ def test_selection_never_touches_the_test_split():
     Xva, yva = blobs(150, seed=1, sep=0.8)
     args = cached_args("--solver", "lars", "--lr-grid", "0.01,0.1,1,10")
     def run(val_labels):
-        return probing.probe_cached(Xtr[None], ytr, Xva, val_labels, 1.0, args, 4,
-                                    torch.device("cpu"), lambda rec: None, {})
+        return probe_cached.probe_cached(Xtr[None], ytr, Xva, val_labels, args, 4,
+                                         torch.device("cpu"), lambda rec: None, {},
+                                         *linprobe.cached_solver(args, 1.0))
     s1, top1, _, info1 = run(yva)
     shuffled = torch.randperm(len(yva), generator=torch.Generator().manual_seed(5))
     s2, top1_garbage, _, info2 = run(yva[shuffled])
@@ -166,12 +167,12 @@ def test_selection_never_touches_the_test_split():
 
 def test_whitening_makes_lbfgs_converge_on_badly_conditioned_features():
     Xtr, ytr = blobs(400)
-    mu, P = probing.feature_map(Xtr, whiten=True)
+    mu, P = probe_cached.feature_map(Xtr, whiten=True)
     Z = (Xtr - mu) @ P
     assert torch.allclose(Z.T @ Z / len(Z), torch.eye(P.shape[1]), atol=1e-3)
     dup = torch.cat([Xtr, Xtr], 1)                             # repeated channels: rank 16 of 32
-    assert probing.feature_map(dup, whiten=True)[1].shape == (32, 16)
-    mu, P = probing.feature_map(Xtr, whiten=False)
+    assert probe_cached.feature_map(dup, whiten=True)[1].shape == (32, 16)
+    mu, P = probe_cached.feature_map(Xtr, whiten=False)
     assert torch.allclose(((Xtr - mu) @ P).std(0), torch.ones(16), atol=0.01)
 
 
@@ -300,8 +301,8 @@ def test_default_vit_tiny_learns_more_than_a_random_network(quickstart_checkpoin
 
 def test_random_init_has_active_blocks_not_pooled_embeddings(ckpt):
     args = probe_args(ckpt, "--random-init")
-    model = probing.load_backbone(args, torch.device("cpu"))
-    shapes = synthetic.SyntheticShapes(4, 32, transform=augment.build_transform("center", 32))
+    model = features.load_backbone(args, torch.device("cpu"))
+    shapes = synthetic.SyntheticShapes(4, 32, transform=transforms.build_transform("center", 32))
     x = torch.stack([shapes[i][0] for i in range(4)])
     with torch.no_grad():
         xp = model.add_noise(x, torch.zeros(4, dtype=torch.long))  # the clean input it probes
@@ -406,16 +407,16 @@ def test_gathered_shards_come_back_in_dataset_order(monkeypatch):
         sent[rank] = []
         def record(parts, pad):
             sent[rank].append(pad.clone())
-        monkeypatch.setattr(probing.dist, "all_gather", record)
-        probing.extract(featurize, ds, args, torch.device("cpu"), rank, 2, "x")
+        monkeypatch.setattr(features.dist, "all_gather", record)
+        features.extract(featurize, ds, args, torch.device("cpu"), rank, 2, "x")
     calls = iter(range(2))                                  # features, then labels
 
     def replay(parts, pad):
         i = next(calls)
         for r in (0, 1):
             parts[r].copy_(sent[r][i])
-    monkeypatch.setattr(probing.dist, "all_gather", replay)
-    feats, labels = probing.extract(featurize, ds, args, torch.device("cpu"), 0, 2, "x")
+    monkeypatch.setattr(features.dist, "all_gather", replay)
+    feats, labels = features.extract(featurize, ds, args, torch.device("cpu"), 0, 2, "x")
     assert labels.tolist() == list(range(7)) and torch.equal(feats["k"][:, 0], torch.arange(7.0))
 
 
@@ -424,12 +425,12 @@ def test_compare_prints_learned_random_init_and_pixels_in_one_table(ckpt, tmp_pa
     """One command gives the learned features and both baselines, same probe and data, each
     with its linear and its k-NN figure from ONE feature pass (train + val) per row."""
     passes = []
-    orig = probing.extract
+    orig = features.extract
 
     def counted(featurize, ds, *args):
         passes.append(len(ds))
         return orig(featurize, ds, *args)
-    monkeypatch.setattr(probing, "extract", counted)
+    monkeypatch.setattr(features, "extract", counted)
     res = probe(ckpt, tmp_path, "--protocol", "cached", "--compare")
     out = capsys.readouterr().out.strip().splitlines()
     assert json.loads(out[-1]) == json.loads(json.dumps(res))
@@ -474,15 +475,15 @@ def test_knn_equals_a_brute_force_reference():
     train_x, train_y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
     val_x = torch.randn(13, 6, generator=g)
     for k, temperature, chunk in [(5, 0.07, 4), (1, 0.07, None), (40, 0.5, 3), (7, 2.0, 13)]:
-        got = probing.knn_scores(train_x, train_y, val_x, 3, k, temperature, "cpu", chunk)
+        got = knn.knn_scores(train_x, train_y, val_x, 3, k, temperature, "cpu", chunk)
         want = knn_reference(train_x, train_y, val_x, 3, k, temperature)
         assert torch.allclose(got.double(), want, rtol=1e-4), (k, temperature, chunk)
     # the temperature decides: one near neighbour of class 0 against two farther ones of class 1
     train_x = torch.tensor([[1.0, 0.15, 0], [1.0, 0.5, 0], [1.0, -0.5, 0], [0, 0, 1.0]])
     train_y = torch.tensor([0, 1, 1, 2])
     val_x = torch.tensor([[1.0, 0, 0]])
-    sharp = probing.knn_scores(train_x, train_y, val_x, 3, 3, 0.07, "cpu")
-    flat = probing.knn_scores(train_x, train_y, val_x, 3, 3, 1.0, "cpu")
+    sharp = knn.knn_scores(train_x, train_y, val_x, 3, 3, 0.07, "cpu")
+    flat = knn.knn_scores(train_x, train_y, val_x, 3, 3, 1.0, "cpu")
     assert sharp.argmax().item() == 0 and flat.argmax().item() == 1
     assert torch.allclose(sharp.double(), knn_reference(train_x, train_y, val_x, 3, 3, 0.07))
 
@@ -490,19 +491,19 @@ def test_knn_equals_a_brute_force_reference():
 def test_knn_ties_at_the_kth_neighbour_go_to_the_earlier_train_image():
     # topk alone picks among equal values in its own order (on this row it returns 5 before 0)
     sim = torch.tensor([[0.5, 0.75, 0.5, 0.5, 0.125, 0.5]])
-    values, indices = probing.nearest(sim, 3)
+    values, indices = knn.nearest(sim, 3)
     assert indices.tolist() == [[1, 0, 2]] and values.tolist() == [[0.75, 0.5, 0.5]]
-    assert probing.nearest(sim, 6)[1].tolist() == [[1, 0, 2, 3, 5, 4]]          # k = N
+    assert knn.nearest(sim, 6)[1].tolist() == [[1, 0, 2, 3, 5, 4]]          # k = N
     # four identical train images (exactly equal cosines) around the k-th place, labels 1 1 2 2
     same = [0.6, 0.8, 0.0]
     train_x = torch.tensor([same, [1.0, 0, 0], same, same, [0, 0, 1.0], same])
     train_y = torch.tensor([1, 0, 1, 2, 0, 2])
     val_x = torch.tensor([[1.0, 0, 0], [2.0, 0, 0]])
-    got = probing.knn_scores(train_x, train_y, val_x, 3, 3, 0.07, "cpu", chunk=1)
+    got = knn.knn_scores(train_x, train_y, val_x, 3, 3, 0.07, "cpu", chunk=1)
     want = knn_reference(train_x, train_y, val_x, 3, 3, 0.07)
     assert torch.allclose(got.double(), want) and got[:, 2].abs().max() == 0
     # equal class scores rank the lower class first (an unstable sort puts class 8 first here)
-    assert probing.top1_top5(torch.zeros(2, 17), torch.tensor([0, 5])) == [50, 50]
+    assert knn.top1_top5(torch.zeros(2, 17), torch.tensor([0, 5])) == [50, 50]
 
 
 def test_knn_separates_separable_classes_and_is_at_chance_on_random_labels():
@@ -513,13 +514,13 @@ def test_knn_separates_separable_classes_and_is_at_chance_on_random_labels():
     val_x = centres[val_y] + torch.randn(400, 16, generator=g)
     args = probe_args()                                              # k 20, T 0.07
     assert args.knn_k == 20 and args.knn_t == 0.07
-    res = probing.probe_knn(train_x, train_y, val_x, val_y, args, 4, "cpu")
+    res = knn.probe_knn(train_x, train_y, val_x, val_y, args, 4, "cpu")
     assert res["knn_top1"] > 99 and res["knn_top5"] == 100
     shuffled = train_y[torch.randperm(800, generator=g)]             # labels that mean nothing
-    res = probing.probe_knn(train_x, shuffled, val_x, val_y, args, 4, "cpu")
+    res = knn.probe_knn(train_x, shuffled, val_x, val_y, args, 4, "cpu")
     assert 15 < res["knn_top1"] < 35                                 # chance: 25
     with pytest.raises(ValueError, match="k = 801"):
-        probing.knn_scores(train_x, train_y, val_x, 4, 801, 0.07, "cpu")
+        knn.knn_scores(train_x, train_y, val_x, 4, 801, 0.07, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------

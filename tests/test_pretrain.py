@@ -9,27 +9,25 @@ import sys
 import pytest
 import torch
 
-import augment
-import cli
 import ldae
 import pretrain
-import synthetic
-import trainer
-from cli import UserError
+from util import decode, files, lr_sched, registry, synthetic, transforms
+from util.cli import UserError
+from util.engine import Diverged, Engine
 from tokenizer_pca import fit_pca
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def shapes(n):
-    return synthetic.SyntheticShapes(n, 32, transform=augment.build_transform("center", 32))
+    return synthetic.SyntheticShapes(n, 32, transform=transforms.build_transform("center", 32))
 
 
 @pytest.fixture(scope="module")
 def pca_file(tmp_path_factory):
     """One PCA (4 px patches, 32 px synthetic shapes) shared by every run: skips the per-run fit."""
     path = str(tmp_path_factory.mktemp("pca") / "pca.pt")
-    cli.save_torch(fit_pca(shapes(48), 4, progress=False, device="cpu").to_dict(), path)
+    files.save_torch(fit_pca(shapes(48), 4, progress=False, device="cpu").to_dict(), path)
     return path
 
 
@@ -52,13 +50,13 @@ def logged(out, kind="log"):
 
 def test_registry_dispatch_and_vit_b_size():
     with torch.device("meta"):
-        m = pretrain.build_model("vit_b", img_size=None)
-        dit = pretrain.build_model("dit_tiny_1", schedule="ddpm")
+        m = registry.build_model("vit_b", img_size=None)
+        dit = registry.build_model("dit_tiny_1", schedule="ddpm")
     # a flag of the other family is refused, not silently dropped
     with pytest.raises(UserError, match="--schedule: not a flag of --model vit_b"):
-        pretrain.build_model("vit_b", schedule="ddpm")
+        registry.build_model("vit_b", schedule="ddpm")
     with pytest.raises(UserError, match="--residual-weight: not a flag of --model dit_tiny_1"):
-        pretrain.build_model("dit_tiny_1", residual_weight=0.1)
+        registry.build_model("dit_tiny_1", residual_weight=0.1)
     assert m.config["family"] == "ldae"
     assert dit.config["family"] == "dit"
     assert dit.config["schedule"] == "ddpm"
@@ -67,15 +65,15 @@ def test_registry_dispatch_and_vit_b_size():
         k.startswith("blocks.") and int(k.split(".")[1]) < 12 and "adaLN" not in k))
     assert 85e6 < enc < 87e6
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    tiny = pretrain.build_model("vit_tiny", latent_dim=8)
+    tiny = registry.build_model("vit_tiny", latent_dim=8)
     assert tiny.config["latent_dim"] == 8 and tiny.forward_features(x).shape == (2, 64)
     assert tiny(x, torch.zeros(2, dtype=torch.long)).shape == (2, 64, 48)      # (B, L, p*p*3)
     with pytest.raises(UserError, match="unknown --model 'vit_q'.*vit_tiny"):
-        pretrain.build_model("vit_q")
+        registry.build_model("vit_q")
 
 
 def test_lr_schedule_is_warmup_then_half_cosine():
-    f = lambda s: trainer.lr_at(s, 10, 1e-3, warmup_epochs=2, epochs=10)  # noqa: E731
+    f = lambda s: lr_sched.lr_at(s, 10, 1e-3, warmup_epochs=2, epochs=10)  # noqa: E731
     assert f(0) == 0 and f(10) == pytest.approx(5e-4) and f(20) == pytest.approx(1e-3)
     assert f(60) == pytest.approx(5e-4) and f(100) == pytest.approx(0, abs=1e-12)
     assert all(f(s) >= f(s + 1) for s in range(20, 100))
@@ -83,7 +81,7 @@ def test_lr_schedule_is_warmup_then_half_cosine():
 
 def test_perfect_prediction_is_zero_loss_and_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
-    model = pretrain.build_model("vit_tiny", fit_pca(shapes(16), 4, progress=False, device="cpu"))
+    model = registry.build_model("vit_tiny", fit_pca(shapes(16), 4, progress=False, device="cpu"))
     x = torch.stack([shapes(8)[i][0] for i in range(8)])
     orig = model.forward
     model.forward = lambda xt, t: model.pca.patchify(x)                     # a perfect prediction
@@ -95,7 +93,7 @@ def test_perfect_prediction_is_zero_loss_and_tiny_model_overfits_one_batch():
         return model.loss(x).item()
 
     args = pretrain.get_args_parser().parse_args(["--model", "vit_tiny", "--ema", "0"])
-    engine = trainer.Engine(model, args, 0, 1, torch.device("cpu"))
+    engine = Engine(model, args, 0, 1, torch.device("cpu"))
     before = fixed_noise_loss()
     for s in range(20):
         engine.step([(x, torch.zeros(8, dtype=torch.long))], s, 3e-3)
@@ -119,15 +117,15 @@ def test_run_writes_checkpoint_log_grid_and_final_json(tmp_path, pca_file, capsy
     w, h = Image.open(res["grid"]).size
     assert (w, h) == (8 * 96 + 9 * 2, 11 * 96 + 12 * 2)
     # linprobe's entry points: the same model back, raw or EMA weights, strictly
-    reloaded = pretrain.load_checkpoint(str(tmp_path / "checkpoint.pt"))
-    model = pretrain.model_from_checkpoint(reloaded, "raw")
+    reloaded = registry.load(str(tmp_path / "checkpoint.pt"))
+    model = registry.model_from_checkpoint(reloaded, "raw")
     weights = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
     assert all(torch.equal(v, ck["model"][k]) for k, v in weights.items())
-    ema = pretrain.model_from_checkpoint(ck, "ema")
+    ema = registry.model_from_checkpoint(ck, "ema")
     assert not torch.equal(ema.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
     ck["model"]["blocks.0.extra"] = torch.zeros(1)
     with pytest.raises(UserError, match="unexpected keys.*blocks.0.extra"):
-        pretrain.model_from_checkpoint(ck, "raw")
+        registry.model_from_checkpoint(ck, "raw")
 
 
 def test_resume_is_bit_identical_mid_epoch_and_across_workers(tmp_path, pca_file):
@@ -149,17 +147,17 @@ def test_resume_is_bit_identical_mid_epoch_and_across_workers(tmp_path, pca_file
 
 
 def test_decode_gpu_decodes_batches_on_the_device_cpu_here(tmp_path, monkeypatch):
-    # --decode gpu: workers ship JPEG bytes, Engine.step decodes them with augment.decode_batch on
+    # --decode gpu: workers ship JPEG bytes, Engine.step decodes them with decode.decode_batch on
     # the training device (CPU here: the same code path as CUDA, only decode_jpeg's device differs)
     # flat root: 30 train images
     jpegs = synthetic.write_jpeg_folder(tmp_path / "jpegs", 40, size=(48, 36))
-    calls, real = [], augment.decode_batch
+    calls, real = [], decode.decode_batch
 
     def counting_decode_batch(batch, *args, **kwargs):
         calls.append(len(batch))
         return real(batch, *args, **kwargs)
 
-    monkeypatch.setattr(augment, "decode_batch", counting_decode_batch)
+    monkeypatch.setattr(decode, "decode_batch", counting_decode_batch)
     argv = ["--model", "vit_tiny", "--dataset", "imagefolder", "--data-path", str(jpegs),
             "--aug", "rrc", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0.5",
             "--lr", "1e-3", "--num-workers", "1", "--pca-images", "16", "--log-every", "1",
@@ -169,7 +167,7 @@ def test_decode_gpu_decodes_batches_on_the_device_cpu_here(tmp_path, monkeypatch
     assert res["steps"] == 2
     assert math.isfinite(res["final_loss"])
     assert len(logged(tmp_path / "out")) == 2
-    ck = pretrain.load_checkpoint(res["checkpoint"])
+    ck = registry.load(res["checkpoint"])
     assert ck["step"] == 2 and ck["args"]["decode"] == "gpu"
     assert calls == [8, 8, 8]                    # the grid's 8 images, then one batch of 8 per step
     resume_argv = argv + ["--max-steps", "3", "--resume", "auto"]
@@ -208,7 +206,7 @@ def test_killed_save_leaves_last_checkpoint_loadable(tmp_path, pca_file, monkeyp
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, pca_file, "--max-steps", "4", "--resume", "auto")
     monkeypatch.setattr(torch, "save", real_save)
-    assert pretrain.load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 2
+    assert registry.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
     assert not any(n.endswith(".tmp") for n in os.listdir(tmp_path))
 
 
@@ -223,10 +221,10 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(
 
     monkeypatch.setattr(ldae.LDAE, "loss", loss_goes_nan)
     message = r"non-finite loss at step 5 \(lr .*grad norm nan\).*step 3\) is untouched"
-    with pytest.raises(trainer.Diverged, match=message):
+    with pytest.raises(Diverged, match=message):
         # 3 steps/epoch: saved at 3
         run(tmp_path, pca_file, "--log-every", "2", "--synthetic-size", "24")
-    assert pretrain.load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 3
+    assert registry.load(str(tmp_path / "checkpoint.pt"))["step"] == 3
     assert not os.path.exists(tmp_path / "checkpoint-0002.pt")
 
 
@@ -296,17 +294,3 @@ def test_small_models_get_training_defaults_that_fit_small_data():
     assert (big.batch_size, big.lr, big.epochs) == (2048, None, 400)          # the paper's
     row = parse(["--preset", "t3_ldae", "--model", "vit_tiny"])   # a small row: small batch
     assert (row.batch_size, row.residual_weight) == (64, 0.1)
-
-
-def test_checkpoints_from_before_latent_norm_load_at_pixel_scale():
-    # A checkpoint whose config has no latent_norm was trained with the plain scale: it must
-    # rebuild as --latent-norm none, not as the registry's new default (whiten).
-    pca = fit_pca(shapes(16), 4, progress=False, device="cpu")
-    torch.manual_seed(0)
-    model = ldae.build_model("vit_tiny", pca, latent_dim=4, latent_norm="none", latent_scale=0.5)
-    config = {k: v for k, v in model.config.items() if k != "latent_norm"}
-    ckpt = {"model": model.state_dict(), "ema": None, "model_config": config,
-            "pca": pca.to_dict(), "step": 0}
-    back = pretrain.model_from_checkpoint(ckpt)
-    assert back.latent_norm == "none" and torch.equal(back.latent_gain(), model.latent_gain())
-    assert ldae.MODELS["vit_tiny"]["latent_norm"] == "whiten"

@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import augment
-import cli
-import synthetic
 import tokenizer_pca as tp
+from util import cli, files, synthetic, transforms
 from tokenizer_pca import PatchPCA, fit_pca
 
 
@@ -130,7 +128,7 @@ def test_save_load_roundtrip_weights_only(fitted, tmp_path):
     _, pca = fitted
     pca.meta["note"] = "x"
     p = str(tmp_path / "pca.pt")
-    cli.save_torch(pca.to_dict(), p)
+    files.save_torch(pca.to_dict(), p)
     assert not os.path.exists(p + ".tmp")
     raw = torch.load(p, weights_only=True)
     assert raw["patch_size"] == 4 and raw["meta"]["num_images"] == 40
@@ -148,7 +146,8 @@ def test_save_load_roundtrip_weights_only(fitted, tmp_path):
 
 
 def test_fit_deterministic_and_seed_dependent():
-    ds = synthetic.SyntheticShapes(24, 16, seed=3, transform=augment.build_transform("center", 16))
+    center = transforms.build_transform("center", 16)
+    ds = synthetic.SyntheticShapes(24, 16, seed=3, transform=center)
     kw = dict(patches_per_image=3, progress=False, device="cpu", batch_size=8)
     a = fit_pca(ds, 4, num_images=16, seed=1, **kw)
     b = fit_pca(ds, 4, num_images=16, seed=1, **kw)

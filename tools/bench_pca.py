@@ -2,8 +2,8 @@
 plus eigh of tokenizer_pca.py against numpy's SVD on the same random patches (the fit must be
 bound by image decoding, not by the linear algebra).
 
-    python tests/bench_pca.py                      # 1M x 768 patches (ViT-B/16's D)
-    python tests/bench_pca.py --patches 200000     # quicker
+    python tools/bench_pca.py                      # 1M x 768 patches (ViT-B/16's D)
+    python tools/bench_pca.py --patches 200000     # quicker
 Prints the two timings and one JSON line.
 """
 import argparse
@@ -63,7 +63,6 @@ def benchmark(n=1_000_000, D=768, device=None, batch=16384, numpy_rows=100_000):
     print(f"numpy SVD of {rows:,} x {D}: {t_np:.2f} s -> {t_np_n:.1f} s scaled to {n:,} rows; "
           f"ratio {res['speedup_vs_numpy_svd']}x; eigenvalues agree to {rel:.1e} (relative)")
     return res
-
 
 
 def get_args_parser():

@@ -1,11 +1,11 @@
 """CPU speed check (not collected by pytest): one l-DAE training step of --model (vit_b)
 vs one step of a plain ViT of the same depth, width, heads and tokens (torchvision's
-VisionTransformer, + its class token, MSE on its output), both through trainer.Engine with the
+VisionTransformer, + its class token, MSE on its output), both through util/engine.Engine with the
 same settings (fp32, AdamW, EMA), so the ratio isolates what l-DAE adds: adaLN conditioning, the
 PCA projections of the input and the loss, and the per-token output head. Target: <= 1.15.
 
-    python tests/bench_vit_step.py                     # vit_b, 256 px, batch 2, 4 interleaved reps
-    python tests/bench_vit_step.py --img 128 --reps 6  # quicker
+    python tools/bench_vit_step.py                     # vit_b, 256 px, batch 2, 4 interleaved reps
+    python tools/bench_vit_step.py --img 128 --reps 6  # quicker
 Prints one JSON line: per-step seconds (median of the reps) and the ratio.
 """
 import argparse
@@ -21,7 +21,8 @@ import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pretrain  # noqa: E402
-import trainer  # noqa: E402
+from util import registry  # noqa: E402
+from util.engine import Engine  # noqa: E402
 
 
 class PlainViT(nn.Module):
@@ -46,9 +47,9 @@ def main():
     args = pretrain.get_args_parser().parse_args(["--model", a.model, "--batch-size", str(a.batch)])
     cpu = torch.device("cpu")
     torch.manual_seed(0)
-    ours = pretrain.build_model(a.model, img_size=a.img)
-    engines = {"ldae": trainer.Engine(ours, args, 0, 1, cpu),
-               "plain_vit": trainer.Engine(PlainViT(ours.config, a.img), args, 0, 1, cpu)}
+    ours = registry.build_model(a.model, img_size=a.img)
+    engines = {"ldae": Engine(ours, args, 0, 1, cpu),
+               "plain_vit": Engine(PlainViT(ours.config, a.img), args, 0, 1, cpu)}
     x, y = torch.rand(a.batch, 3, a.img, a.img) * 2 - 1, torch.zeros(a.batch, dtype=torch.long)
     times = {k: [] for k in engines}
     for rep in range(a.reps + 1):                 # interleaved, so load changes hit both alike

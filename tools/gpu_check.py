@@ -1,15 +1,15 @@
 """One command that verifies this project on a CUDA machine, offline, in under 8 minutes:
 correctness of the CUDA paths, the speed table, and a few minutes of learning. Every section runs
-through the project's own entry points (pretrain.py, linprobe.py, augment.decode_batch).
+through the project's own entry points (pretrain.py, linprobe.py, decode.decode_batch).
 
 On the GPU machine (one H200 here; writes report.md, results.json and log.txt into --out, nothing
 else; the Fashion-MNIST gz files are carried as the ignored folder .carry/fmnist):
-  PYTHONUNBUFFERED=1 LDAE_CACHE=/tmp/ldae python3 tests/gpu_check.py --out $OUT \
+  PYTHONUNBUFFERED=1 LDAE_CACHE=/tmp/ldae python3 tools/gpu_check.py --out $OUT \
       --fashion-mnist .carry/fmnist --budget-s 450
 Dry run (CPU, CI: tiny models, a couple of steps, synthetic data; automatic without CUDA):
-  python tests/gpu_check.py --out /tmp/gpu_check --dry-run
+  python tools/gpu_check.py --out /tmp/gpu_check --dry-run
 Only some checks (names below; a section name selects all of its checks), e.g. a rerun of two:
-  python tests/gpu_check.py --out $OUT --only resume,decode --budget-s 120
+  python tools/gpu_check.py --out $OUT --only resume,decode --budget-s 120
 
 correctness  precision    a few l-DAE and DiT steps in bf16 vs fp32 (TF32 matmuls on CUDA):
                           losses and weight updates agree within TOL
@@ -18,13 +18,13 @@ correctness  precision    a few l-DAE and DiT steps in bf16 vs fp32 (TF32 matmul
              nccl         an NCCL (gloo on CPU) process group: all_reduce and a DDP step == plain
              resume       pretrain.py SIGKILLed after its first epoch checkpoint, then --resume
                           auto: every tensor of the final checkpoint == an uninterrupted run
-             decode       augment.decode_batch on the device vs the PIL transforms (center, eval,
+             decode       decode.decode_batch on the device vs the PIL transforms (center, eval,
                           rrc): mean and 99.9th-percentile |difference|; a --decode gpu training run
              compile      --compile vs eager, the same steps: losses and updates within TOL
 speed        gemm         a large bf16 matmul: the ceiling the MFU figures sit under
              speed_eager, speed_compile   pretrain.py --benchmark for vit_b, vit_half_l, vit_l and
                           dit_l_2 at 256 px (batch >= 64; --grad-checkpoint only after an OOM)
-             features     the cached linear probe's feature pass (linprobe.make_featurizer, bf16
+             features     the cached linear probe's feature pass (features.make_featurizer, bf16
                           autocast) vs the training step, img/s
              profile      torch.profiler over vit_b training steps: what bounds the step
 learning     learning     l-DAE (--learn-model vit_small, 32 px, d = 8 whitened; batch 128, lr
@@ -57,15 +57,13 @@ import torchvision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import augment  # noqa: E402
-import cli  # noqa: E402
-import data  # noqa: E402
 import linprobe  # noqa: E402
 import pretrain  # noqa: E402
-import synthetic  # noqa: E402
-import trainer  # noqa: E402
-from cli import UserError  # noqa: E402
 from tokenizer_pca import fit_pca  # noqa: E402
+from util import (cli, datasets, decode, features, files, registry,  # noqa: E402
+                  synthetic, transforms)
+from util.engine import Engine, LossModule  # noqa: E402
+from util.cli import UserError  # noqa: E402
 
 # Stated tolerances (the report prints each beside what was measured). bf16 keeps 8 significant
 # bits (rounding 2^-9 relative); a loss that averages thousands of terms moves by far less than a
@@ -352,9 +350,10 @@ def pca_file(ctx):
     """One 4 px patch PCA of 32 px synthetic shapes shared by the short runs (no per-run fit)."""
     path = os.path.join(ctx.work, "pca32.pt")
     if not os.path.exists(path):
-        shapes = synthetic.SyntheticShapes(256, 32, transform=augment.build_transform("center", 32))
+        center = transforms.build_transform("center", 32)
+        shapes = synthetic.SyntheticShapes(256, 32, transform=center)
         with quiet(ctx):
-            cli.save_torch(fit_pca(shapes, 4, progress=False, device="cpu").to_dict(), path)
+            files.save_torch(fit_pca(shapes, 4, progress=False, device="cpu").to_dict(), path)
     return path
 
 
@@ -375,7 +374,7 @@ def resume_argv(ctx):
 
 
 def checkpoint(run_dir):
-    return pretrain.load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
+    return registry.load(os.path.join(run_dir, "checkpoint.pt"))
 
 
 def logged_losses(run_dir):
@@ -422,7 +421,7 @@ def tensor_leaves(obj, prefix=""):
 def compare_checkpoints(path_a, path_b):
     """Every tensor of two pretrain.py checkpoints (weights, EMA, optimizer moments, scaler, PCA,
     RNG state; not the flags) -> (tensors compared, names that differ, max |difference|)."""
-    a, b = pretrain.load_checkpoint(path_a), pretrain.load_checkpoint(path_b)
+    a, b = registry.load(path_a), registry.load(path_b)
     ta = dict(tensor_leaves({k: v for k, v in a.items() if k != "args"}))
     tb = dict(tensor_leaves({k: v for k, v in b.items() if k != "args"}))
     differ, worst = sorted(set(ta) ^ set(tb)), 0.0
@@ -502,7 +501,7 @@ def check_fused_adamw(ctx):
 def fused_vs_reference(ctx, model_name):
     """Fused AdamW vs the single-tensor loop on the same gradients, on the device."""
     torch.manual_seed(0)
-    params = [p.detach().to(ctx.device) for p in pretrain.build_model(model_name).parameters()]
+    params = [p.detach().to(ctx.device) for p in registry.build_model(model_name).parameters()]
     start = [p.clone() for p in params]
     fused = [p.clone().requires_grad_() for p in params]
     loop = [p.clone().requires_grad_() for p in params]
@@ -552,14 +551,14 @@ def determinism(ctx, argv, plain):
 
 def check_nccl(ctx):
     """A world-1 process group on the backend distributed.setup_distributed picks (NCCL on CUDA):
-    all_reduce, and one DDP(trainer.LossModule) backward equal to the plain module's, bitwise.
+    all_reduce, and one DDP(LossModule) backward equal to the plain module's, bitwise.
     (One GPU cannot host two NCCL ranks, so pretrain's own DDP path, world > 1, cannot run here.)
     On the device in a child process: a hung NCCL init is killed after 120 s."""
     backend = "nccl" if ctx.cuda else "gloo"
     store = os.path.join(ctx.work, "pg_store")
     model = ctx.size["ldae"][1]
     if ctx.isolate:
-        code = (f"import json, sys; sys.path.insert(0, 'tests'); import gpu_check; print(json."
+        code = (f"import json, sys; sys.path.insert(0, 'tools'); import gpu_check; print(json."
                 f"dumps(gpu_check.process_group_check({backend!r}, {store!r}, {model!r})))")
         proc = spawn(ctx, [sys.executable, "-c", code], "nccl")
         res = child_result("the process-group check", *finish(ctx, proc, 120), 120)
@@ -588,11 +587,11 @@ def process_group_check(backend, store, model_name):
 
 def ddp_matches_plain(model_name, device):
     torch.manual_seed(0)
-    model = pretrain.build_model(model_name).to(device)
+    model = registry.build_model(model_name).to(device)
     model.init_weights(active=True)
-    plain = trainer.LossModule(model)
+    plain = LossModule(model)
     ids = [device] if device.type == "cuda" else None
-    wrapped = torch.nn.parallel.DistributedDataParallel(trainer.LossModule(model), device_ids=ids)
+    wrapped = torch.nn.parallel.DistributedDataParallel(LossModule(model), device_ids=ids)
     S = model.config["img_size"]
     x = torch.rand(8, 3, S, S, device=device) * 2 - 1
     y = torch.zeros(8, dtype=torch.long, device=device)
@@ -640,14 +639,14 @@ def check_decode(ctx):
     with quiet(ctx):
         synthetic.write_jpeg_folder(folder, s["jpegs"], size=s["jpeg_size"])
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs)
-    raw = [augment.read_bytes(f) for f in files]
+    raw = [decode.read_bytes(f) for f in files]
     seeds = list(range(len(files)))
     worst_mean, worst_p999, rows = 0.0, 0.0, []
     for kind in ("center", "eval", "rrc"):
-        augment.decode_batch(raw, s["decode_px"], kind, ctx.device, seeds=seeds)      # warm-up
+        decode.decode_batch(raw, s["decode_px"], kind, ctx.device, seeds=seeds)      # warm-up
         sync(ctx)
         t = time.perf_counter()
-        x = augment.decode_batch(raw, s["decode_px"], kind, ctx.device, seeds=seeds)
+        x = decode.decode_batch(raw, s["decode_px"], kind, ctx.device, seeds=seeds)
         sync(ctx)
         ips = len(raw) / (time.perf_counter() - t)
         d = (x.cpu() - pil_reference(files, kind, s["decode_px"], seeds)).abs().flatten()
@@ -663,9 +662,9 @@ def check_decode(ctx):
 
 
 def pil_reference(files, kind, size, seeds):
-    """The DataLoader path: PIL decode + augment.build_transform, seeded as decode_batch is."""
+    """The DataLoader path: PIL decode + transforms.build_transform, seeded as decode_batch is."""
     from PIL import Image
-    tf, out = augment.build_transform(kind, size), []
+    tf, out = transforms.build_transform(kind, size), []
     for f, seed in zip(files, seeds):
         torch.manual_seed(seed)
         with Image.open(f) as img:
@@ -682,7 +681,7 @@ def decode_training_run(ctx, folder):
             ctx.fresh("decode_gpu")]
     # a run of 3 steps: in this process, as the precision runs
     res = run_script(ctx, "pretrain.py", argv, min(180, ctx.left() + 30), child=False)
-    ck = pretrain.load_checkpoint(res["checkpoint"])
+    ck = registry.load(res["checkpoint"])
     ok = res["steps"] == 3 and math.isfinite(res["final_loss"]) and ck["args"]["decode"] == "gpu"
     ctx.check("decode.training", ok, f"pretrain.py --decode gpu: {res['steps']} steps, final loss "
               f"{res['final_loss']:.4f}", "3 steps, finite loss, checkpoint says decode gpu")
@@ -738,14 +737,14 @@ def check_benchmark(ctx, model, batch, compile_):
 
 
 def check_features(ctx):
-    """The cached probe's feature pass (linprobe.make_featurizer: bf16 autocast on CUDA, under
-    inference_mode as linprobe.extract runs it) on random images vs the training step's img/s."""
+    """The cached probe's feature pass (features.make_featurizer: bf16 autocast on CUDA, under
+    inference_mode as features.extract runs it) on random images vs the training step's img/s."""
     s = ctx.size
     name = s["bench"][0][0]
     with quiet(ctx):
-        model = pretrain.build_model(name, img_size=s["bench_px"]).to(ctx.device).eval()
+        model = registry.build_model(name, img_size=s["bench_px"]).to(ctx.device).eval()
         keys = [(model.depth // 2, model.probe_t, False)]
-        featurize = linprobe.make_featurizer(model, keys, argparse.Namespace(compile=False))
+        featurize = features.make_featurizer(model, keys, argparse.Namespace(compile=False))
         x = torch.rand(s["feat_batch"], 3, s["bench_px"], s["bench_px"], device=ctx.device) * 2 - 1
         with torch.inference_mode():
             for _ in range(3):
@@ -775,7 +774,7 @@ def release(ctx):
 
 
 def check_profile(ctx):
-    """torch.profiler over a few eager vit_b training steps (trainer.Engine, the step
+    """torch.profiler over a few eager vit_b training steps (Engine, the step
     --benchmark times): device time by kernel kind, how busy the device is, matmul efficiency."""
     s = ctx.size
     name, batch = s["bench"][0]
@@ -783,8 +782,8 @@ def check_profile(ctx):
                                                   "--input-size", str(s["bench_px"])])
     with quiet(ctx):
         torch.manual_seed(0)
-        model = pretrain.build_model(name, None, **pretrain.model_overrides(args)).to(ctx.device)
-        engine = trainer.Engine(model, args, 0, 1, ctx.device)
+        model = registry.build_model(name, None, **pretrain.model_overrides(args)).to(ctx.device)
+        engine = Engine(model, args, 0, 1, ctx.device)
         px = s["bench_px"]
         x = torch.rand(batch, 3, px, px, device=ctx.device) * 2 - 1
         micro = [(x, torch.zeros(batch, dtype=torch.long, device=ctx.device))]
@@ -944,7 +943,7 @@ def learned_run(out, res, err, timed_out):
         raise RunError(f"training in {out} left no checkpoint ({err or 'no error'})")
     if err and not timed_out:
         raise RunError(f"training in {out} failed: {err}")
-    ck = pretrain.load_checkpoint(path)
+    ck = registry.load(path)
     how = "stopped at the time limit" if timed_out else "finished"
     return {"checkpoint": path, "steps": ck["step"], "epochs_done": ck["epoch"], "how": how,
             "last_loss": logged_losses(out)[-1]}
@@ -1082,7 +1081,7 @@ def features_md(res):
     ratio = f"{f['ratio']}x the eager training step ({f['train_img_per_s']} img/s)" \
         if f["ratio"] else "no training figure to compare"
     return [f"Cached-probe feature pass ({f['model']}, {f['img_size']} px, batch {f['batch']}, "
-            f"linprobe.make_featurizer): {f['img_per_s']} img/s, {ratio}.", ""]
+            f"features.make_featurizer): {f['img_per_s']} img/s, {ratio}.", ""]
 
 
 def profile_md(res):
@@ -1128,15 +1127,15 @@ def check_inputs(args, cuda):
                         "(or speed_eager.MODEL / speed_compile.MODEL)")
     if args.learn_s <= 0 or args.learn_epochs <= 0:
         raise UserError("--learn-s and --learn-epochs must be > 0")
-    if args.fashion_mnist is None and cuda and os.path.isdir(data.DEBIAN_FMNIST):
-        args.fashion_mnist = data.DEBIAN_FMNIST
+    if args.fashion_mnist is None and cuda and os.path.isdir(datasets.DEBIAN_FMNIST):
+        args.fashion_mnist = datasets.DEBIAN_FMNIST
     if args.fashion_mnist is not None:
         if not os.path.isdir(args.fashion_mnist):
             raise UserError(f"--fashion-mnist {args.fashion_mnist} is not a folder; pass the "
                             "folder holding the 4 Fashion-MNIST *-ubyte.gz files")
         args.fashion_mnist = os.path.abspath(args.fashion_mnist)
         # the check data.py itself makes (names the missing files); also prepares its cache
-        data._prepare_fashion_mnist(args.fashion_mnist)
+        datasets._prepare_fashion_mnist(args.fashion_mnist)
     try:
         os.makedirs(args.out, exist_ok=True)
         write_atomic(os.path.join(args.out, ".write_test"), "")
@@ -1186,7 +1185,7 @@ def get_args_parser():
                    "(default 450, dry run 300)")
     p.add_argument("--fashion-mnist", default=None,
                    help="folder of the 4 Fashion-MNIST gz files for the learning check (default: "
-                   f"{data.DEBIAN_FMNIST} if present, else that check is skipped)")
+                   f"{datasets.DEBIAN_FMNIST} if present, else that check is skipped)")
     p.add_argument("--only", type=lambda v: [x for x in v.split(",") if x], default=[],
                    help="comma-separated checks or sections (correctness, speed, learning)")
     p.add_argument("--learn-s", type=float, default=90, help="learning: seconds of training")

@@ -1,13 +1,15 @@
-"""The two commands of `python data.py` (it forwards here; pack_data.py run directly takes the
-same commands):
+"""Two commands for feeding a GPU (docs/SPEED.md, "The input pipeline"):
 
-  pack   decode a dataset once into the packed format that data.Packed reads (described in
-         data.py): every image resized (shorter side, bicubic) and center-cropped to S x S,
-         uint8, in one .npy memmap FILE; labels and classes in FILE.meta.pt.
+  pack   decode a dataset once into the packed format that `--dataset packed` reads
+         (util/datasets.Packed): every image resized (shorter side, bicubic) and center-cropped
+         to S x S, uint8, in one .npy memmap FILE; labels and classes in FILE.meta.pt.
   bench  decoded + augmented img/s of each input path on this machine's CPU (PIL, packed, and
          the reading and decode_batch of --decode gpu), printed as a markdown table.
 
-The command lines are in data.py's docstring.
+  python tools/pack_data.py pack --dataset imagefolder --data-path /data/imagenet --split train \
+      --input-size 288 --out /data/in1k_train_288.u8 --num-workers 16
+  python tools/pack_data.py bench --data-path /tmp/jpegs --make 1000 --input-size 256 \
+      --workers 0,1,2
 """
 import argparse
 import collections
@@ -18,24 +20,24 @@ import resource
 import shutil
 import time
 
+import sys
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
 
-import augment
-import cli
-import data
-import synthetic
-from cli import UserError
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from util import cli, datasets, decode, files, synthetic, transforms  # noqa: E402
+from util.cli import UserError  # noqa: E402
 
 
 # ---- pack
 def pack_transform(size):
     """The "center" transform's PIL ops kept in uint8: packed at size == --input-size, the center
     path gives tensors bit-identical to the imagefolder path."""
-    resize = T.Resize(size, interpolation=augment.BICUBIC, antialias=True)
-    return T.Compose([augment.ToRGB(), resize, T.CenterCrop(size), T.PILToTensor()])
+    resize = T.Resize(size, interpolation=transforms.BICUBIC, antialias=True)
+    return T.Compose([transforms.ToRGB(), resize, T.CenterCrop(size), T.PILToTensor()])
 
 
 def pack(args):
@@ -44,7 +46,7 @@ def pack(args):
                         "dataset) it came from")
     # the file holds decoded pixels, so the DataLoader workers decode (with PIL)
     args.decode = "pil"
-    ds = data.build_dataset(args, args.split, pack_transform(args.input_size))
+    ds = datasets.build_dataset(args, args.split, pack_transform(args.input_size))
     source = {"dataset": args.dataset, "data_path": os.path.abspath(args.data_path or ""),
               "split": args.split}
     return pack_dataset(ds, args.out, args.input_size, args.num_workers, args.batch_size, source)
@@ -88,10 +90,10 @@ def pack_dataset(ds, out, size, num_workers=0, batch_size=64, source=None):
         os.remove(meta_path)
     write = functools.partial(_write_images, ds=ds, labels=labels, size=size,
                               batch_size=batch_size, num_workers=num_workers)
-    cli.atomic_write(out, write, total_bytes)
+    files.atomic_write(out, write, total_bytes)
     meta = {"version": 1, "shape": [count, 3, size, size], "size": size, "labels": labels,
-            "classes": data.classes(ds), "source": source or {}}
-    cli.save_torch(meta, meta_path)
+            "classes": datasets.classes(ds), "source": source or {}}
+    files.save_torch(meta, meta_path)
     rate = count / (time.time() - start)
     print(f"[pack] {count} images -> {out} ({total_bytes / 1e9:.2f} GB, {rate:.0f} img/s)")
     return out
@@ -138,12 +140,12 @@ def time_loader(name, ds, workers, batch_size, collate_fn=None):
 def first_images(data_path, count, transform):
     """The first `count` images of the JPEG folder data_path, through `transform`."""
     args = argparse.Namespace(dataset="imagefolder", data_path=data_path, decode="pil")
-    ds = data.build_dataset(args, "train", transform)
+    ds = datasets.build_dataset(args, "train", transform)
     return Subset(ds, range(min(count, len(ds))))
 
 
 def _decode_on_cpu(batch):
-    return augment.batch_to_images(augment.collate(batch)[0], "cpu")
+    return decode.batch_to_images(decode.collate(batch)[0], "cpu")
 
 
 def print_table(rows, target):
@@ -162,7 +164,7 @@ def bench(args):
         synthetic.write_jpeg_folder(args.data_path, args.make)
     size, batch_size, pack_size = args.input_size, args.batch_size, args.pack_size
     workers = [int(count) for count in args.workers.split(",")]
-    rrc = augment.build_transform("rrc", size)
+    rrc = transforms.build_transform("rrc", size)
     print(f"[bench] {args.data_path}, first {args.images} images, {size}px, batch {batch_size}, "
           f"load avg {os.getloadavg()[0]:.2f}")
     pil_only = first_images(args.data_path, args.images, T.PILToTensor())
@@ -176,13 +178,13 @@ def bench(args):
     pack_dataset(to_pack, out, pack_size, max(workers))
     for count in workers:
         rows.append(time_loader(f"packed {pack_size}px + rrc + flip + Normalize",
-                                data.Packed(out, rrc), count, batch_size))
+                                datasets.Packed(out, rrc), count, batch_size))
     # uint8 out of the workers (4x fewer bytes through shared memory, float on the GPU): the
     # cost of sending floats between processes
     uint8_rrc = T.Compose(rrc.transforms[:3])
     rows.append(time_loader(f"packed {pack_size}px + rrc + flip, uint8 out",
-                            data.Packed(out, uint8_rrc), max(workers), batch_size))
-    raw = augment.JpegFolder(first_images(args.data_path, args.images, rrc), rrc)
+                            datasets.Packed(out, uint8_rrc), max(workers), batch_size))
+    raw = decode.JpegFolder(first_images(args.data_path, args.images, rrc), rrc)
     rows.append(time_loader("read JPEG bytes only (--decode gpu workers)", raw, 0, batch_size,
                             len))
     rows.append(time_loader("decode_batch on CPU (read + decode_jpeg + rrc + flip)", raw, 0,
@@ -195,12 +197,12 @@ def bench(args):
 
 # ---- the command line
 def get_args_parser():
-    parser = cli.ArgumentParser(description="Pack a dataset into the uint8 format, or benchmark "
-                                "the input paths (see data.py's docstring for the commands).")
+    parser = cli.ArgumentParser(prog="tools/pack_data.py", description="Pack a dataset into the "
+                                "uint8 format, or benchmark the input paths.")
     commands = parser.add_subparsers(dest="command", required=True,
                                      parser_class=cli.ArgumentParser)
     pack_help = "decode + resize + center-crop every image once into FILE"
-    pack_args = data.add_data_args(commands.add_parser("pack", help=pack_help))
+    pack_args = datasets.add_data_args(commands.add_parser("pack", help=pack_help))
     pack_args.add_argument("--split", default="train", choices=["train", "val"],
                            help="which split of --dataset to pack")
     pack_args.add_argument("--out", required=True,

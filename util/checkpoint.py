@@ -1,10 +1,11 @@
-"""The files of a training run (pretrain.py, distill.py): the run log, checkpoints, and resume.
+"""The files of a training run (pretrain.py, distill.py): the log, the checkpoints, resume, and
+what a run does at each step's and epoch's end (Run).
 
 OUTPUT_DIR holds checkpoint.pt (the latest save), checkpoint-EPOCH.pt (kept epoch ends;
 checkpoint.pt is then a hard link to the newest), log.jsonl and the stage's own files. A fresh run
 never replaces a previous run's checkpoint unless told to (--overwrite); --resume continues the
 same run, refusing any flag change that would alter the data order, the schedule or the model;
-every write goes through cli.atomic_write, so a kill at any point leaves the previous file or the
+every write is atomic (util/files.py), so a kill at any point leaves the previous file or the
 whole new one.
 """
 import contextlib
@@ -12,11 +13,14 @@ import json
 import math
 import os
 import shutil
+import signal
+import time
 
 import torch
 
-import cli
-from cli import UserError
+from util import cli, files
+from util.cli import UserError, flag
+from util.engine import Diverged
 
 # What --resume may change: nothing here alters the data order, the schedule or the model
 RESUME_MAY_CHANGE = ("max_steps", "save_every", "log_every", "grid_every", "num_workers",
@@ -38,13 +42,21 @@ def load_weights(model, state_dict, what="checkpoint"):
                         f"unexpected keys {res.unexpected_keys[:8]}")
 
 
-# ---- Outputs: log and checkpoints -------------------------------------------------------------
-class RunLog:
-    """OUTPUT_DIR/log.jsonl, written by rank 0. A resumed run reads as one run: the records past
-    the step it resumes from (written after that checkpoint, so replayed now) are dropped and a
-    "resume" record marks the join. A fresh run starts an empty log."""
+def load_checkpoint(path, required=("model", "model_config", "step")):
+    """-> checkpoint dict, read with weights_only=True. UserError if missing or not one of ours."""
+    ckpt = files.load_torch(path, "checkpoint", "pass a checkpoint.pt written by this project")
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not a checkpoint of this project (no {', '.join(missing)})")
+    return ckpt
 
-    def __init__(self, path, active, resume=None):
+
+class RunLog:
+    """A log.jsonl written by rank 0. A resumed run reads as one run: the records past the step
+    it resumes from (written after that checkpoint, so replayed now) are dropped and a "resume"
+    record marks the join. Anything else starts an empty log."""
+
+    def __init__(self, path, active=True, resume=None):
         self.path, self.active = path, active
         if not active:
             return
@@ -52,21 +64,23 @@ class RunLog:
         if resume is not None and os.path.isfile(path):
             with open(path) as f:
                 for line in f:
-                    with contextlib.suppress(ValueError):          # a line torn by a kill
+                    with contextlib.suppress(ValueError, AttributeError):   # torn by a kill
                         if json.loads(line).get("step", math.inf) <= resume["step"]:
                             kept.append(line if line.endswith("\n") else line + "\n")
         if resume is not None:
             kept.append(json.dumps(resume) + "\n")
-        cli.atomic_write(path, lambda tmp: cli.write_lines(tmp, kept))
+        files.write_lines(path, kept)
 
-    def write(self, record):
+    def write(self, record, echo=False):
         if not self.active:
             return
         try:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
-            raise cli.write_error(e, self.path) from None
+            raise files.write_error(e, self.path) from None
+        if echo:
+            print(json.dumps(record), flush=True)
 
 
 def link_or_copy(src, dst):
@@ -81,18 +95,9 @@ def save_checkpoint(ckpt, latest, kept=None):
     and checkpoint.pt then made its hard link, so a kill between the two leaves checkpoint.pt at
     the previous save, and the resumed run writes the same kept copy again: none is lost."""
     if kept is None:
-        return cli.save_torch(ckpt, latest)
-    cli.save_torch(ckpt, kept)
-    return cli.atomic_write(latest, lambda tmp: link_or_copy(kept, tmp), cli.nbytes(ckpt))
-
-
-def load_checkpoint(path, required=("model", "model_config", "step")):
-    """-> checkpoint dict, read with weights_only=True. UserError if missing or not one of ours."""
-    ckpt = cli.load_torch(path, "checkpoint", "pass a checkpoint.pt written by this project")
-    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise UserError(f"{path} is not a checkpoint of this project (no {', '.join(missing)})")
-    return ckpt
+        return files.save_torch(ckpt, latest)
+    files.save_torch(ckpt, kept)
+    return files.atomic_write(latest, lambda tmp: link_or_copy(kept, tmp), files.nbytes(ckpt))
 
 
 # ---- Resume -----------------------------------------------------------------------------------
@@ -113,19 +118,16 @@ def resume_source(args, latest):
     if args.overwrite:
         raise UserError("--overwrite starts over and --resume continues: pass one of them")
     if args.resume == "auto":
-        if os.path.isfile(latest):
-            return latest
-        return None
+        return latest if os.path.isfile(latest) else None
     return args.resume
 
 
 def check_resume(ckpt, args, world, ignore=(), skip=()):
     """--resume continues the same run: every flag that fixes the data order, the schedule or the
-    model must be as saved (`ignore`: flags the caller compares another way, such as the model
-    flags through the model config); RESUME_MAY_CHANGE may change. `skip`: not yet comparable.
+    model must be as saved (`ignore`: flags compared another way, as the model flags through the
+    model config; `skip`: not comparable yet); RESUME_MAY_CHANGE may change.
     -> the changed safe flags, "--flag old -> new" each."""
-    saved = {"decode": "pil", **ckpt["args"]}    # checkpoints from before --decode: pil
-    now = vars(args)
+    saved, now = ckpt["args"], vars(args)
     keys = [k for k in now if k in saved and k not in ignore and k not in skip]
     wrong = [k for k in keys if k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
     problems = [f"the checkpoint was trained with {flag(k)} {saved[k]}, this run asks for "
@@ -142,23 +144,18 @@ def check_resume(ckpt, args, world, ignore=(), skip=()):
             if k in RESUME_MAY_CHANGE and k != "resume" and saved[k] != now[k]]
 
 
-def flag(dest):
-    return "--" + dest.replace("_", "-")
-
-
 def open_run(args, is_main, world, ignore):
     """Before any work: a writable OUTPUT_DIR, the checkpoint to resume (None: a fresh run) with
     every flag already comparable checked, and no temporary file a killed run left.
     -> (checkpoint path or None, checkpoint dict or None)."""
-    cli.check_writable_dir(args.output_dir, "--output-dir")
-    latest = os.path.join(args.output_dir, "checkpoint.pt")
-    source = resume_source(args, latest)
+    files.check_writable_dir(args.output_dir, "--output-dir")
+    source = resume_source(args, os.path.join(args.output_dir, "checkpoint.pt"))
     ckpt = None
     if source:
         ckpt = load_checkpoint(source)
         check_resume(ckpt, args, world, ignore, skip=("batch_size",))   # batch: after the cap
     if is_main:
-        stale = cli.clean_stale_temps(args.output_dir, RUN_FILES)
+        stale = files.clean_stale_temps(args.output_dir, RUN_FILES)
         if stale:
             print(f"[train] removed {len(stale)} temporary file(s) a killed run left: "
                   f"{', '.join(stale[:4])}", flush=True)
@@ -174,6 +171,146 @@ def restore(engine, ckpt, config, ignore=("grad_checkpoint",)):
     if same != {k: v for k, v in config.items() if k not in ignore}:
         raise UserError(f"--resume: the checkpoint's model {ckpt['model_config']} differs from "
                         f"this run's {config}; pass the same model flags")
-    engine.restore(ckpt)
+    load_weights(engine.model, ckpt["model"])
+    if engine.ema is not None:
+        load_weights(engine.ema, ckpt["ema"] or ckpt["model"], "checkpoint EMA")
+    engine.opt.load_state_dict(ckpt["optimizer"])
+    if engine.scaler is not None and ckpt.get("scaler"):
+        engine.scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     return ckpt["step"]
+
+
+# ---- One run's bookkeeping: what happens after each step and at each epoch's end -------------
+class Run:
+    """The steps start..last of a run and its files: a log line every --log-every steps (img/s
+    since the previous line), the epoch's end (its loss, the checkpoint, a kept copy every
+    --save-every epochs), a stop signal (save, then exit 128 + signal), the final result.
+
+    describe() -> what the checkpoint holds besides the engine state (model_config, pca, ...)."""
+
+    def __init__(self, args, engine, n_train, lr_fn, describe, start, source, changed):
+        self.args, self.engine, self.lr_fn, self.describe = args, engine, lr_fn, describe
+        self.is_main = engine.rank == 0
+        self.steps_per_epoch = n_train // args.batch_size      # the last partial batch dropped
+        self.last = min(max(1, round(args.epochs * self.steps_per_epoch)),
+                        args.max_steps or math.inf)
+        self.epochs = math.ceil(self.last / self.steps_per_epoch)
+        self.first_epoch = self.epochs if start >= self.last else start // self.steps_per_epoch
+        self.latest = os.path.join(args.output_dir, "checkpoint.pt")
+        self.step, self.source, self.saved_at, self.final_loss = start, source, None, None
+        resume = None
+        if source is not None:
+            self.saved_at = start
+            resume = {"kind": "resume", "step": start, "from": source, "changed": list(changed),
+                      "seconds": 0.0}
+        self.log = RunLog(os.path.join(args.output_dir, "log.jsonl"), self.is_main, resume)
+        self.t_start = time.time()
+        self.marks = {"log": (self.t_start, start), "epoch": (self.t_start, start)}
+        self.bar = cli.progress(total=self.last, initial=start, disable=not self.is_main,
+                                unit="step")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self.bar.close()
+        if isinstance(error, Diverged):
+            kept = f"{self.latest} (step {self.saved_at}) is untouched"
+            if self.saved_at is None:
+                kept = "no checkpoint was written"
+            raise Diverged(f"{error}; stopped without saving: {kept}. Lower --lr/--blr or set "
+                           f"--clip-grad") from None
+
+    def settings_lines(self):
+        """The lines every trainer's settings block shares: batch, steps, EMA, precision, output."""
+        args, engine = self.args, self.engine
+        micro = args.batch_size // (engine.world * args.accum_iter)
+        steps = f"{self.step} -> {self.last}"
+        if args.max_steps:
+            steps += f" (--max-steps {args.max_steps})"
+        ema = f"{args.ema:g}" if args.ema else "off"
+        compiled = ", compiled" if args.compile else ""
+        return [f"batch       global {args.batch_size} = {engine.world} rank(s) x accum "
+                f"{args.accum_iter} x micro-batch {micro}; {self.steps_per_epoch} steps per epoch",
+                f"steps       {steps}", f"ema         {ema}",
+                f"precision   {engine.prec}{compiled}", f"output      {args.output_dir}"]
+
+    def stepped(self, step):
+        self.step = step
+        self.bar.update(1)
+        if step % self.args.log_every == 0:
+            self.final_loss = self.engine.flush(self.lr_fn)[0]
+            self.record("log", self.final_loss)
+
+    def end_epoch(self, signum):
+        """After train_one_epoch: flush the losses, log, save. -> True at an epoch's end."""
+        epoch_end = self.step % self.steps_per_epoch == 0    # else: the run's end, or a stop
+        window, epoch_loss = self.engine.flush(self.lr_fn, epoch_too=epoch_end)
+        if window is not None:
+            self.final_loss = window
+            self.record("log", window)
+        if epoch_end:
+            self.record("epoch", epoch_loss)
+        kept_epoch = epoch_end and self.step // self.steps_per_epoch % self.args.save_every == 0
+        if not epoch_end or kept_epoch or self.step >= self.last or signum:
+            self.save(epoch_end)
+        return epoch_end
+
+    def due(self, every):
+        """Is this epoch's end one for a picture every `every` epochs (or the run's end)?"""
+        epoch = self.step // self.steps_per_epoch
+        at_epoch_end = self.step % self.steps_per_epoch == 0
+        return at_epoch_end and (epoch % every == 0 or self.step >= self.last)
+
+    def record(self, kind, loss):
+        """One log.jsonl line; img/s over the steps since the previous line of this kind."""
+        (t0, s0), now = self.marks[kind], time.time()
+        self.marks[kind] = (now, self.step)
+        secs = max(now - t0, 1e-9)
+        rec = {"kind": kind, "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+               "loss": loss, "lr": self.lr_fn(self.step - 1),
+               "img_per_s": round((self.step - s0) * self.args.batch_size / secs, 2),
+               "seconds": round(now - self.t_start, 2), "interval_seconds": round(secs, 2),
+               "gpu_max_mem_gb": None}
+        if self.engine.device.type == "cuda":
+            rec["gpu_max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        if kind == "log":
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", img_s=rec["img_per_s"])
+        self.log.write(rec)
+
+    def save(self, epoch_end):
+        """Right after a flush on every rank, so the weights are known finite; rank 0 writes."""
+        if self.is_main:
+            epoch = self.step // self.steps_per_epoch
+            args = {k: v for k, v in vars(self.args).items()
+                    if isinstance(v, (int, float, str, bool, type(None)))}
+            ckpt = {**self.engine.state(), "step": self.step, "epoch": epoch, "args": args,
+                    **self.describe(), "world": self.engine.world,
+                    "rng": {"torch": torch.get_rng_state()}, "version": 1}
+            kept = None
+            if epoch_end:
+                kept = os.path.join(self.args.output_dir, f"checkpoint-{epoch:04d}.pt")
+            try:
+                save_checkpoint(ckpt, self.latest, kept)
+            except UserError as e:                 # a full disk: say what is still safe
+                good = f"{self.latest} still holds step {self.saved_at}"
+                if self.saved_at is None:
+                    good = "this run has no checkpoint yet"
+                raise UserError(f"{e}; {good}") from None
+        self.saved_at = self.step
+
+    def stop(self, signum):
+        """After the save of a stopped run: log it and exit 128 + the signal (cli.Interrupted)."""
+        name = signal.Signals(signum).name
+        self.log.write({"kind": "stopped", "step": self.step, "signal": name,
+                        "seconds": round(time.time() - self.t_start, 2)})
+        raise cli.Interrupted(f"[train] stopped by {name} at step {self.step} of {self.last}: "
+                              f"saved {self.latest}; continue with the same command and "
+                              f"--resume auto", signum)
+
+    def result(self):
+        """The final JSON result of the run (rank 0)."""
+        return {"final_loss": self.final_loss, "steps": self.step,
+                "seconds": round(time.time() - self.t_start, 2), "checkpoint": self.latest,
+                "log": self.log.path}

@@ -1,40 +1,15 @@
-"""The data sets every l-DAE script reads, behind one entry point (build_dataset). The
-transforms and the --decode gpu path are in augment.py, the synthetic shapes in synthetic.py,
-the CLI conventions in cli.py.
-
-`--dataset` / `--data-path` mean the same in tokenizer_pca.py, pretrain.py and linprobe.py:
-  synthetic     procedurally drawn shapes/textures (default; offline, deterministic, 10 classes)
+"""The data sets every script reads, behind one entry point (build_dataset), and the data flags
+they share. `--dataset` / `--data-path` mean the same in tokenizer_pca.py, pretrain.py,
+linprobe.py and distill.py:
+  synthetic     procedurally drawn shapes (default; offline, deterministic, 10 classes)
   imagefolder   ImageNet layout: --data-path root/ with class folders, or root/train + root/val
-  fashion-mnist torchvision's FashionMNIST; offline from a folder of the original gz files, e.g.
+  fashion-mnist torchvision's FashionMNIST, offline from a folder of the original gz files, e.g.
                 Debian's `apt-get install dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist)
   cifar10       torchvision's CIFAR10 (--download, or a folder holding cifar-10-batches-py)
-  packed        a uint8 file written once by `python data.py pack` (below): no JPEG decoding in
-                training
-
-Feeding a GPU: vit_b trains at ~1,790 img/s per H100 at 50% MFU; PIL decode + rrc costs
-~3-4 ms per 500x375 JPEG on one core (`bench`), i.e. >= 6-8 cores per GPU. Two faster paths, same
-transforms, same [-1, 1] output:
-  --dataset packed  decode once: `pack` resizes (shorter side, bicubic) + center-crops every image
-                    to S x S in one uint8 .npy memmap + FILE.meta.pt. S = --input-size for
-                    "center" ablations (bit-identical to imagefolder); S = 288-320 for rrc, so
-                    large crops keep detail (the square crop drops the sides of wide photos).
-                    ImageNet train: 252 GB at 256, 318 GB at 288. `{split}` in --data-path ->
-                    train/val; else one file, 10% val.
-  --decode gpu      imagefolder, pretrain.py only: workers only read bytes;
-                    augment.batch_to_images decodes the batch with
-                    torchvision.io.decode_jpeg(device="cuda") and crops/flips on the GPU.
-Commands (`pack` and `bench` live in pack_data.py; `python data.py` runs them):
-  python data.py pack --dataset imagefolder --data-path /data/imagenet --split train \
-      --input-size 288 --out /data/in1k_train_288.u8 --num-workers 16
-      (then train with --dataset packed --data-path FILE)
-  python data.py bench --data-path /tmp/jpegs --make 1000 --input-size 256 --workers 0,1,2
-      (--make N: first write N synthetic 500x375 q90 JPEGs there; prints a markdown table)
-  python tokenizer_pca.py --dataset fashion-mnist --data-path /usr/share/datasets/fashion-mnist \
-      --input-size 32 --patch-size 4 --out /tmp/pca_fm.pt
-      (the data flags are the same in any script that calls add_data_args)
-
+  packed        a uint8 file written once by tools/pack_data.py: no JPEG decoding in training
+A DiT on a tokenizer's latents reads them with LatentFile instead (--latents-file).
 Contract: images are float (3, H, W) in [-1, 1] (DiT normalisation, RECIPE s2), grayscale
-repeated to 3 channels. Bad user input raises cli.UserError: one `error: <msg>` line, exit 2.
+repeated to 3 channels. docs/USAGE.md, "Data", has the commands and the input benchmark.
 """
 import collections
 import functools
@@ -48,10 +23,9 @@ import torch
 import torchvision
 from torch.utils.data import Dataset, Subset
 
-import augment
-import cli
-import synthetic
-from cli import UserError, atomic_write, bounded, load_torch
+from util import decode, synthetic
+from util.cli import UserError, bounded
+from util.files import atomic_write, load_torch
 
 DATASETS = ("synthetic", "imagefolder", "fashion-mnist", "cifar10", "packed")
 
@@ -64,7 +38,7 @@ def add_data_args(parser):
     group.add_argument("--data-path", default=None,
                        help="imagefolder: root/ (class folders) or root/{train,val}; "
                             "fashion-mnist: folder of *-ubyte(.gz) files; cifar10: folder with "
-                            "cifar-10-batches-py; packed: the file from `python data.py pack` "
+                            "cifar-10-batches-py; packed: the file of tools/pack_data.py "
                             "({split} -> train/val)")
     group.add_argument("--decode", default="pil", choices=["pil", "gpu"],
                        help="imagefolder: pil = decode + augment in DataLoader workers; "
@@ -152,12 +126,12 @@ def _holdout(labels, split):
     return keep
 
 
-# ---- Packed format (written by `python data.py pack`, pack_data.py): FILE = .npy uint8
+# ---- Packed format (written by `python tools/pack_data.py pack`): FILE = .npy uint8
 # (N, 3, S, S), each image decoded once, shorter side to S and center-cropped (the "center"
 # transform's PIL ops); FILE.meta.pt = {"version", "shape", "size", "labels" (N,) int64,
 # "classes", "source"}. Channels-first: an item is a zero-copy view.
-PACK_CMD = ("python data.py pack --dataset imagefolder --data-path DIR --split train "
-            "--input-size 288 --out")
+PACK_CMD = ("python tools/pack_data.py pack --dataset imagefolder --data-path DIR --split "
+            "train --input-size 288 --out")
 
 
 def _check_packed(path, meta, images):
@@ -378,7 +352,7 @@ def build_dataset(args, split, transform, decode_gpu_ok=False):
     elif name == "imagefolder":
         ds, where = _build_imagefolder(args.data_path, split, transform)
         if decode_gpu:
-            ds = augment.JpegFolder(ds, transform)
+            ds = decode.JpegFolder(ds, transform)
             where += "; --decode gpu: items are encoded bytes"
     elif name == "packed":
         ds, where = _build_packed(args.data_path, split, transform)
@@ -401,17 +375,42 @@ def num_classes(dataset):
     return len(classes(dataset))
 
 
-# ---- `python data.py pack ...` and `python data.py bench ...`: the commands live in
-# pack_data.py (which imports this file); these names stay here for the callers of data.X.
-def get_args_parser():
-    import pack_data
-    return pack_data.get_args_parser()
+# ---- A tokenizer's latents, for a DiT that reads them (--latents-file): a .pt file
+# {"latents": (N, C, h, w) float, "labels": (N,) long, optional "classes": names}. Mapped, not
+# read: a 1.28M x 4 x 32 x 32 fp16 file is 10 GB.
+class LatentFile(Dataset):
+    """Items: (latent (C, h, w) float32, int label)."""
+
+    def __init__(self, path):
+        if not path:
+            raise UserError("this model reads precomputed latents: pass --latents-file FILE.pt "
+                            "holding {'latents': (N, C, h, w), 'labels': (N,)}")
+        saved = load_torch(path, "latents file", "pass a .pt file of tensors written with "
+                           "torch.save({'latents': ..., 'labels': ...})", mmap=True)
+        if not isinstance(saved, dict) or "latents" not in saved or "labels" not in saved:
+            raise UserError(f"{path} must hold a dict with 'latents' (N, C, h, w) and "
+                            f"'labels' (N,)")
+        self.latents, self.labels = saved["latents"], saved["labels"].long()
+        if self.latents.ndim != 4 or len(self.labels) != len(self.latents):
+            raise UserError(f"{path}: latents must be (N, C, h, w) with N labels, got "
+                            f"{tuple(self.latents.shape)} and {tuple(self.labels.shape)}")
+        if self.latents.shape[2] != self.latents.shape[3]:
+            raise UserError(f"{path}: latents must be square, got {tuple(self.latents.shape[2:])}")
+        num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
+        self.classes = list(saved.get("classes") or map(str, range(num_classes)))
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __getitem__(self, i):
+        return self.latents[i].float(), int(self.labels[i])
 
 
-def main(args):
-    import pack_data
-    return pack_data.main(args)
-
-
-if __name__ == "__main__":
-    cli.run_cli(main, get_args_parser())
+@functools.lru_cache(maxsize=None)
+def open_latents(path):
+    """The LatentFile of `path`, opened once per process (the model's build reads its shape and
+    class count, the training run its items)."""
+    ds = LatentFile(path)
+    print(f"[data] latents {path}: {len(ds.classes)} classes, {len(ds)} latents of "
+          f"{tuple(ds.latents.shape[1:])}", flush=True)
+    return ds

@@ -15,8 +15,8 @@ import threading
 import torch
 import torch.distributed as dist
 
-import augment
-from cli import UserError
+from util import decode
+from util.cli import UserError
 
 
 # ---- The data order ---------------------------------------------------------------------------
@@ -71,16 +71,22 @@ def ignore_stop_signals(worker_id):
 
 
 def make_loader(train_set, args, world, rank, device):
-    """-> (sampler, Indexed dataset, DataLoader) of this rank's micro-batches."""
+    """The DataLoader of this rank's micro-batches: its batch_sampler a GlobalBatchSampler, its
+    dataset the Indexed training set."""
     sampler = GlobalBatchSampler(len(train_set), args.batch_size, world, rank, args.accum_iter,
                                  args.seed)
-    indexed = Indexed(train_set, args.seed)
-    loader = torch.utils.data.DataLoader(
-        indexed, batch_sampler=sampler, num_workers=args.num_workers,
-        collate_fn=augment.collate,                   # --decode gpu: a batch of JPEG bytes
+    return torch.utils.data.DataLoader(
+        Indexed(train_set, args.seed), batch_sampler=sampler, num_workers=args.num_workers,
+        collate_fn=decode.collate,                    # --decode gpu: a batch of JPEG bytes
         worker_init_fn=ignore_stop_signals, pin_memory=device.type == "cuda",
         persistent_workers=args.num_workers > 0)
-    return sampler, indexed, loader
+
+
+def first_images(loader, n, device):
+    """The first n training images (epoch 0's augmentation) on the device: for pictures."""
+    indexed = loader.dataset
+    items = [indexed[(0, i)] for i in range(min(n, len(indexed.base)))]
+    return decode.batch_to_images(decode.collate(items)[0], device)
 
 
 def check_layout(args, world):

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from cli import torch_threads
+from util.cli import torch_threads
 
 
 SYNTHETIC_CLASSES = ("disc", "ring", "square", "triangle", "cross",

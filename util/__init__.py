@@ -1,0 +1,1 @@
+"""Helpers the stage scripts share, each file named after the one thing it does."""

@@ -1,0 +1,150 @@
+"""The frozen encoder a probe reads (linprobe.py): loaded strictly from its checkpoint, the
+(depth, t, clean / noisy input) settings it can give, and one feature pass over a data set,
+sharded under torchrun."""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+import dit_baseline
+from util import cli, registry
+from util.cli import UserError
+
+
+def checksum(model):
+    """(n, 2) float64 sum and sum of squares of every float tensor of the model."""
+    rows = [[t.double().sum(), t.double().square().sum()] for t in model.state_dict().values()
+            if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def load_backbone(args, device):
+    """The checkpoint's model, loaded strictly (a missing or foreign file, missing or unexpected
+    keys are UserErrors naming the problem), frozen; --random-init: the same network with fresh
+    weights and every block live."""
+    ckpt = registry.load(args.ckpt)
+    model = registry.model_from_checkpoint(ckpt, args.weights, "cpu")
+    args.weights_used = "raw"                                              # for the report
+    if ckpt.get("ema") is not None:
+        args.weights_used = args.weights
+    preset = ckpt.get("args", {}).get("preset")
+    if preset in dit_baseline.TABLE4_PRESETS and not args.select_setting:
+        print(f"[probe] note: the paper probes {preset} (Table 4) at "
+              f"{dit_baseline.PAPER_PROBE[preset]}; this run uses one fixed setting", flush=True)
+    if args.random_init:
+        # The random-init baseline: same network, fresh weights, every block live. The
+        # checkpoint gives only the config and the PCA tokenizer (fitted, not learned: RECIPE s2).
+        torch.manual_seed(args.seed)
+        model.init_weights(active=True)
+        print(f"[probe] --random-init: freshly initialised {model.config.get('name')} with "
+              f"ACTIVE blocks (init_weights(active=True): adaLN gates open); checkpoint weights "
+              f"unused", flush=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def make_featurizer(model, keys, args):
+    """-> f(images (B, 3, S, S)) -> {(depth, t, noisy): (B, D) float32}. One forward_features pass
+    per (t, clean or noisy input) returns every requested depth (RECIPE s5 probe depth/t/input
+    ablations, DDAE grid). model None: --baseline pixels, <= 32x32x3 = 3072 dims, area-averaged."""
+    if model is None:
+        def pixels(x):
+            if x.shape[-1] > 32:
+                x = F.adaptive_avg_pool2d(x, 32)
+            return {keys[0]: x.flatten(1).float()}
+        return pixels
+    depths = sorted({key[0] for key in keys})
+    levels = sorted({key[1:] for key in keys})      # (t, noisy) pairs
+    forward = model.forward_features
+    if args.compile:
+        forward = torch.compile(model.forward_features)
+
+    def features(x):
+        out = {}
+        with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):    # bf16: the fast path
+            for t, noisy in levels:
+                for depth, f in zip(depths, forward(x, t=t, depth=depths, noisy=noisy)):
+                    out[(depth, t, noisy)] = f.float()
+        return {key: out[key] for key in keys}
+    return features
+
+
+def extract(featurize, ds, args, device, rank, world, desc):
+    """One encoder pass -> ({key: (N, D)} on CPU, labels (N,)). Under torchrun rank r takes items
+    r, r+W, ...; the shards are gathered and interleaved back into dataset order."""
+    loader = DataLoader(Subset(ds, range(rank, len(ds), world)), batch_size=args.max_device_batch,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    chunks, labels = {}, []
+    with torch.inference_mode():                # no autograd state at all; faster than no_grad
+        for x, y in cli.progress(iterable=loader, desc=desc, disable=rank != 0, leave=False):
+            for key, f in featurize(x.to(device, non_blocking=True)).items():
+                chunks.setdefault(key, []).append(f.cpu())
+            labels.append(y)
+    shard = -(-len(ds) // world)                # the longest shard: all_gather needs equal sizes
+
+    def gather(t):                              # (n_r, ...) -> (N, ...) in dataset order
+        if world == 1:
+            return t
+        padded = torch.zeros((shard, *t.shape[1:]), dtype=t.dtype, device=device)
+        padded[:len(t)] = t.to(device)
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        return torch.stack(parts, 1).reshape(shard * world, *t.shape[1:])[:len(ds)].cpu()
+    return {key: gather(torch.cat(v)) for key, v in chunks.items()}, gather(torch.cat(labels))
+
+
+def cached_features(featurize, keys, centre_ds, crops_ds, val_ds, args, device, rank, world):
+    """-> {key: (V, N, D)}, train labels (N,), {key: (M, D)}, val labels (M,), all on the CPU."""
+    per_view = []
+    for view in range(args.views):              # view 0: center crop (as val); then random crops
+        torch.manual_seed(args.seed + view)     # worker seeds derive from it: reproducible crops
+        ds = centre_ds if view == 0 else crops_ds
+        per_view.append(extract(featurize, ds, args, device, rank, world, f"train view {view}"))
+    val_x, val_y = extract(featurize, val_ds, args, device, rank, world, "val")
+    train_x = {key: torch.stack([f[key] for f, _ in per_view]) for key in keys}
+    return train_x, per_view[0][1], val_x, val_y
+
+
+def probe_keys(args, depths, model):
+    """The (depth, t, noisy) settings to probe. One setting by default: the last encoder block,
+    --probe-t (default: the model's probe_t, 10, or a single-level model's own level) and a clean
+    input (--noisy-input: noisy). --grid: every --grid-depths x --grid-ts. --select-setting: the
+    paper's Table 4 "optimal setting", every --grid-ts with clean and with noisy input at the
+    probe depth. --grid-inputs overrides which inputs. The best is chosen on held-out train."""
+    select = args.grid or args.select_setting
+    ts = args.grid_ts
+    if not select:
+        ts = [model.probe_t if args.probe_t is None else args.probe_t]
+    inputs = args.grid_inputs
+    if inputs is None and args.select_setting:
+        inputs = "both"
+    if inputs is None:
+        inputs = "noisy" if args.noisy_input else "clean"
+    noisy = {"clean": [False], "noisy": [True], "both": [False, True]}[inputs]
+    return [(depth, t, n) for depth in depths for t in ts for n in noisy]
+
+
+def check_probe_keys(args, cfg, pixels, model):
+    """The input size, depths and levels the checkpoint's model can take -> (size, keys)."""
+    size = cfg.get("img_size")
+    if args.input_size is None:
+        args.input_size = size or 32
+    elif size and args.input_size != size:
+        raise UserError(f"the checkpoint's model takes {size}x{size} images (fixed position "
+                        f"embedding), not --input-size {args.input_size}; drop --input-size or "
+                        f"pass {size}")
+    if pixels:
+        return args.input_size, [(None, None, False)]
+    blocks = cfg.get("depth", 0)
+    depths = [args.probe_depth or blocks // 2]
+    if args.grid:                               # default: depths around the encoder's end (s5)
+        default = list(range(max(1, blocks // 4), 3 * blocks // 4 + 1, max(1, blocks // 8)))
+        depths = args.grid_depths or default
+    keys = probe_keys(args, depths, model)
+    steps = cfg.get("num_steps", 1000)
+    if not all(0 <= key[1] < steps for key in keys):
+        raise UserError(f"probe levels t must be in 0..{steps - 1} (the model's noise steps), "
+                        f"got {sorted({key[1] for key in keys})}")
+    if not all(1 <= depth <= blocks for depth in depths):
+        raise UserError(f"probe depths must be in 1..{blocks} (the blocks of {cfg.get('name')}), "
+                        f"got {depths}")
+    return args.input_size, keys

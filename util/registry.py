@@ -1,0 +1,80 @@
+"""Every model family by name, and a checkpoint back to its exact model: the one place that
+pretrain.py, linprobe.py, distill.py and export_timm.py ask. Families: ldae (ldae.py), dit
+(dit_baseline.py), resnet (util/resnet.py, RepFusion's student)."""
+import dit_baseline
+import ldae
+from tokenizer_pca import PatchPCA
+from util import datasets, resnet
+from util.checkpoint import load_checkpoint, load_weights
+from util.cli import UserError, flag
+
+FAMILIES = {"ldae": ldae, "dit": dit_baseline, "resnet": resnet}
+PRETRAIN_MODELS = sorted({**ldae.MODELS, **dit_baseline.MODELS})      # what --model may name
+# The flags of pretrain.py's "model flags" group: the model config in the checkpoint holds them
+MODEL_ARGS = ("latent_dim", "latent_scale", "latent_norm", "cond_ratio", "residual_weight",
+              "noise", "single_sigma", "target", "patch_size", "grad_checkpoint", "schedule",
+              "prediction", "class_cond", "dit_input", "latents_file")
+
+
+def family_of(name):
+    """'ldae' or 'dit': which model file a --model name lives in."""
+    for family in ("ldae", "dit"):
+        if name in FAMILIES[family].MODELS:
+            return family
+    raise UserError(f"unknown --model {name!r}; choose from {', '.join(PRETRAIN_MODELS)}")
+
+
+def build_model(name, pca=None, **overrides):
+    """The family's build_model with the flags it takes (None: the registry's value). A flag of
+    the other family is refused, not dropped: `--class-cond true` means nothing to an l-DAE.
+    --latents-file becomes the DiT's input shape and class count, read from the file."""
+    family = FAMILIES[family_of(name)]
+    given = {k: v for k, v in overrides.items() if v is not None and v is not False}
+    foreign = sorted(k for k in given if k in MODEL_ARGS and k not in family.MODEL_FLAGS)
+    if foreign:
+        kind = "an l-DAE" if family is ldae else "a DiT"
+        raise UserError(f"{', '.join(map(flag, foreign))}: not a flag of --model {name} ({kind}); "
+                        f"drop it, or pick a model of the other family (a --preset sets the "
+                        f"flags of its own family)")
+    kept = {k: v for k, v in overrides.items() if k in family.MODEL_FLAGS and v is not None}
+    if kept.get("latents_file"):
+        latents = datasets.open_latents(kept.pop("latents_file"))
+        kept.update(input="latents", latent_channels=latents.latents.shape[1],
+                    latent_size=latents.latents.shape[2])
+        kept.setdefault("num_classes", len(latents.classes))
+    try:
+        return family.build_model(name, pca, **kept)
+    except (ValueError, KeyError, TypeError) as e:       # a size or flag the model cannot take
+        raise UserError(f"--model {name}: {e}") from None
+
+
+def load(path):
+    """-> a model checkpoint (pretrain.py's, or distill.py's student.pt), weights only."""
+    return load_checkpoint(path, required=("model", "model_config", "pca", "step"))
+
+
+def model_from_checkpoint(ckpt, weights="ema", device="cpu"):
+    """The checkpoint's exact model (its config + PCA basis) with its EMA or raw weights."""
+    cfg = dict(ckpt["model_config"])
+    family, name = cfg.pop("family", None), cfg.pop("name", None)
+    if family == "repfusion":
+        raise UserError("this is a distill.py run's checkpoint (student, adaptor, policy); the "
+                        "student alone is OUTPUT_DIR/student.pt")
+    if family not in FAMILIES or name not in FAMILIES[family].MODELS:
+        raise UserError(f"the checkpoint's model {family!r} / {name!r} is not in this version's "
+                        f"registry ({', '.join(PRETRAIN_MODELS)}, resnet18)")
+    weights_of = ckpt.get("ema") if weights == "ema" else ckpt["model"]
+    if weights_of is None:
+        print("[ckpt] no EMA weights in this checkpoint (trained with --ema 0): using the raw "
+              "weights")
+        weights_of = ckpt["model"]
+    pca = None
+    if ckpt.get("pca") is not None:
+        pca = PatchPCA.from_dict(ckpt["pca"])
+    try:
+        model = FAMILIES[family].build_model(name, pca, **cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"the checkpoint's model config cannot be built ({e}); was it written by "
+                        f"another version of pretrain.py?") from None
+    load_weights(model, weights_of)
+    return model.to(device).eval()

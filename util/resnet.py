@@ -1,0 +1,55 @@
+"""RepFusion's student network (distill.py --student resnet18) as a model family of its own, so
+that a student checkpoint probes (linprobe.py) like any other: torchvision's ResNet-18 adapted to
+small images as RepFusion does it (a 3 x 3 stride-1 first convolution, no max-pool)."""
+import torch.nn as nn
+import torchvision
+
+MODELS = {"resnet18": {}}
+
+
+class ResNetStudent(nn.Module):
+    """forward_features(images, t, depth) -> the average-pooled output of stage `depth` (1..4, a
+    list for several; t is ignored), or its positions (B, H W, C) with pool=False."""
+
+    probe_t = 0
+
+    def __init__(self, img_size=32, name="resnet18"):
+        super().__init__()
+        self.config = dict(family="resnet", name=name, img_size=img_size, in_chans=3, depth=8,
+                           patch_size=1)        # depth 8: a probe reads stage depth // 2 = 4
+        self.net = torchvision.models.resnet18(num_classes=1)
+        self.net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.net.maxpool = nn.Identity()
+        self.net.fc = nn.Identity()
+        self.pca = None
+        self.dim = 512
+
+    def init_weights(self, active=True):
+        """A fresh random network (torchvision's initialisation), for --random-init probes."""
+        for m in self.modules():
+            if hasattr(m, "reset_parameters") and m is not self:
+                m.reset_parameters()
+
+    def forward_features(self, images, t=None, depth=None, noisy=False, pool=True):
+        depths = depth if isinstance(depth, (list, tuple)) else [depth or 4]
+        if not all(1 <= d <= 4 for d in depths):
+            raise ValueError(f"a ResNet student has stages 1..4, not {depths}")
+        net, feats = self.net, {}
+        x = net.relu(net.bn1(net.conv1(images)))
+        for i, stage in enumerate((net.layer1, net.layer2, net.layer3, net.layer4)):
+            x = stage(x)
+            if pool:
+                feats[i + 1] = x.mean(dim=(2, 3))                 # (B, C) average pool
+            else:
+                feats[i + 1] = x.flatten(2).transpose(1, 2)       # (B, H W, C): the positions
+        out = [feats[d] for d in depths]
+        if isinstance(depth, (list, tuple)):
+            return out
+        return out[0]
+
+
+def build_model(name, pca=None, img_size=32, **ignored):
+    """The registry's entry for the 'resnet' family (student checkpoints)."""
+    if name not in MODELS:
+        raise KeyError(f"unknown student {name!r}; choose from {', '.join(MODELS)}")
+    return ResNetStudent(img_size, name)
