@@ -111,7 +111,7 @@ def test_packed_errors_name_the_file_and_the_fix(jpegs, tmp_path):
         datasets.build_dataset(_args("--dataset", "packed"), "train", tf)
     missing = tmp_path / "nope.u8"
     packed = _args("--dataset", "packed", "--data-path", str(missing))
-    with pytest.raises(UserError, match=f"{missing} does not exist.*python tools/pack_data.py pack"):
+    with pytest.raises(UserError, match=f"{missing} does not exist.*tools/pack_data.py pack"):
         datasets.build_dataset(packed, "train", tf)
     good = tmp_path / "g.u8"
     _pack(jpegs, good, 16)
