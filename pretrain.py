@@ -7,7 +7,6 @@ or many.
       --batch-size 2048 --epochs 400 --warmup-epochs 100 --aug rrc --pca-images 10000 \\
       --output-dir out/vit_b                                      # the final ViT-B, RECIPE s6
   python pretrain.py --preset t3_ldae --model vit_tiny --input-size 32   # a paper row, small
-  python pretrain.py --model vit_b --benchmark 20 --batch-size 256 --compile   # speed only
 
 OUTPUT_DIR gets checkpoint.pt (and checkpoint-EPOCH.pt every --save-every epochs), log.jsonl,
 grid.png (rows: clean images, then noised / denoised at t = 100 .. 900) and pca.pt. A stopped
@@ -17,7 +16,6 @@ and exits 128 + the signal. The settings block printed at the start says what th
 import copy
 import json
 import os
-import time
 
 import torch
 import torch.distributed as dist
@@ -33,8 +31,6 @@ from util.engine import Engine, train_one_epoch
 from util.train_flags import add_training_args
 
 GRID_T = (100, 300, 500, 700, 900)                 # the noise levels of the image grid
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,
-               "L40S": 362.0}                      # dense bf16 per GPU, for --benchmark's MFU
 # The CPU-sized models' training defaults, measured to learn on the synthetic set and on
 # Fashion-MNIST (docs/RESULTS.md); every other model keeps the paper's (RECIPE s6). They sit
 # under explicit flags and replace a --preset's ImageNet-sized batch, lr and length.
@@ -120,11 +116,6 @@ def get_args_parser():
                    help="DiT: the PCA latent of the images, or --latents-file")
     g.add_argument("--latents-file", default=None,
                    help="DiT: {'latents': (N, C, h, w), 'labels': (N,)} from your tokenizer")
-    g = p.add_argument_group("benchmark")
-    g.add_argument("--benchmark", type=num(int, 0), default=0, metavar="N",
-                   help="time N steps on random data: img/s, TFLOP/s, MFU, memory; then exit")
-    g.add_argument("--peak-tflops", type=num(float, 0, low_open=True), default=None,
-                   help="per-device peak for MFU (default: a table of known GPUs)")
     datasets.add_data_args(p)
     p.set_defaults(input_size=None)            # None: the model's img_size (vit_tiny 32, vit_b 256)
     return p
@@ -150,8 +141,6 @@ def train(args, rank, world, device):
     with torch.device("meta"):                     # the config alone, nothing allocated
         cfg = registry.build_model(args.model, None, **model_overrides(args)).config
     args.input_size = cfg["img_size"]
-    if args.benchmark:
-        return benchmark(args, rank, world, device)
     latents = cfg.get("input") == "latents"        # a DiT on a tokenizer's latents: no images
     if latents and args.decode == "gpu":
         raise UserError("--decode gpu decodes JPEG files, but this model reads --latents-file; "
@@ -286,49 +275,6 @@ def save_grid(model, x, path, engine, seed):
         grid = nn.functional.interpolate(grid, scale_factor=96 // grid.shape[-1], mode="nearest")
     return files.atomic_write(path, lambda tmp: torchvision.utils.save_image(
         grid, tmp, format="png", nrow=len(x), padding=2, pad_value=1.0))
-
-
-def benchmark(args, rank, world, device):
-    """--benchmark N: the real training step (the same Engine) on random data -> img/s, FLOPs,
-    MFU and peak memory."""
-    torch.manual_seed(args.seed)
-    model = registry.build_model(args.model, None, **model_overrides(args)).to(device)
-    cfg, micro_size = model.config, args.batch_size // (world * args.accum_iter)
-    engine, cuda = Engine(model, args, rank, world, device), device.type == "cuda"
-    shape = (3, cfg["img_size"], cfg["img_size"])
-    if cfg.get("input") == "latents":
-        shape = (cfg["latent_channels"], cfg["latent_size"], cfg["latent_size"])
-    x = torch.rand(micro_size, *shape, device=device) * 2 - 1
-    micro = [(x, torch.zeros(micro_size, dtype=torch.long, device=device))] * args.accum_iter
-    warmup = 10 if args.compile else 3             # compile: 2 graphs
-    for i in range(warmup + args.benchmark):
-        if i == warmup:                            # synced at both ends of the timed steps
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        engine.step(micro, i, 1e-4)
-    if cuda:
-        torch.cuda.synchronize()
-    secs = time.perf_counter() - t0
-    ips, flops = args.benchmark * args.batch_size / secs, model.train_flops_per_image()
-    tflops = ips * flops / world / 1e12            # per device
-    name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if cuda and k in name), None)
-    res = {"kind": "benchmark", "model": args.model, "img_size": cfg["img_size"],
-           "precision": engine.prec, "compile": bool(args.compile), "world": world,
-           "global_batch": args.batch_size, "steps": args.benchmark,
-           "step_s": round(secs / args.benchmark, 4), "img_per_s": round(ips, 2),
-           "train_gflops_per_img": round(flops / 1e9, 2), "tflops_per_device": round(tflops, 3),
-           "peak_tflops": peak, "mfu": round(tflops / peak, 4) if peak else None, "device": name,
-           "peak_mem_gb": None}
-    if cuda:
-        res["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    if rank == 0:
-        mfu = res["mfu"] if peak else "n/a (give --peak-tflops)"
-        print(f"[benchmark] {res['img_per_s']} img/s, {res['train_gflops_per_img']} GFLOPs/img, "
-              f"{res['tflops_per_device']} TFLOP/s per device, MFU {mfu}")
-        print(json.dumps(res), flush=True)
-    return res
 
 
 if __name__ == "__main__":

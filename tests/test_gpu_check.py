@@ -61,7 +61,7 @@ def test_dry_run_runs_every_check_and_a_changed_tensor_fails_the_resume_check(tm
     # the figures behind the tables are there and sane
     rows = {(b["model"], b["compile"]): b for b in res["benchmarks"]}
     assert set(rows) == {(m, c) for m, _ in gpu_check.SIZES["dry"]["bench"] for c in (False, True)}
-    assert all(b["img_per_s"] > 0 and b["command"].startswith("python pretrain.py --model")
+    assert all(b["img_per_s"] > 0 and b["command"].startswith("python tools/bench_train.py --")
                for b in rows.values())
     assert res["features"]["img_per_s"] > 0 and res["features"]["ratio"] > 0
     assert res["profile"]["busy_ms"] > 0 and sum(res["profile"]["by_kind_ms"].values()) > 0
@@ -83,9 +83,9 @@ def test_the_device_runner_children_give_results_and_are_killed_at_their_time_li
     gpu_check.check_inputs(args, cuda=False)
     ctx = gpu_check.Session(args, torch.device("cpu"), dry=True)
     ctx.isolate = True                       # what the device does: each script in a child
-    bench = ["--model", "vit_tiny", "--benchmark", "1", "--batch-size", "4", "--ema", "0"]
-    handle = gpu_check.start_jobs(ctx, "pretrain.py", {"ok": bench, "bad": ["--model", "vit_q"]},
-                                  timeout=240)
+    bench = ["--model", "vit_tiny", "--steps", "1", "--batch-size", "4", "--ema", "0"]
+    handle = gpu_check.start_jobs(ctx, "tools/bench_train.py",
+                                  {"ok": bench, "bad": ["--model", "vit_q"]}, timeout=240)
     assert all(p.poll() is None for p in handle["procs"].values())     # running in the background
     done = gpu_check.join_jobs(ctx, handle)
     result, err, late = done["ok"]
@@ -93,7 +93,7 @@ def test_the_device_runner_children_give_results_and_are_killed_at_their_time_li
     result, err, late = done["bad"]
     assert result is None and "exited with code 2" in err and "unknown --model" in err
     with pytest.raises(gpu_check.RunError, match="did not finish in 1 s"):
-        gpu_check.run_script(ctx, "pretrain.py", bench, timeout=1)
+        gpu_check.run_script(ctx, "tools/bench_train.py", bench, timeout=1)
     ctx.logf.close()
 
 

@@ -236,8 +236,9 @@ def test_preset_sets_defaults_and_explicit_flags_win():
 
 
 def test_benchmark_prints_speed_and_flops(capsys):
-    res = pretrain.main(pretrain.get_args_parser().parse_args(
-        ["--model", "vit_tiny", "--benchmark", "2", "--batch-size", "4", "--ema", "0"]))
+    import bench_train
+    res = bench_train.main(bench_train.get_args_parser().parse_args(
+        ["--model", "vit_tiny", "--steps", "2", "--batch-size", "4", "--ema", "0"]))
     assert res["img_per_s"] > 0 and res["mfu"] is None and res["train_gflops_per_img"] > 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kind"] == "benchmark"
 

@@ -22,7 +22,7 @@ correctness  precision    a few l-DAE and DiT steps in bf16 vs fp32 (TF32 matmul
                           rrc): mean and 99.9th-percentile |difference|; a --decode gpu training run
              compile      --compile vs eager, the same steps: losses and updates within TOL
 speed        gemm         a large bf16 matmul: the ceiling the MFU figures sit under
-             speed_eager, speed_compile   pretrain.py --benchmark for vit_b, vit_half_l, vit_l and
+             speed_eager, speed_compile   tools/bench_train.py for vit_b, vit_half_l, vit_l and
                           dit_l_2 at 256 px (batch >= 64; --grad-checkpoint only after an OOM)
              features     the cached linear probe's feature pass (features.make_featurizer, bf16
                           autocast) vs the training step, img/s
@@ -57,6 +57,7 @@ import torchvision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import bench_train  # noqa: E402
 import linprobe  # noqa: E402
 import pretrain  # noqa: E402
 from tokenizer_pca import fit_pca  # noqa: E402
@@ -302,10 +303,11 @@ def run_script(ctx, script, argv, timeout, child=None):
     child None: a child on the device (ctx.isolate), this process in the dry run."""
     if not (ctx.isolate if child is None else child):
         ctx.log(f"$ python {script} {' '.join(argv)}   (in this process)")
-        mod = {"pretrain.py": pretrain, "linprobe.py": linprobe}[script]
+        mod = {"pretrain.py": pretrain, "linprobe.py": linprobe,
+               "tools/bench_train.py": bench_train}[script]
         with quiet(ctx):
             return mod.main(mod.get_args_parser().parse_args(argv))
-    proc = spawn(ctx, [sys.executable, script, *argv], script.split(".")[0])
+    proc = spawn(ctx, [sys.executable, script, *argv], os.path.basename(script).split(".")[0])
     return child_result(script, *finish(ctx, proc, timeout), timeout)
 
 
@@ -714,21 +716,21 @@ def check_gemm(ctx):
 
 def check_benchmark(ctx, model, batch, compile_):
     s = ctx.size
-    argv = ["--model", model, "--benchmark", str(s["bench_steps"]), "--batch-size", str(batch),
+    argv = ["--model", model, "--steps", str(s["bench_steps"]), "--batch-size", str(batch),
             "--input-size", str(s["bench_px"])]
     if compile_:
         argv.append("--compile")
     timeout = min(420 if compile_ else 150, ctx.left() + 30)
     try:
-        res = run_script(ctx, "pretrain.py", argv, timeout)
+        res = run_script(ctx, "tools/bench_train.py", argv, timeout)
     except (RunError, torch.OutOfMemoryError) as e:
         if "out of memory" not in f"{e} {getattr(e, 'text', '')}".lower():
             raise
         ctx.say(f"{model}: out of memory at batch {batch}; again with --grad-checkpoint")
         argv.append("--grad-checkpoint")
-        res = run_script(ctx, "pretrain.py", argv, min(timeout, ctx.left() + 30))
+        res = run_script(ctx, "tools/bench_train.py", argv, min(timeout, ctx.left() + 30))
     row = {**res, "grad_checkpoint": "--grad-checkpoint" in argv,
-           "command": "python pretrain.py " + " ".join(argv)}
+           "command": "python tools/bench_train.py " + " ".join(argv)}
     ctx.results["benchmarks"].append(row)
     mfu = f", MFU {res['mfu']:.1%}" if res["mfu"] is not None else ""
     ctx.check(f"speed_{'compile' if compile_ else 'eager'}.{model}", res["img_per_s"] > 0,
@@ -775,7 +777,7 @@ def release(ctx):
 
 def check_profile(ctx):
     """torch.profiler over a few eager vit_b training steps (Engine, the step
-    --benchmark times): device time by kernel kind, how busy the device is, matmul efficiency."""
+    tools/bench_train.py times): device time by kernel kind, how busy the device is, matmul efficiency."""
     s = ctx.size
     name, batch = s["bench"][0]
     args = pretrain.get_args_parser().parse_args(["--model", name, "--batch-size", str(batch),
@@ -1046,7 +1048,7 @@ def speed_md(res):
     out = ["## Speed table", ""]
     if gemm:
         out += [f"Measured ceiling: {gemm['n']}^3 {gemm['dtype']} matmul {gemm['tflops']} TFLOP/s "
-                "(MFU below is against the spec peak in pretrain.PEAK_TFLOPS).", ""]
+                "(MFU below is against the spec peak in bench_train.PEAK_TFLOPS).", ""]
     out += ["| model | px | batch | compile | grad ckpt | precision | img/s | TFLOP/s | MFU | "
             "of measured matmul | peak mem GiB | step s |", "|" + "---|" * 12]
     for b in rows:

@@ -25,8 +25,8 @@ from util.engine import Diverged
 # What --resume may change: nothing here alters the data order, the schedule or the model
 RESUME_MAY_CHANGE = ("max_steps", "save_every", "log_every", "grid_every", "num_workers",
                      "compile", "precision", "resume", "overwrite", "output_dir", "download",
-                     "peak_tflops", "benchmark", "pca", "pca_images", "pca_center", "preset",
-                     "synthetic_val_size", "accum_iter")
+                     "pca", "pca_images", "pca_center", "preset", "synthetic_val_size",
+                     "accum_iter")
 # The files a run writes in its OUTPUT_DIR (their stale temporary files are removed at start)
 RUN_FILES = ("checkpoint", "pca.pt", "log.jsonl", "grid")
 
