@@ -19,11 +19,10 @@ Choices the paper leaves open (RECIPE s2 [choice]), all recorded in the saved fi
     (coordinate std 14.0, 6.9, ... on natural images) are measured this way.
   * Latent scale 1.0 (--latent-scale): z = scale * V_d (x - mean). With scale 1 the absolute
     noise levels sigma in [0, sqrt 2] act as the paper's strong, frequency-selective noise.
-Numerics: sums are kept in float64. On CPU each batch's X^T X is one float32 GEMM (2x faster
-than float64 on this kind of CPU; relative error ~1e-6, far below the eigen-gaps that matter:
-the l-DAE loss only depends on the span of the top-d rows), added into a float64 accumulator;
-on GPU the GEMM runs in float64 (float32 there could silently become TF32). Only the upper
-triangle blocks are computed (X^T X is symmetric), which saves ~40% of the flops.
+Numerics: sums in float64. On CPU each batch's X^T X is one float32 GEMM (2x faster than
+float64, relative error ~1e-6, far below the eigen-gaps that matter) added into a float64
+accumulator; on GPU the GEMM runs in float64 (float32 could silently become TF32). Only the
+upper-triangle blocks are computed (X^T X is symmetric): ~40% fewer flops.
 """
 import json
 import math
@@ -304,7 +303,7 @@ def fit_pca(dataset, patch_size, num_images=None, patches_per_image=0, center=Fa
                     shape[-1], center, scale, info)
 
 
-# ---- CLI
+# ---- CLI: fit, save, report (explained energy, coordinate scales) and write PNGs beside --out
 REPORT_DIMS = (8, 16, 32, 64, 128)  # Table 2's d values
 
 
@@ -322,7 +321,7 @@ def get_args_parser():
                      help="0 = all patches, k = k random ones")
     fit.add_argument("--center", action="store_true",
                      help="subtract the mean patch (default: no)")
-    fit.add_argument("--latent-scale", type=float, default=1.0,
+    fit.add_argument("--latent-scale", type=num(float, 0, low_open=True), default=1.0,
                      help="z = scale * V_d (x - mean)")
     fit.add_argument("--seed", type=int, default=0,
                      help="draws the image sample and the patch sample")
@@ -334,31 +333,11 @@ def get_args_parser():
     return p
 
 
-def _component_grid(pca, n=64):
-    """Top-n components as p x p RGB tiles, each min-max normalised, upscaled to >= 32 px."""
-    p, C = pca.patch_size, pca.channels
-    # (n, C, p, p) from rows in (p, q, c) order
-    V = pca.components[:n].reshape(-1, p, p, C).permute(0, 3, 1, 2)
-    lo, hi = V.amin((1, 2, 3), keepdim=True), V.amax((1, 2, 3), keepdim=True)
-    V = (V - lo) / (hi - lo).clamp_min(1e-12)
-    up = max(1, 32 // p)
-    return nn.functional.interpolate(V, scale_factor=up, mode="nearest")
-
-
-def _recon_grid(pca, x, dims):
-    """Rows: originals, then the projection at each d in dims (all in [0, 1] for saving)."""
-    rows = [x] + [pca.project(x, d) for d in dims]
-    return torch.cat(rows).clamp(-1, 1) * 0.5 + 0.5
-
-
-def _check_args(args):
-    """UserError for flags that cannot work, before any image is read."""
-    from util import cli, files
+def main(args):
+    from util import cli, datasets, files, transforms
     if args.input_size % args.patch_size:
         raise cli.UserError(f"--input-size {args.input_size} is not a multiple of --patch-size "
                             f"{args.patch_size}")
-    if args.num_images <= 0 or args.patches_per_image < 0:
-        raise cli.UserError("--num-images must be > 0 and --patches-per-image >= 0")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if os.path.isdir(args.out):
         raise cli.UserError(f"--out {args.out} is a folder; pass a file name such as "
@@ -367,54 +346,15 @@ def _check_args(args):
         raise cli.UserError(f"output folder {out_dir} does not exist; create it (mkdir -p "
                             f"{out_dir}) or pick another --out")
     files.check_writable_dir(out_dir, "the folder of --out")
-
-
-def _print_spectrum(pca, dims):
-    """Print the explained energy at each d in dims and the coordinate scales -> {d: percent}."""
-    explained = {d: round(100 * pca.explained(d), 3) for d in dims}
-    kind = "variance" if pca.center else "energy (uncentred)"
-    listed = ", ".join(f"d={d}: {percent:.2f}" for d, percent in explained.items())
-    print(f"explained {kind}, cumulative %: {listed}")
-    std = pca.eigenvalues.clamp_min(0).sqrt()
-    ranks = [i for i in (1, 2, 4, 8, 16, 32, 64, 128) if i <= pca.dim]
-    print("coordinate std (latent scale 1) at 1,2,4,..: "
-          + ", ".join(f"{std[i - 1]:.3g}" for i in ranks))
-    return explained
-
-
-def _write_pngs(pca, ds, out, input_size, dims):
-    """The top components and a few reconstructions as PNGs beside `out` -> their paths."""
-    import torchvision
-
-    from util import files
-    stem = os.path.splitext(out)[0]
-    components_png, recon_png = stem + "_components.png", stem + "_recon.png"
-    components = _component_grid(pca)
-    files.atomic_write(components_png, lambda tmp: torchvision.utils.save_image(
-        components, tmp, format="png", nrow=8, padding=2, pad_value=0.5))
-    x = torch.stack([ds[i][0] for i in range(min(8, len(ds)))])
-    recon = _recon_grid(pca, x, dims)
-    if input_size < 128:
-        # upscale small images so the grid is readable
-        upscale = max(1, 128 // input_size)
-        recon = nn.functional.interpolate(recon, scale_factor=upscale, mode="nearest")
-    files.atomic_write(recon_png, lambda tmp: torchvision.utils.save_image(
-        recon, tmp, format="png", nrow=len(x), padding=2, pad_value=1.0))
-    return components_png, recon_png
-
-
-def main(args):
-    from util import datasets, files, transforms
-    _check_args(args)
     # The tokenizer sees the images the ablation models see: DiT center crop (RECIPE s2, s6).
     center = transforms.build_transform("center", args.input_size)
     ds = datasets.build_dataset(args, "train", center)
-    per_image = args.patches_per_image or "all"
-    print(f"[pca] fit on {min(args.num_images, len(ds))} of {len(ds)} images at {args.input_size} "
-          f"px: patch {args.patch_size} (D = {3 * args.patch_size ** 2}), {per_image} patches "
-          f"per image, center {args.center}, latent scale {args.latent_scale}, batch "
-          f"{args.batch_size}, seed {args.seed}, device {args.device or 'auto'} -> {args.out}",
-          flush=True)
+    cli.print_settings("pca", [
+        f"data        {min(args.num_images, len(ds))} of {len(ds)} images at {args.input_size} px",
+        f"patches     {args.patch_size} px (D = {3 * args.patch_size ** 2}), "
+        f"{args.patches_per_image or 'all'} per image, center {args.center}",
+        f"fit         batch {args.batch_size}, seed {args.seed}, device {args.device or 'auto'}, "
+        f"latent scale {args.latent_scale:g}", f"output      {args.out}"])
     start = time.time()
     pca = fit_pca(ds, args.patch_size, args.num_images, args.patches_per_image, args.center,
                   args.latent_scale, args.seed, args.device, args.batch_size, args.num_workers,
@@ -422,21 +362,51 @@ def main(args):
     seconds = time.time() - start
     pca.meta["seconds"] = round(seconds, 3)
     files.save_torch(pca.to_dict(), args.out)
-    fitted = pca.meta
-    rate = fitted["num_patches"] / seconds
-    print(f"fitted on {fitted['num_images']} images, {fitted['num_patches']} patches "
-          f"(D = {pca.dim}) in {seconds:.1f} s ({rate:,.0f} patches/s end to end, incl. decoding)")
+    print(f"fitted on {pca.meta['num_images']} images, {pca.meta['num_patches']} patches "
+          f"(D = {pca.dim}) in {seconds:.1f} s ({pca.meta['num_patches'] / seconds:,.0f} "
+          f"patches/s end to end, incl. decoding)")
     dims = [d for d in REPORT_DIMS if d <= pca.dim]
-    explained = _print_spectrum(pca, dims)
-    components_png, recon_png = _write_pngs(pca, ds, args.out, args.input_size, dims)
+    explained = {d: round(100 * pca.explained(d), 3) for d in dims}
+    kind = "variance" if pca.center else "energy (uncentred)"
+    print(f"explained {kind}, cumulative %: "
+          + ", ".join(f"d={d}: {percent:.2f}" for d, percent in explained.items()))
+    std = pca.eigenvalues.clamp_min(0).sqrt()
+    print("coordinate std (latent scale 1) at 1,2,4,..: "
+          + ", ".join(f"{std[i - 1]:.3g}" for i in (1, 2, 4, 8, 16, 32, 64, 128) if i <= pca.dim))
+    components_png, recon_png = write_pngs(pca, ds, args.out, dims)
     print(f"wrote {args.out}\ncomponents: {components_png}\nreconstructions (rows: original, "
           f"d = {', '.join(map(str, dims))}): {recon_png}")
-    summary = {"path": args.out, "images": fitted["num_images"],
-               "patches": fitted["num_patches"], "seconds": round(seconds, 3),
+    summary = {"path": args.out, "images": pca.meta["num_images"],
+               "patches": pca.meta["num_patches"], "seconds": round(seconds, 3),
                "explained_pct": explained, "components_png": components_png,
                "recon_png": recon_png}
     print(json.dumps(summary))
     return summary
+
+
+def write_pngs(pca, ds, out, dims):
+    """Beside `out`: the top 64 components as p x p RGB tiles (each min-max normalised), and 8
+    images with their projections at each d in dims (rows) -> the two paths."""
+    import torchvision
+
+    from util import files
+    p, C = pca.patch_size, pca.channels
+    tiles = pca.components[:64].reshape(-1, p, p, C).permute(0, 3, 1, 2)   # rows are (p, q, c)
+    low, high = tiles.amin((1, 2, 3), keepdim=True), tiles.amax((1, 2, 3), keepdim=True)
+    tiles = (tiles - low) / (high - low).clamp_min(1e-12)
+    tiles = nn.functional.interpolate(tiles, scale_factor=max(1, 32 // p), mode="nearest")
+    x = torch.stack([ds[i][0] for i in range(min(8, len(ds)))])
+    recon = torch.cat([x] + [pca.project(x, d) for d in dims]).clamp(-1, 1) * 0.5 + 0.5
+    # small images are upscaled so that the grid is readable
+    recon = nn.functional.interpolate(recon, scale_factor=max(1, 128 // x.shape[-1]),
+                                      mode="nearest")
+    stem = os.path.splitext(out)[0]
+    components_png, recon_png = stem + "_components.png", stem + "_recon.png"
+    files.atomic_write(components_png, lambda tmp: torchvision.utils.save_image(
+        tiles, tmp, format="png", nrow=8, padding=2, pad_value=0.5))
+    files.atomic_write(recon_png, lambda tmp: torchvision.utils.save_image(
+        recon, tmp, format="png", nrow=len(x), padding=2, pad_value=1.0))
+    return components_png, recon_png
 
 
 if __name__ == "__main__":
