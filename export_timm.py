@@ -22,8 +22,8 @@ What folds where, at the fixed t (all linear algebra, no approximation):
               affine (weight 1 + scale, bias shift) and its gates become timm's LayerScale gammas;
   the rest    the sin-cos table becomes pos_embed; no class token, average pooling, no final norm
               and no fc_norm (final_norm=False, fc_norm=False: timm >= 1.0.11), tanh-GELU.
-Before writing, the export runs a pure-torch model with timm's layout and parameter names on random
-images and compares it with the checkpoint's forward_features (--check-images; 0 skips it).
+Before writing, the export's function in timm's layout (written out in pure torch) is compared
+with the checkpoint's forward_features on random images (--check-images; 0 skips it).
 The last JSON line also gives the export's shape as flags of timm's train.py (train_py_flags);
 fine-tuning with that script under the paper's App. B recipe: docs/USAGE.md.
 """
@@ -31,7 +31,7 @@ import json
 import os
 
 import torch
-import torch.nn as nn
+import torch.nn.functional as F
 
 import ldae
 from util import cli, files, registry
@@ -110,57 +110,35 @@ def export_model(model, t, depth):
     return sd, timm_kwargs(model.config, depth)
 
 
-class LayerScale(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.ones(dim))
+def timm_block(x, sd, prefix, num_heads):
+    """timm's pre-norm Block with LayerScale, computed from the export's tensors."""
+    width = x.shape[-1]
+    attn = ldae.Attention(width, num_heads)
+    mlp = ldae.Mlp(width, sd[prefix + "mlp.fc1.weight"].shape[0])
+    for name, module in (("attn", attn), ("mlp", mlp)):
+        module.load_state_dict({k: sd[f"{prefix}{name}.{k}"] for k in module.state_dict()})
 
-    def forward(self, x):
-        return x * self.gamma
-
-
-class TimmLayoutBlock(nn.Module):
-    """timm's pre-norm Block with LayerScale, built from the project's Attention and Mlp (whose
-    parameter names are timm's), for the self-check."""
-
-    def __init__(self, dim, num_heads, mlp_ratio):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = ldae.Attention(dim, num_heads)
-        self.ls1 = LayerScale(dim)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = ldae.Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim)
-
-    def forward(self, x):
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
-
-
-class TimmLayoutViT(nn.Module):
-    """What timm computes for timm_kwargs (average-pooled tokens), without timm."""
-
-    def __init__(self, kw):
-        super().__init__()
-        D, grid = kw["embed_dim"], kw["img_size"] // kw["patch_size"]
-        self.patch_embed = ldae.PatchEmbed(kw["patch_size"], kw["in_chans"], D)
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, D))
-        self.blocks = nn.Sequential(*[TimmLayoutBlock(D, kw["num_heads"], kw["mlp_ratio"])
-                                      for _ in range(kw["depth"])])
-
-    def forward(self, x):
-        return self.blocks(self.patch_embed(x) + self.pos_embed).mean(dim=1)
+    def norm(h, which):
+        return F.layer_norm(h, (width,), sd[f"{prefix}{which}.weight"],
+                            sd[f"{prefix}{which}.bias"], eps=1e-6)
+    x = x + sd[prefix + "ls1.gamma"] * attn(norm(x, "norm1"))
+    return x + sd[prefix + "ls2.gamma"] * mlp(norm(x, "norm2"))
 
 
 @torch.no_grad()
 def self_check(model, sd, kw, t, depth, n):
-    """Max |difference| between the export (strictly loaded) and forward_features on n images."""
-    plain = TimmLayoutViT(kw)
-    plain.load_state_dict(sd, strict=True)
+    """Max |difference| between what timm computes from the export (its layout written out in
+    pure torch: patch conv + pos_embed, pre-norm blocks with LayerScale, average pooling) and
+    forward_features on n random images -> (max |diff|, feature scale)."""
     S = kw["img_size"]
     images = torch.rand(n, kw["in_chans"], S, S, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = F.conv2d(images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"],
+                 stride=kw["patch_size"])
+    x = x.flatten(2).transpose(1, 2) + sd["pos_embed"]                  # (n, L, D)
+    for i in range(kw["depth"]):
+        x = timm_block(x, sd, f"blocks.{i}.", kw["num_heads"])
     want = model.forward_features(images, t=t, depth=depth)
-    return (plain.eval()(images) - want).abs().max().item(), want.abs().max().item()
+    return (x.mean(dim=1) - want).abs().max().item(), want.abs().max().item()
 
 
 def main(args):
