@@ -33,8 +33,7 @@ import torch
 import torch.nn as nn
 
 from ldae import (DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, init_dit_weights,
-                  noise_levels, pooled_features, registry_config, run_blocks,
-                  sincos_pos_embed, training_flops)
+                  noise_levels, pooled_features, registry_config, run_blocks, sincos_pos_embed)
 from tokenizer_pca import LATENT_NORMS, PatchPCA
 
 
@@ -312,9 +311,6 @@ class DiT(nn.Module):
         g, s = self.gamma[levels].view(-1, 1, 1, 1), self.sigma[levels].view(-1, 1, 1, 1)
         x0 = out if self.prediction == "x0" else (xt - s * out) / g     # eps -> x0 estimate
         return self.decode(xt), self.decode(x0)
-
-    def train_flops_per_image(self):
-        return training_flops(self)
 
 
 # How a boolean flag may be spelled on the command line ("--class-cond false")

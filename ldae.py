@@ -234,24 +234,6 @@ def registry_config(models, name, overrides, what):
     return cfg
 
 
-def training_flops(model):
-    """Analytic training FLOPs per image of an l-DAE or DiT model, sizes read off its modules:
-    3 x the forward (backward = 2 x forward) of the token stack, 2 FLOPs per multiply-add. The
-    PCA projections (< 0.5% at 256 px) are not counted, as usual for MFU."""
-    L, D = model.pos_embed.shape[1:]
-    cond_dim = model.t_embedder.mlp[0].out_features
-    in_dim = model.x_embedder.proj.weight[0].numel()                   # p * p * C per token
-    out_dim = model.final_layer.linear.out_features
-    mlp_ratio = model.config["mlp_ratio"]
-    per_block = 2 * L * D * D * (4 + 2 * mlp_ratio)    # qkv (3 D^2) + proj (D^2) + MLP (2 r D^2)
-    per_block += 2 * 2 * L * L * D                     # Q K^T and attn @ V
-    per_block += 2 * cond_dim * 6 * D                  # adaLN modulation (once per image)
-    head = 2 * L * D * out_dim + 2 * cond_dim * 2 * D
-    freq_dim = model.t_embedder.freq_dim
-    embed = 2 * L * in_dim * D + 2 * (freq_dim * cond_dim + cond_dim * cond_dim)
-    return 3 * (len(model.blocks) * per_block + head + embed)
-
-
 # ---- The l-DAE model (RECIPE s3, s4)
 
 # Sizes (RECIPE s4). `depth` counts encoder + decoder blocks: the first half is the encoder that
@@ -443,9 +425,6 @@ class LDAE(nn.Module):
         if self.target == "latent":
             return noisy, self.pca.decode(out, gain=self.latent_gain())
         return noisy, self.pca.unpatchify(out)
-
-    def train_flops_per_image(self):
-        return training_flops(self)
 
 
 def build_model(name, pca=None, **overrides):

@@ -5,21 +5,17 @@ reports (RECIPE s5). Only a BatchNorm1d(affine=False) + Linear head trains, neve
   torchrun --nproc_per_node=8 linprobe.py out/vit_b/checkpoint.pt --dataset imagefolder \\
       --data-path IMNET                                          # auto runs mae, the paper's
 
---protocol mae (the paper's: "follows MAE"): each epoch the frozen encoder sees a fresh
-    RandomResizedCrop + flip of every image; LARS, wd 0, batch 16384, lr = blr x batch / 256
-    with blr 0.1 (6.4), 90 epochs with 10 warmup, per-step cosine; resize + center-crop val.
---protocol cached: ONE encoder pass over train (center crop; --views K adds K-1 random crops) and
-    val, features normalised with TRAIN statistics, the head solved to convergence (--solver
-    lbfgs) or given mae's LARS schedule (--solver lars), its one free setting chosen on a
-    held-out 10% of TRAIN, never on val (util/probe_cached.py). --grid: a head per (depth, t),
-    DDAE's grid; --select-setting: the best (t, clean / noisy input), the paper's Table 4.
---protocol knn: DINO's weighted k-NN on cached's pass (util/knn.py); --knn adds it to the others.
---protocol auto (default): mae when the train set gives >= AUTO_MIN_STEPS optimiser steps per
-    epoch at --batch-size, else cached. --compare probes the checkpoint, the same network at
-    random init (active blocks) and raw pixels (<= 32x32x3) in one table.
-Input size, depth and model come from the checkpoint. --output-dir gets log.jsonl (a line per
-epoch or solve) and head.pt (the heads, the feature normalisation, the settings; no backbone).
-The last line printed is one JSON object: top1, top5, the protocol and the probe's settings.
+--protocol mae, the paper's ("follows MAE"), below: a fresh RandomResizedCrop + flip of every
+    image through the frozen encoder each epoch; LARS, wd 0, batch 16384, lr = 0.1 x batch / 256,
+    90 epochs with 10 warmup, per-step cosine; resize + center-crop val.
+--protocol cached: one feature pass, the head solved to convergence or on mae's schedule, its one
+    setting chosen on held-out train (util/probe_cached.py); --grid: a head per (depth, t), DDAE's
+    grid; --select-setting: the best (t, clean / noisy input), the paper's Table 4.
+--protocol knn: DINO's weighted k-NN (util/knn.py); --knn adds it to the other protocols.
+--protocol auto (default): mae when the train set gives >= AUTO_MIN_STEPS steps per epoch.
+--compare: the checkpoint, the same network at random init and raw pixels, in one table.
+--output-dir gets log.jsonl (a line per epoch or solve) and head.pt (the heads, the feature
+normalisation, the settings); the last line printed is one JSON object with the figures.
 """
 import argparse
 import functools
@@ -393,9 +389,7 @@ def settings_lines(args, run):
         params = sum(p.numel() for p in run.model.parameters()) / 1e6
         model = (f"{cfg['name']}: {params:.2f}M params, {run.size} px, {cfg.get('depth')} blocks; "
                  f"{run.features}")
-    depths = sorted({key[0] for key in run.keys})
     inputs = "/".join(sorted({"noisy" if key[2] else "clean" for key in run.keys}))
-    probe = f"depth {depths}, t {sorted({key[1] for key in run.keys})}, {inputs} input"
     lbfgs = run.protocol == "cached" and args.solver == "lbfgs"
     head = "nothing trains (no batch, lr, epochs or warmup)"
     if lbfgs:
@@ -411,18 +405,19 @@ def settings_lines(args, run):
                 f"{run.world} rank(s) x accum {layout['accum']} x micro-batch {layout['micro']}, "
                 f"{layout['steps']} step(s) per epoch, the first of {layout['first_step']} "
                 f"micro-batch(es)")
-    lr_rule = f"--blr {args.blr:g} x batch {args.batch_size} / 256"
-    if args.lr is not None:
-        lr_rule = "--lr"
     lines = [f"checkpoint  {args.ckpt or 'none'}", f"model       {model}",
-             f"probe       {probe}",
+             f"probe       depth {sorted({key[0] for key in run.keys})}, t "
+             f"{sorted({key[1] for key in run.keys})}, {inputs} input",
              f"data        {args.dataset}: {run.n_train} train / {run.n_val} val images, "
              f"{run.num_classes} classes",
              f"protocol    {run.protocol} ({run.why})", f"            {PAPER[run.protocol]}",
              f"head        {head}"]
     if run.protocol != "knn" and not lbfgs:
-        lines.append(f"lr          base {args.blr:g}, actual {run.base_lr:.4g} ({lr_rule})")
-        lines.append(f"schedule    {args.epochs} epochs, {args.warmup_epochs} warmup, cosine")
+        rule = f"--blr {args.blr:g} x batch {args.batch_size} / 256"
+        if args.lr is not None:
+            rule = "--lr"
+        lines += [f"lr          base {args.blr:g}, actual {run.base_lr:.4g} ({rule})",
+                  f"schedule    {args.epochs} epochs, {args.warmup_epochs} warmup, cosine"]
     if run.knn:
         lines.append(f"k-NN        k {args.knn_k}, T {args.knn_t:g}, cosine of L2-normalised "
                      f"features")

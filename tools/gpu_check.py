@@ -801,7 +801,7 @@ def check_profile(ctx):
                 engine.step(micro, 3 + i, 1e-4)
             sync(ctx)
             wall = (time.perf_counter() - t) / s["prof_steps"]
-        flops = model.train_flops_per_image() * batch
+        flops = bench_train.train_flops_per_image(model) * batch
         del model, engine, x, micro
         release(ctx)
     prof_res = summarize_profile(ctx, prof.key_averages(), wall, flops, s["prof_steps"])
