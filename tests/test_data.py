@@ -96,7 +96,7 @@ def test_unreadable_image_names_file_in_process_and_in_workers(tmp_path):
 def test_subprocess_exit_code_2_no_traceback(tmp_path):
     root = _make_imagefolder(tmp_path / "bad", classes=("a",), per_class=2)
     (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8garbage")
-    env = dict(os.environ, LDAE_CACHE=str(tmp_path / "cache"))
+    env = dict(os.environ)
     cmd = [sys.executable, os.path.join(ROOT, "tokenizer_pca.py"), "--dataset", "imagefolder",
            "--data-path", str(root), "--input-size", "16", "--patch-size", "4",
            "--num-workers", "1", "--out", str(tmp_path / "p.pt")]
@@ -130,10 +130,9 @@ def _write_idx_gz(folder, n_train=12, n_test=5):
     return folder
 
 
-def test_fashion_mnist_from_gz_folder_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("LDAE_CACHE", str(tmp_path / "cache"))
+def test_fashion_mnist_from_gz_folder_offline(tmp_path):
     src = _write_idx_gz(tmp_path)
-    os.chmod(src, 0o555)  # data folders may be read-only (/usr/share): we only write to the cache
+    os.chmod(src, 0o555)  # data folders may be read-only (/usr/share): nothing is written
     try:
         a = _args("--dataset", "fashion-mnist", "--data-path", str(src), "--input-size", "32")
         tr = datasets.build_dataset(a, "train", transforms.build_transform("center", 32))
@@ -144,23 +143,28 @@ def test_fashion_mnist_from_gz_folder_offline(tmp_path, monkeypatch):
     x, y = tr[3]
     assert x.shape == (3, 32, 32) and y == 3
     assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])  # grayscale -> 3 equal channels
-    cached = tmp_path / "cache" / "fashion-mnist" / str(src).strip(os.sep).replace(os.sep, "_")
-    assert os.path.isfile(cached / "FashionMNIST" / "raw" / "train-images-idx3-ubyte")
+    # the items are torchvision's: the same PIL image of the same uint8 pixels
+    pixels = datasets.FashionMNIST(str(src), "train").images[3]
+    assert torch.equal(x[0], transforms.build_transform("center", 32)(
+        Image.fromarray(pixels).convert("RGB"))[0])
 
 
-def test_fashion_mnist_errors(tmp_path, monkeypatch):
-    monkeypatch.setenv("LDAE_CACHE", str(tmp_path / "cache"))
+def test_fashion_mnist_errors(tmp_path):
     (tmp_path / "fm").mkdir()
     src = _write_idx_gz(tmp_path / "fm")
     os.remove(src / "t10k-labels-idx1-ubyte.gz")
     a = _args("--dataset", "fashion-mnist", "--data-path", str(src))
-    missing = r"missing in .*fm: t10k-labels-idx1-ubyte\[\.gz\].*dataset-fashion-mnist"
+    missing = r"t10k-labels-idx1-ubyte\[\.gz\] is missing in .*fm.*dataset-fashion-mnist"
     with pytest.raises(UserError, match=missing):
-        datasets.build_dataset(a, "train", _tf())
+        datasets.build_dataset(a, "val", _tf())
     with gzip.open(src / "t10k-labels-idx1-ubyte.gz", "wb") as f:
         f.write(b"\x00\x00\x08\x03junk")  # an images magic where labels belong
-    with pytest.raises(UserError, match="t10k-labels-idx1-ubyte.gz is not an idx file"):
-        datasets.build_dataset(a, "train", _tf())
+    with pytest.raises(UserError, match="t10k-labels-idx1-ubyte.gz is not a whole idx file"):
+        datasets.build_dataset(a, "val", _tf())
+    with gzip.open(src / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(np.array([2049, 5], ">i4").tobytes() + b"\x01\x02")     # 2 of its 5 labels
+    with pytest.raises(UserError, match="not a whole idx file"):
+        datasets.build_dataset(a, "val", _tf())
     with pytest.raises(UserError, match="does not exist"):
         args = _args("--dataset", "fashion-mnist", "--data-path", str(tmp_path / "x"))
         datasets.build_dataset(args, "train", _tf())
@@ -174,8 +178,7 @@ def test_cifar10_missing_files(tmp_path):
 
 @pytest.mark.skipif(not os.path.isdir(datasets.DEBIAN_FMNIST),
                     reason="dataset-fashion-mnist not installed")
-def test_fashion_mnist_debian_package(tmp_path, monkeypatch):
-    monkeypatch.setenv("LDAE_CACHE", str(tmp_path / "cache"))
+def test_fashion_mnist_debian_package():
     args = _args("--dataset", "fashion-mnist", "--input-size", "32")
     ds = datasets.build_dataset(args, "val", _tf(32))
     # the first test item is an ankle boot (class 9)
@@ -223,31 +226,3 @@ def test_transforms_shapes_and_range():
     assert torch.allclose(white, torch.ones(3, 8, 8))  # [-1, 1] normalisation
     with pytest.raises(UserError, match="unknown transform"):
         transforms.build_transform("bogus", 32)
-
-
-def test_concurrent_fashion_mnist_preparation_is_safe(tmp_path, monkeypatch):
-    # Several processes (torchrun ranks, parallel jobs) may decompress into the same cache at once.
-    # Interleave two preparers deterministically: while the first copies a file, a second one runs
-    # to the end. Both must succeed and leave complete files (a shared temporary name made the
-    # first one's rename fail, or left it writing into a file the second had already renamed).
-    src = tmp_path / "gz"
-    src.mkdir()
-    payload = os.urandom(1 << 16)
-    for name, magic in datasets.FMNIST_FILES.items():
-        with gzip.open(src / (name + ".gz"), "wb", compresslevel=1) as f:
-            f.write(magic.to_bytes(4, "big") + payload)
-    monkeypatch.setenv("LDAE_CACHE", str(tmp_path / "cache"))
-    copy = datasets.shutil.copyfileobj
-    interleaved = []
-
-    def copy_with_a_rival(fsrc, fdst, *a):
-        if not interleaved:
-            interleaved.append(True)
-            datasets._prepare_fashion_mnist(str(src))          # the rival finishes first
-        return copy(fsrc, fdst, *a)
-    monkeypatch.setattr(datasets.shutil, "copyfileobj", copy_with_a_rival)
-    root = datasets._prepare_fashion_mnist(str(src))
-    cached = sorted((tmp_path / "cache").rglob("*"))
-    files = [p for p in cached if p.is_file()]
-    assert interleaved and len(files) == 4, cached                 # no temporary files left
-    assert all(p.read_bytes()[4:] == payload for p in files) and root

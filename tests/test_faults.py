@@ -494,25 +494,6 @@ def test_an_empty_class_folder_is_named(tmp_path, capsys):
     assert "1 class folder(s) of" in out and "hold no images: zebra" in out
 
 
-def test_concurrent_cache_preparation_in_two_processes(tmp_path):
-    # two real processes prepare the same Fashion-MNIST cache at once; both succeed, the files
-    # are whole (the deterministic interleaving is tests/test_data.py's)
-    import gzip
-    src = tmp_path / "gz"
-    src.mkdir()
-    for name, magic in datasets.FMNIST_FILES.items():
-        with gzip.open(src / (name + ".gz"), "wb", compresslevel=1) as f:
-            f.write(magic.to_bytes(4, "big") + os.urandom(1 << 20))
-    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from util import datasets; "
-            f"datasets._prepare_fashion_mnist({str(src)!r})")
-    env = {**ENV, "LDAE_CACHE": str(tmp_path / "cache")}
-    argv = [sys.executable, "-c", code]
-    procs = [subprocess.Popen(argv, env=env, stderr=subprocess.PIPE) for _ in range(2)]
-    assert all(p.wait(timeout=120) == 0 for p in procs)
-    files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
-    assert len(files) == 4 and all(p.stat().st_size == 4 + (1 << 20) for p in files)
-
-
 NODE_FIRST = """
 import os, sys, time
 sys.path.insert(0, {root!r})

@@ -4,7 +4,7 @@ through the project's own entry points (pretrain.py, linprobe.py, decode.decode_
 
 On the GPU machine (one H200 here; writes report.md, results.json and log.txt into --out, nothing
 else; the Fashion-MNIST gz files are carried as the ignored folder .carry/fmnist):
-  PYTHONUNBUFFERED=1 LDAE_CACHE=/tmp/ldae python3 tools/gpu_check.py --out $OUT \
+  PYTHONUNBUFFERED=1 python3 tools/gpu_check.py --out $OUT \
       --fashion-mnist .carry/fmnist --budget-s 450
 Dry run (CPU, CI: tiny models, a couple of steps, synthetic data; automatic without CUDA):
   python tools/gpu_check.py --out /tmp/gpu_check --dry-run
@@ -1136,8 +1136,7 @@ def check_inputs(args, cuda):
             raise UserError(f"--fashion-mnist {args.fashion_mnist} is not a folder; pass the "
                             "folder holding the 4 Fashion-MNIST *-ubyte.gz files")
         args.fashion_mnist = os.path.abspath(args.fashion_mnist)
-        # the check data.py itself makes (names the missing files); also prepares its cache
-        datasets._prepare_fashion_mnist(args.fashion_mnist)
+        datasets.FashionMNIST(args.fashion_mnist, "val")     # names a missing or broken file
     try:
         os.makedirs(args.out, exist_ok=True)
         write_atomic(os.path.join(args.out, ".write_test"), "")

@@ -15,7 +15,6 @@ import collections
 import functools
 import gzip
 import os
-import shutil
 import zlib
 
 import numpy as np
@@ -25,7 +24,7 @@ from torch.utils.data import Dataset, Subset
 
 from util import decode, synthetic
 from util.cli import UserError, bounded
-from util.files import atomic_write, load_torch
+from util.files import load_torch
 
 DATASETS = ("synthetic", "imagefolder", "fashion-mnist", "cifar10", "packed")
 
@@ -203,121 +202,102 @@ def _build_packed(path, split, transform):
     return Subset(ds, _holdout(ds.labels, split)), where
 
 
-# ---- Fashion-MNIST from the original gz files, offline. torchvision (0.29) only checks that the
-# four decompressed files exist in <root>/FashionMNIST/raw; download=True would check the *.gz
-# md5s, which Debian's re-compressed files fail. So we decompress into a cache in that layout
-# (download=False).
-FMNIST_FILES = {"train-images-idx3-ubyte": 2051, "train-labels-idx1-ubyte": 2049,
-                "t10k-images-idx3-ubyte": 2051, "t10k-labels-idx1-ubyte": 2049}  # name -> magic
+# ---- Fashion-MNIST, offline, straight from its four idx files: gzipped as Debian's
+# dataset-fashion-mnist ships them (whose re-compressed files fail torchvision's checksums), or as
+# torchvision's --download leaves them. Nothing is written; the items are torchvision's.
+FMNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IDX_MAGIC = {"images": 2051, "labels": 2049}    # uint8 data, then 3 or 1 dimensions
 DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
-def cache_dir(*parts):
-    """$LDAE_CACHE or ~/.cache/ldae; data folders themselves may be read-only (/usr/share)."""
-    root = os.environ.get("LDAE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ldae")
-    return os.path.join(root, *parts)
-
-
-def _decompress_idx(src, dst, name):
-    """Copy one (gzipped) idx file to dst, checking its magic number first. A broken source is
-    blamed on the source (atomic_write reports the other OSErrors as the destination's)."""
-    opener = gzip.open if src.endswith(".gz") else open
+def read_idx(folder, name, magic):
+    """The uint8 array of idx file `name` (or name.gz) in folder or folder/FashionMNIST/raw."""
+    places = [folder, os.path.join(folder, "FashionMNIST", "raw")]
+    found = [os.path.join(p, name + ext) for p in places for ext in ("", ".gz")
+             if os.path.isfile(os.path.join(p, name + ext))]
+    if not found:
+        raise UserError(f"Fashion-MNIST file {name}[.gz] is missing in {folder}; install the "
+                        f"files with `apt-get install dataset-fashion-mnist` (-> {DEBIAN_FMNIST}) "
+                        f"or pass --download")
+    path, dims = found[0], magic & 0xFF
     try:
-        with opener(src, "rb") as f:
-            head = f.read(4)
-            if int.from_bytes(head, "big") != FMNIST_FILES[name]:
-                raise UserError(f"{src} is not an idx file of the expected kind "
-                                f"(magic {head.hex()}); re-install the Fashion-MNIST files")
-            with open(dst, "wb") as out:
-                out.write(head)
-                shutil.copyfileobj(f, out)
-    except (EOFError, gzip.BadGzipFile, zlib.error, PermissionError) as e:
-        raise UserError(f"cannot read {src} ({e}); re-install the Fashion-MNIST files") from None
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"cannot read {path} ({e}); re-install the Fashion-MNIST files") from None
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
+    if int.from_bytes(data[:4], "big") != magic or len(data) != 4 + 4 * dims + np.prod(shape):
+        raise UserError(f"{path} is not a whole idx file of the expected kind (magic "
+                        f"{data[:4].hex()}, {len(data)} bytes); re-install the Fashion-MNIST files")
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-def _find_idx_file(path, name):
-    """`name` or `name`.gz in path/ or path/FashionMNIST/raw/, the first found; None if none."""
-    for folder in (path, os.path.join(path, "FashionMNIST", "raw")):
-        for ext in ("", ".gz"):
-            candidate = os.path.join(folder, name + ext)
-            if os.path.isfile(candidate):
-                return candidate
-    return None
+class FashionMNIST(Dataset):
+    """Items: (transform(28 x 28 grayscale PIL image), label), as torchvision's FashionMNIST."""
+    classes = torchvision.datasets.FashionMNIST.classes
+
+    def __init__(self, folder, split, transform=None):
+        images, labels = FMNIST_FILES[split]
+        self.images = read_idx(folder, images, IDX_MAGIC["images"])
+        self.labels = read_idx(folder, labels, IDX_MAGIC["labels"])
+        if len(self.images) != len(self.labels):
+            raise UserError(f"{folder}: {len(self.images)} {split} images but {len(self.labels)} "
+                            f"labels; re-install the Fashion-MNIST files")
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        img = Image.fromarray(self.images[i])
+        return (self.transform(img) if self.transform else img), int(self.labels[i])
 
 
-def _prepare_fashion_mnist(path):
-    """-> root that torchvision's FashionMNIST(root, download=False) accepts."""
-    raw = os.path.join(path, "FashionMNIST", "raw")
-    if all(os.path.isfile(os.path.join(raw, name)) for name in FMNIST_FILES):
-        return path  # already in torchvision's layout
-    found = {name: _find_idx_file(path, name) for name in FMNIST_FILES}
-    missing = [name + "[.gz]" for name, src in found.items() if src is None]
-    if missing:
-        raise UserError(f"Fashion-MNIST files missing in {path}: {', '.join(missing)}; "
-                        f"install them with `apt-get install dataset-fashion-mnist` "
-                        f"(-> {DEBIAN_FMNIST}) or pass --download")
-    root = cache_dir("fashion-mnist", os.path.abspath(path).strip(os.sep).replace(os.sep, "_"))
-    cached = os.path.join(root, "FashionMNIST", "raw")
-    try:
-        os.makedirs(cached, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the Fashion-MNIST cache {cached} ({e.strerror}); set "
-                        f"$LDAE_CACHE to a writable folder") from None
-    for name, src in found.items():
-        dst = os.path.join(cached, name)
-        if os.path.isfile(dst) and os.path.getmtime(dst) >= os.path.getmtime(src):
-            continue
-        # atomic_write: a temporary name of this process's own, then a rename, so any number of
-        # processes (torchrun ranks, parallel jobs) may prepare the same cache at once
-        atomic_write(dst, functools.partial(_decompress_idx, src, name=name))
-    return root
-
-
-def _fashion_mnist_root(path):
-    if path is None and os.path.isdir(DEBIAN_FMNIST):
-        path = DEBIAN_FMNIST  # Debian's dataset-fashion-mnist: works offline with no flags
-    if path is None:
+def _build_fashion_mnist(args, split, transform):
+    folder = args.data_path
+    if folder is None and os.path.isdir(DEBIAN_FMNIST) and not args.download:
+        folder = DEBIAN_FMNIST                  # Debian's dataset-fashion-mnist: no flags needed
+    if args.download:                           # torchvision fetches the gz files (internet)
+        folder = folder or os.path.join(os.path.expanduser("~"), ".cache", "ldae")
+        _torchvision_download(torchvision.datasets.FashionMNIST, folder)
+    if folder is None:
         raise UserError("--dataset fashion-mnist needs --data-path (a folder with the original "
                         "*-ubyte.gz files, e.g. from `apt-get install dataset-fashion-mnist`) "
                         "or --download")
-    _require_folder(path)
-    return _prepare_fashion_mnist(path)
+    _require_folder(folder)
+    return FashionMNIST(folder, split, transform), folder
 
 
-def _cifar10_root(path):
-    """A folder holding torchvision's cifar-10-batches-py (or that folder itself) -> its root."""
-    if path is None or not os.path.isdir(path):
+def _torchvision_download(kind, root):
+    try:
+        kind(root, download=True)
+    except (RuntimeError, OSError) as e:       # no internet, an unwritable root, a bad checksum
+        raise UserError(f"{kind.__name__} could not be downloaded into {root}: {e} (offline? "
+                        f"use --data-path with local files)") from None
+
+
+def _build_cifar10(args, split, transform):
+    """torchvision's CIFAR10 from a folder holding cifar-10-batches-py (or that folder)."""
+    root = args.data_path
+    if args.download:
+        root = root or os.path.join(os.path.expanduser("~"), ".cache", "ldae")
+        _torchvision_download(torchvision.datasets.CIFAR10, root)
+    if root is None or not os.path.isdir(root):
         raise UserError(f"--dataset cifar10 needs --data-path to an existing folder holding "
-                        f"cifar-10-batches-py/ (got {path}), or --download")
-    if os.path.basename(os.path.normpath(path)) == "cifar-10-batches-py":
-        return os.path.dirname(os.path.normpath(path))
-    if not os.path.isdir(os.path.join(path, "cifar-10-batches-py")):
-        # with the tarball there, --download unpacks it offline (torchvision: md5 matches, no
-        # network)
-        raise UserError(f"{path} has no cifar-10-batches-py/ folder; unpack "
+                        f"cifar-10-batches-py/ (got {root}), or --download")
+    if os.path.basename(os.path.normpath(root)) == "cifar-10-batches-py":
+        root = os.path.dirname(os.path.normpath(root))
+    if not os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
+        # with the tarball there, --download unpacks it offline (its md5 matches, no network)
+        raise UserError(f"{root} has no cifar-10-batches-py/ folder; unpack "
                         f"cifar-10-python.tar.gz there, or put the tarball there and pass "
                         f"--download")
-    return path
-
-
-TORCHVISION_DATASETS = {"fashion-mnist": torchvision.datasets.FashionMNIST,
-                        "cifar10": torchvision.datasets.CIFAR10}
-
-
-def _build_torchvision(name, args, split, transform):
-    if args.download:
-        root = args.data_path or cache_dir(name)
-    elif name == "fashion-mnist":
-        root = _fashion_mnist_root(args.data_path)
-    else:
-        root = _cifar10_root(args.data_path)
     try:
-        ds = TORCHVISION_DATASETS[name](root, train=(split == "train"), transform=transform,
-                                        download=args.download)
-    except RuntimeError as e:  # "Dataset not found or corrupted", download failures
-        raise UserError(f"{name} could not be loaded from {root}: {e}") from None
-    except OSError as e:  # no internet, unwritable root
-        raise UserError(f"{name}: {e} (offline? use --data-path with local files)") from None
+        ds = torchvision.datasets.CIFAR10(root, train=split == "train", transform=transform)
+    except RuntimeError as e:                  # "Dataset not found or corrupted"
+        raise UserError(f"cifar10 could not be loaded from {root}: {e}") from None
     return ds, root
 
 
@@ -356,8 +336,10 @@ def build_dataset(args, split, transform, decode_gpu_ok=False):
             where += "; --decode gpu: items are encoded bytes"
     elif name == "packed":
         ds, where = _build_packed(args.data_path, split, transform)
-    elif name in TORCHVISION_DATASETS:
-        ds, where = _build_torchvision(name, args, split, transform)
+    elif name == "fashion-mnist":
+        ds, where = _build_fashion_mnist(args, split, transform)
+    elif name == "cifar10":
+        ds, where = _build_cifar10(args, split, transform)
     else:
         raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     print(f"[data] {name} {split}: {num_classes(ds)} classes, {len(ds)} images ({where})",

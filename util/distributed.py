@@ -135,9 +135,9 @@ def setup_distributed():
 
 
 def node_first(build, world):
-    """build() on each node's local rank 0 first, then on the node's other ranks: a cache that the
-    ranks of a node share (the decompressed Fashion-MNIST files) is prepared once, not by all of
-    them at the same time. -> build()'s result. Every rank passes the one barrier."""
+    """build() on each node's local rank 0 first, then on the node's other ranks: what the ranks
+    of a node share (a --download into one folder) is prepared once, not by all of them at the
+    same time. -> build()'s result. Every rank passes the one barrier."""
     if world == 1:
         return build()
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0
