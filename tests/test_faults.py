@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import linprobe
+import pack_data
 import pretrain
 import tokenizer_pca
 from util import cli, datasets, decode, distributed, files, registry, synthetic, transforms
@@ -471,7 +472,7 @@ def test_16_bit_pngs_decode_like_the_pil_path_alone_and_mixed(tmp_path):
              "rgb16.png": np.stack([ramp, ramp[::-1], np.full_like(ramp, 30000)], -1)}
     for name, pixels in files.items():
         png16(tmp_path / name, pixels)
-    synthetic.write_jpeg_folder(tmp_path / "jpg", 2, size=(48, 40))
+    pack_data.write_jpeg_folder(tmp_path / "jpg", 2, size=(48, 40))
     jpeg = next(p for p in (tmp_path / "jpg").rglob("*.jpg"))
     paths = [str(tmp_path / n) for n in files] + [str(jpeg)]
     raws = [torch.frombuffer(bytearray(open(p, "rb").read()), dtype=torch.uint8) for p in paths]
@@ -485,7 +486,7 @@ def test_16_bit_pngs_decode_like_the_pil_path_alone_and_mixed(tmp_path):
 
 
 def test_an_empty_class_folder_is_named(tmp_path, capsys):
-    root = synthetic.write_jpeg_folder(tmp_path / "imgs", 20, size=(40, 32))
+    root = pack_data.write_jpeg_folder(tmp_path / "imgs", 20, size=(40, 32))
     (tmp_path / "imgs" / "zebra").mkdir()
     args = datasets.add_data_args(cli.ArgumentParser()).parse_args(
         ["--dataset", "imagefolder", "--data-path", str(root)])

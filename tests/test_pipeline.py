@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import pack_data
-from util import datasets, decode, synthetic, transforms
+from util import datasets, decode, transforms
 from util.cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +38,7 @@ def decoder(request, monkeypatch):
 @pytest.fixture(scope="module")
 def jpegs(tmp_path_factory):
     """20 synthetic JPEGs (48x36, q90) in 10 class folders: a flat imagefolder root."""
-    return str(synthetic.write_jpeg_folder(tmp_path_factory.mktemp("jpegs"), 20, size=(48, 36)))
+    return str(pack_data.write_jpeg_folder(tmp_path_factory.mktemp("jpegs"), 20, size=(48, 36)))
 
 
 def _args(*argv):
@@ -190,7 +190,7 @@ def test_decode_gpu_dataset_collate_and_batch_to_images(jpegs, tmp_path, decoder
     with pytest.raises(UserError, match="use --decode pil"):
         datasets.build_dataset(a, "train", lambda im: im, decode_gpu_ok=True)
     bad = tmp_path / "bad"
-    synthetic.write_jpeg_folder(bad, 2, size=(20, 16))
+    pack_data.write_jpeg_folder(bad, 2, size=(20, 16))
     broken = os.path.join(bad, "disc", "broken.jpg")
     open(broken, "wb").write(b"\xff\xd8 not a jpeg")
     raw = [decode.read_bytes(os.path.join(bad, "disc", "00000.jpg")), decode.read_bytes(broken)]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ldae
+import pack_data
 import pretrain
 from util import decode, files, lr_sched, registry, synthetic, transforms
 from util.cli import UserError
@@ -150,7 +151,7 @@ def test_decode_gpu_decodes_batches_on_the_device_cpu_here(tmp_path, monkeypatch
     # --decode gpu: workers ship JPEG bytes, Engine.step decodes them with decode.decode_batch on
     # the training device (CPU here: the same code path as CUDA, only decode_jpeg's device differs)
     # flat root: 30 train images
-    jpegs = synthetic.write_jpeg_folder(tmp_path / "jpegs", 40, size=(48, 36))
+    jpegs = pack_data.write_jpeg_folder(tmp_path / "jpegs", 40, size=(48, 36))
     calls, real = [], decode.decode_batch
 
     def counting_decode_batch(batch, *args, **kwargs):

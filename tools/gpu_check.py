@@ -59,12 +59,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import bench_train  # noqa: E402
 import linprobe  # noqa: E402
+import pack_data  # noqa: E402
 import pretrain  # noqa: E402
 from tokenizer_pca import fit_pca  # noqa: E402
 from util import (cli, datasets, decode, features, files, registry,  # noqa: E402
                   synthetic, transforms)
-from util.engine import Engine, LossModule  # noqa: E402
 from util.cli import UserError  # noqa: E402
+from util.engine import Engine, LossModule  # noqa: E402
 
 # Stated tolerances (the report prints each beside what was measured). bf16 keeps 8 significant
 # bits (rounding 2^-9 relative); a loss that averages thousands of terms moves by far less than a
@@ -639,7 +640,7 @@ def check_decode(ctx):
     s = ctx.size
     folder = os.path.join(ctx.work, "jpegs")
     with quiet(ctx):
-        synthetic.write_jpeg_folder(folder, s["jpegs"], size=s["jpeg_size"])
+        pack_data.write_jpeg_folder(folder, s["jpegs"], size=s["jpeg_size"])
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs)
     raw = [decode.read_bytes(f) for f in files]
     seeds = list(range(len(files)))

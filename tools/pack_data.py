@@ -25,6 +25,7 @@ import sys
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
+from PIL import Image
 from torchvision import transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -100,6 +101,28 @@ def pack_dataset(ds, out, size, num_workers=0, batch_size=64, source=None):
 
 
 # ---- bench
+def write_jpeg_folder(root, n, size=(500, 375), quality=90, seed=0):
+    """n SyntheticShapes JPEGs in root/<class>/ at ImageNet-typical size and quality (bench,
+    tests): drawn at the long side, cropped, plus noise (sd 8) so they do not compress trivially
+    (~70 KB)."""
+    width, height = size
+    side = max(size)
+    shapes = synthetic.SyntheticShapes(n, side, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    top, left = (side - height) // 2, (side - width) // 2
+    with cli.torch_threads(1):
+        for i in range(n):
+            img, label = shapes.render(i)                                  # (3, side, side) uint8
+            img = img[:, top:top + height, left:left + width].float()
+            noise = 8 * torch.randn(img.shape, generator=generator)
+            img = (img + noise).clamp(0, 255).round().to(torch.uint8)
+            folder = os.path.join(root, synthetic.SYNTHETIC_CLASSES[label])
+            os.makedirs(folder, exist_ok=True)
+            pixels = img.permute(1, 2, 0).numpy()
+            Image.fromarray(pixels).save(os.path.join(folder, f"{i:05d}.jpg"), quality=quality)
+    return root
+
+
 BenchRow = collections.namedtuple("BenchRow", "name workers images_per_s images_per_cpu_s load")
 
 
@@ -161,7 +184,7 @@ def bench(args):
     """Decoded + augmented img/s of each input path on this machine's CPU -> the BenchRows."""
     if args.make and not os.path.isdir(args.data_path):
         print(f"[bench] writing {args.make} synthetic JPEGs to {args.data_path}", flush=True)
-        synthetic.write_jpeg_folder(args.data_path, args.make)
+        write_jpeg_folder(args.data_path, args.make)
     size, batch_size, pack_size = args.input_size, args.batch_size, args.pack_size
     workers = [int(count) for count in args.workers.split(",")]
     rrc = transforms.build_transform("rrc", size)

@@ -4,16 +4,13 @@ Ten classes that differ only in shape, texture and layout; colour, position, siz
 background and noise are random for all, so no pixel (nor a linear map of the pixels) gives the
 class away, while shape features do. Image i has its own generator seeded by (seed, split stream,
 i): deterministic, independent of batching and workers, any resolution, nothing stored.
-write_jpeg_folder saves some as a JPEG class folder (the input benchmark, tests).
 """
 import math
-import os
 
 import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from util.cli import torch_threads
 
 
 SYNTHETIC_CLASSES = ("disc", "ring", "square", "triangle", "cross",
@@ -104,26 +101,3 @@ class SyntheticShapes(Dataset):
         if self.transform is None:
             return pil, label
         return self.transform(pil), label
-
-
-def write_jpeg_folder(root, n, size=(500, 375), quality=90, seed=0):
-    """n SyntheticShapes JPEGs in root/<class>/ at ImageNet-typical size and quality (bench,
-    tests): drawn at the long side, cropped, plus noise (sd 8) so they do not compress trivially
-    (~70 KB)."""
-    from PIL import Image
-    width, height = size
-    side = max(size)
-    shapes = SyntheticShapes(n, side, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    top, left = (side - height) // 2, (side - width) // 2
-    with torch_threads(1):
-        for i in range(n):
-            img, label = shapes.render(i)                                  # (3, side, side) uint8
-            img = img[:, top:top + height, left:left + width].float()
-            noise = 8 * torch.randn(img.shape, generator=generator)
-            img = (img + noise).clamp(0, 255).round().to(torch.uint8)
-            folder = os.path.join(root, SYNTHETIC_CLASSES[label])
-            os.makedirs(folder, exist_ok=True)
-            pixels = img.permute(1, 2, 0).numpy()
-            Image.fromarray(pixels).save(os.path.join(folder, f"{i:05d}.jpg"), quality=quality)
-    return root
