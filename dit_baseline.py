@@ -112,29 +112,29 @@ def check_config(pca, input, prediction, img_size, patch_size, latent_dim, laten
         raise ValueError(f"--dit-input must be pca or latents, not {input!r}")
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; "
-                        f"choose from {', '.join(PREDICTIONS)}")
+                         f"choose from {', '.join(PREDICTIONS)}")
     if patch_size < 1 or img_size < 1:
         raise ValueError(f"--patch-size {patch_size} and --input-size {img_size} must be >= 1")
     if input == "pca":
         if pca.patch_size != patch_size or pca.channels != 3:
             raise ValueError(f"the PCA has {pca.patch_size}px patches but the model wants "
-                            f"{patch_size}px: refit the PCA or pass --patch-size {pca.patch_size}")
+                             f"{patch_size}px: refit the PCA or pass --patch-size {pca.patch_size}")
         D = pca.dim
         if not latent_dim or latent_dim <= 0:
             latent_dim = D
         if latent_dim > D:
             raise ValueError(f"latent_dim {latent_dim} exceeds D = {D} of "
-                            f"{patch_size}x{patch_size}x3 patches: use a smaller --latent-dim "
-                            f"or a larger patch size")
+                             f"{patch_size}x{patch_size}x3 patches: use a smaller --latent-dim "
+                             f"or a larger patch size")
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not a multiple of the patch size "
-                            f"{patch_size}")
+                             f"{patch_size}")
     if latent_norm not in LATENT_NORMS:
         raise ValueError(f"--latent-norm must be one of {', '.join(LATENT_NORMS)}, "
-                        f"not {latent_norm!r}")
+                         f"not {latent_norm!r}")
     if input == "latents" and latent_norm != "none":
         raise ValueError("--latent-norm needs the PCA's eigenvalues; for --latents-file "
-                        "scale the latents yourself or pass --latent-scale")
+                         "scale the latents yourself or pass --latent-scale")
     return latent_dim
 
 
@@ -154,8 +154,8 @@ class DiT(nn.Module):
             latent_size = img_size // patch_size
         if latent_size % dit_patch:
             raise ValueError(f"the {latent_size}x{latent_size} latent grid does not tile into DiT "
-                            f"patches of {dit_patch}: pick a dit_*_{{1,2,4,8}} model that "
-                            f"divides it")
+                             f"patches of {dit_patch}: pick a dit_*_{{1,2,4,8}} model that "
+                             f"divides it")
         # RECIPE s2: the latent's scale is a choice the model owns (the PCA object is not changed);
         # input="latents": latent_scale multiplies the file's latents
         self.latent_scale = float(pca.scale if latent_scale is None else latent_scale)
@@ -231,7 +231,7 @@ class DiT(nn.Module):
         # checked on CPU only: on GPU int(y.max()) would sync the host every step
         if y.device.type == "cpu" and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
             raise ValueError(f"labels must be in 0..{num_classes - 1}: pass "
-                            f"num_classes = the dataset's class count to build_model")
+                             f"num_classes = the dataset's class count to build_model")
         return y
 
     def _cond(self, x, t, y, train):

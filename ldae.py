@@ -27,8 +27,8 @@ import torch.utils.checkpoint
 
 from tokenizer_pca import LATENT_NORMS, PatchPCA
 
-# ---- Transformer pieces shared with dit_baseline.py (RECIPE s4: "a ViT built from DiT blocks")
 
+# ---- Transformer pieces shared with dit_baseline.py (RECIPE s4: "a ViT built from DiT blocks")
 def modulate(x, shift, scale):
     # adaLN: a per-example affine map of the normalised tokens. x (B, L, D); shift, scale (B, 1, D)
     return x * (1 + scale) + shift

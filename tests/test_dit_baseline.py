@@ -9,7 +9,7 @@ import dit_baseline as db
 import ldae
 import pretrain
 from tokenizer_pca import PatchPCA
-from util import datasets, features, registry
+from util import datasets, registry
 from util.cli import UserError
 
 

@@ -21,7 +21,7 @@ import linprobe
 import pack_data
 import pretrain
 import tokenizer_pca
-from util import cli, datasets, decode, distributed, files, registry, synthetic, transforms
+from util import cli, datasets, decode, files, registry, synthetic, transforms
 from util.cli import UserError
 from tokenizer_pca import fit_pca
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import gpu_check
-import pretrain
 from util import cli, registry
 
 FINAL_STEP = gpu_check.SIZES["dry"]["synth"] // gpu_check.SIZES["dry"]["batch"] * \

@@ -62,7 +62,7 @@ def test_pack_reads_back_equal_to_the_pil_path(jpegs, tmp_path):
     assert meta["shape"] == [10, 3, 24, 24]
     # flat root: 10 train images
     ref = datasets.build_dataset(_args("--dataset", "imagefolder", "--data-path", jpegs), "train",
-                             transforms.build_transform("center", 24))
+                                 transforms.build_transform("center", 24))
     # --data-path with {split}: the file serves that split whole; stored at --input-size the
     # "center" transform is the identity geometry, so the tensors equal the PIL path's exactly.
     packed = _args("--dataset", "packed", "--data-path", str(tmp_path / "{split}_24.u8"),
@@ -117,7 +117,7 @@ def test_packed_errors_name_the_file_and_the_fix(jpegs, tmp_path):
     _pack(jpegs, good, 16)
     with pytest.raises(UserError, match="smaller than --input-size 32.*re-pack"):
         datasets.build_dataset(_args("--dataset", "packed", "--data-path", str(good)), "train",
-                           transforms.build_transform("rrc", 32))
+                               transforms.build_transform("rrc", 32))
     bad = tmp_path / "bad.u8"
     bad.write_bytes(os.urandom(1000))
     with pytest.raises(UserError, match="meta.pt .*is missing"):

@@ -777,8 +777,8 @@ def release(ctx):
 
 
 def check_profile(ctx):
-    """torch.profiler over a few eager vit_b training steps (Engine, the step
-    tools/bench_train.py times): device time by kernel kind, how busy the device is, matmul efficiency."""
+    """torch.profiler over a few eager vit_b training steps (Engine, the step tools/bench_train.py
+    times): device time by kernel kind, how busy the device is, matmul efficiency."""
     s = ctx.size
     name, batch = s["bench"][0]
     args = pretrain.get_args_parser().parse_args(["--model", name, "--batch-size", str(batch),

@@ -11,8 +11,6 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-
-
 SYNTHETIC_CLASSES = ("disc", "ring", "square", "triangle", "cross",
                      "h-stripes", "v-stripes", "checkerboard", "two-blobs", "polka-dots")
 
