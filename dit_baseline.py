@@ -1,31 +1,20 @@
-"""
-The DiT baseline of Chen, Liu, Xie, He 2024 (RECIPE s7): a latent diffusion transformer (DiT,
-Peebles & Xie 2023) that the paper deconstructs, one component per row, into l-DAE. The file
-holds the DiT network (official DiT parameter names and layout), the diffusion objective in a
-few dozen lines, and `PRESETS`: one entry per row of the paper's Tables 1-3 and the section-5
-ablations (README has the paper's top-1 of each).
+"""The DiT baseline of Chen, Liu, Xie, He 2024 (RECIPE s7): the latent diffusion transformer
+(DiT, Peebles & Xie 2023) that the paper deconstructs into l-DAE one component per row. Here:
+the network (DiT's parameter names and layout), the diffusion objective, and PRESETS, one entry
+per row of the paper's Tables 1-3 and section 5 (README has the paper's top-1 of each).
 
     python pretrain.py --preset t2_pca_d32 --dataset imagefolder --data-path IMNET    # a row
     python pretrain.py --preset t3_ldae --model vit_tiny --input-size 32 --epochs 5   # row, small
-    python pretrain.py --model dit_l_2 --dit-input latents --latents-file in1k_vae.pt # own latents
-
-In Python:
-    model = build_model("dit_l_1", pca, latent_dim=32, schedule="linear_gamma2")
-    loss = model.loss(images)            # images (B, 3, 256, 256) in [-1, 1]; labels if class_cond
-    feats = model.forward_features(images)   # (B, 1024): block 12 of 24, t = 10, average-pooled
+    model = build_model("dit_l_1", pca, latent_dim=32, schedule="linear_gamma2")      # in Python
+    loss = model.loss(images)         # images (B, 3, 256, 256) in [-1, 1]; labels if class_cond
 
 The network's "image" is a latent grid (B, C, h, w):
-  input="pca"      the patch-wise PCA latent: 16x16 patches of a 256 px image -> (B, d, 16, 16)
-                   (DiT patch 1 keeps 256 tokens). latent_dim 0 = all D = 768 coordinates: the
-                   Table 2 "pixel" row. With the full basis the latent is an orthonormal rotation
-                   of the pixel patches and the noise is isotropic, so this is pixel-space
-                   diffusion up to a fixed linear map at the network's input and output.
-  input="latents"  precomputed latents of the user's tokenizer (e.g. a KL-VAE's (4, 32, 32)),
-                   from a .pt file {"latents": (N, C, h, w), "labels": (N,)} (--latents-file:
-                   util/datasets.LatentFile; util/registry.py reads the shape from it).
-Learned variance (DiT's learn_sigma) is not needed for representation learning: the paper
-probes features, never samples. learn_sigma=True only adds the output channels that official
-checkpoints carry; the loss ignores that half.
+  input="pca"      the patch-wise PCA latent: 16 x 16 patches of a 256 px image -> (B, d, 16, 16).
+                   latent_dim 0 = all D = 768 coordinates, the Table 2 "pixel" row: an orthonormal
+                   rotation of the pixel patches, so pixel-space diffusion up to a fixed linear map.
+  input="latents"  a tokenizer's latents (a KL-VAE's (4, 32, 32)) from --latents-file.
+learn_sigma=True only adds the output channels of DiT's learned variance; the loss ignores them
+(the paper probes features and never samples).
 """
 import math
 
@@ -39,8 +28,7 @@ from tokenizer_pca import LATENT_NORMS, PatchPCA
 
 class LabelEmbedder(nn.Module):
     """Label -> (B, dim). Row `num_classes` is the null class: training swaps a label for it with
-    probability dropout_prob (DiT's classifier-free-guidance dropout); the probe uses it. [choice]
-    The null row always exists (official DiT omits it only for dropout_prob = 0)."""
+    probability dropout_prob (DiT's guidance dropout); the probe always uses it."""
 
     def __init__(self, num_classes, dim, dropout_prob=0.1):
         super().__init__()
@@ -61,17 +49,11 @@ PREDICTIONS = ("eps", "x0")
 
 def make_schedule(name, T=1000):
     """-> (gamma (T,), sigma (T,)) float64.
-
-    ddpm           DDPM/DiT: beta linear 1e-4..0.02, gamma_t^2 = prod_{s<=t} (1 - beta_s),
-                   sigma_t^2 = 1 - gamma_t^2 (Table 1 rows 1-4).
-    linear_gamma2  gamma_t^2 linear from 1 to 0 (Table 1 last row; Tables 2-3): index t is
-                   step t+1 of T, as in DDPM, so gamma_t^2 = 1 - (t+1)/T. That makes the last
-                   level exactly 0 (x_t pure noise), where an eps-predictor's x0 = (x_t -
-                   sigma eps)/gamma is undefined: we floor it at 0.5/T (half a grid step; DDPM's
-                   own last gamma^2 is 4e-5). sigma_t^2 = 1 - gamma_t^2 (variance preserving).
-    no_scaling     gamma = 1, sigma_t = sqrt(2) t / T: l-DAE's noise (Table 3 row 3 onward,
-                   RECIPE s3), identical to ldae.LDAE.sigma.
-    """
+    ddpm           beta linear 1e-4..0.02, gamma_t^2 = prod_{s<=t} (1 - beta_s) (Table 1 rows 1-4)
+    linear_gamma2  gamma_t^2 = 1 - (t+1)/T (Table 1 last row, Tables 2-3; index t is step t+1 as
+                   in DDPM), floored at 0.5/T: at 0 an eps-prediction's x0 is undefined
+    no_scaling     gamma = 1, sigma_t = sqrt(2) t / T: l-DAE's noise (Table 3 row 3 on, RECIPE s3)
+    The first two are variance preserving: sigma_t^2 = 1 - gamma_t^2."""
     t = torch.arange(T, dtype=torch.float64)
     if name == "ddpm":
         beta = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
@@ -99,9 +81,9 @@ MODELS["dit_tiny_2"] = dict(MODELS["dit_tiny_1"], dit_patch=2)
 # Overrides pretrain.py may pass (argparse dest names). dit_input is an alias of input;
 # latents_file is turned into input, latent_channels and latent_size by util/registry.py.
 MODEL_FLAGS = ("img_size", "patch_size", "latent_dim", "latent_scale", "latent_norm", "cond_ratio",
-               "schedule", "prediction",
-               "class_cond", "num_classes", "class_dropout_prob", "learn_sigma", "input",
-               "dit_input", "latents_file", "latent_channels", "latent_size", "grad_checkpoint")
+               "schedule", "prediction", "class_cond", "num_classes", "class_dropout_prob",
+               "learn_sigma", "input", "dit_input", "latents_file", "latent_channels",
+               "latent_size", "grad_checkpoint")
 
 
 def check_config(pca, input, prediction, img_size, patch_size, latent_dim, latent_norm):
@@ -261,15 +243,10 @@ class DiT(nn.Module):
 
     def loss(self, images, labels=None):
         """The diffusion objective, a scalar (mean over latent elements, as ADM's mean_flat).
-
-        eps: ||eps - net(x_t)||^2 (DiT; Table 1, Table 2, Table 3 row 1).
-        x0:  lambda_t ||z0 - net(x_t)||^2 with lambda_t = gamma_t^2 / (gamma_t^2 + sigma_t^2):
-             = gamma_t^2 for the variance-preserving schedules (Table 3 row 2), and
-             1 / (1 + sigma_t^2) for no_scaling (row 3; l-DAE's weight). One rule: the gamma^2
-             of the equivalent variance-preserving process. (Not the SNR weight gamma^2/sigma^2,
-             which would make x0 loss identical to eps loss.) The variance half of a
-             learn_sigma output is ignored: no VLB term (not needed for representations).
-        """
+        eps: ||eps - net(x_t)||^2 (DiT; Tables 1, 2 and Table 3 row 1).
+        x0:  lambda_t ||z0 - net(x_t)||^2, lambda_t = gamma_t^2 / (gamma_t^2 + sigma_t^2): gamma_t^2
+             for the variance-preserving schedules (Table 3 row 2), 1 / (1 + sigma_t^2) for
+             no_scaling (row 3, l-DAE's weight); not the SNR weight, which would make it eps."""
         if self.class_cond and labels is None:
             raise ValueError("a class-conditional DiT needs labels: call loss(images, labels)")
         z0 = self.encode(images)                                        # (B, C, h, w) fp32
@@ -287,12 +264,10 @@ class DiT(nn.Module):
     probe_t = 10                        # RECIPE s5: the probe's default noise level
 
     def forward_features(self, images, t=None, depth=None, noisy=False, pool=True):
-        """ldae.pooled_features after block `depth` (default: the first half, RECIPE s7: 12 of
-        24 for DiT-L; a list: one pass, a list out), the network told level t (an int or one per
-        image). Clean input = x_t with eps = 0, i.e. gamma_t z0 (gamma_10^2 = 0.9985 for ddpm,
-        0.989 for linear_gamma2, 1 for no_scaling); noisy=True draws eps. Class-conditional
-        models get the null class, never the true label (a probe must not see labels through
-        the input). pool=False: the tokens, unpooled."""
+        """ldae.pooled_features after block `depth` (default: the first half, RECIPE s7), the
+        network told level t (an int or one per image). Clean input: x_t with eps = 0, i.e.
+        gamma_t z0; noisy=True draws eps. A class-conditional model gets the null class: a probe
+        must not see labels through the input. pool=False: the tokens, unpooled."""
         z0 = self.encode(images)
         levels = noise_levels(t, self.probe_t, z0)                  # (B,): an int or per image
         eps = None if noisy else torch.zeros_like(z0)
@@ -377,10 +352,6 @@ PRESETS = {
     "final_vit_b_1600ep": dict(_LDAE, aug="rrc", model="vit_b", epochs=1600),
     "final_vit_l_1600ep": dict(_LDAE, aug="rrc", model="vit_l", epochs=1600),
 }
-# How the paper probes each row (RECIPE s5): "t = 10 and clean input in all our experiments,
-# except Tab. 4 where we use the optimal setting", i.e. the final 1600-epoch comparison.
-# linprobe.py --select-setting chooses (t, clean or noisy) on a held-out part of TRAIN.
+# The paper probes at "t = 10 and clean input in all our experiments, except Tab. 4 where we use
+# the optimal setting" (RECIPE s5): these rows; linprobe.py --select-setting finds that setting.
 TABLE4_PRESETS = ("final_vit_b_1600ep", "final_vit_l_1600ep")
-PAPER_PROBE = {name: ("the best (t, clean or noisy input), chosen on held-out train: "
-                      "linprobe.py --select-setting" if name in TABLE4_PRESETS
-                      else "t = 10, clean input") for name in PRESETS}

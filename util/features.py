@@ -29,8 +29,8 @@ def load_backbone(args, device):
         args.weights_used = args.weights
     preset = ckpt.get("args", {}).get("preset")
     if preset in dit_baseline.TABLE4_PRESETS and not args.select_setting:
-        print(f"[probe] note: the paper probes {preset} (Table 4) at "
-              f"{dit_baseline.PAPER_PROBE[preset]}; this run uses one fixed setting", flush=True)
+        print(f"[probe] note: the paper probes {preset} (Table 4) at the best (t, clean or noisy "
+              f"input), linprobe.py --select-setting; this run uses one fixed setting", flush=True)
     if args.random_init:
         # The random-init baseline: same network, fresh weights, every block live. The
         # checkpoint gives only the config and the PCA tokenizer (fitted, not learned: RECIPE s2).
