@@ -1,5 +1,4 @@
-"""
-The latent Denoising Autoencoder (l-DAE) of Chen, Liu, Xie, He, "Deconstructing Denoising
+"""The latent Denoising Autoencoder (l-DAE) of Chen, Liu, Xie, He, "Deconstructing Denoising
 Diffusion Models for Self-Supervised Learning" (arXiv 2401.14404), in one file that needs only
 torch and tokenizer_pca.py. Copy the pair into your project and call:
 
@@ -8,15 +7,10 @@ torch and tokenizer_pca.py. Copy the pair into your project and call:
     loss = model.loss(images)                        # images: (B, 3, 256, 256) in [-1, 1]
     feats = model.forward_features(images)           # (B, 768): what the linear probe reads
 
-Training, checkpoints and the probe live in pretrain.py and linprobe.py:
-
-    torchrun --nproc_per_node=8 pretrain.py --model vit_b --dataset imagefolder --data-path IMNET
-    python linprobe.py out/checkpoint.pt --dataset imagefolder --data-path IMNET
-
-"RECIPE sN" below points to RECIPE.md, the paper's recipe section by section. The
-transformer pieces (DiTBlock, TimestepEmbedder, FinalLayer, ...) are also the DiT baseline's:
-dit_baseline.py imports them, so both models share one block implementation and the official DiT
-parameter names (x_embedder, t_embedder, blocks.N.attn.qkv, blocks.N.adaLN_modulation, ...).
+Training is pretrain.py's, the probe linprobe.py's. "RECIPE sN" points to RECIPE.md, the paper's
+recipe section by section. The transformer pieces are the DiT baseline's too (dit_baseline.py
+imports them): one block implementation, DiT's parameter names (x_embedder, blocks.N.attn.qkv,
+blocks.N.adaLN_modulation, ...).
 """
 import math
 
@@ -35,12 +29,9 @@ def modulate(x, shift, scale):
 
 
 def sincos_pos_embed(dim, grid):
-    """Fixed 2-D sin-cos position embedding (no learned positions, RECIPE s4), (grid*grid, dim).
-
-    The first half of the channels encodes the column, the second half the row, each as
-    [sin, cos] of geometrically spaced frequencies: the layout of MAE's and DiT's tables, so
-    official DiT weights (which store this table as pos_embed) line up with ours.
-    """
+    """Fixed 2-D sin-cos position embedding (no learned positions, RECIPE s4), (grid*grid, dim):
+    the first half of the channels the column, the second the row, each [sin, cos] of
+    geometrically spaced frequencies, as MAE's and DiT's tables."""
     assert dim % 4 == 0, "sin-cos position embedding needs a width divisible by 4"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
@@ -117,13 +108,10 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """A pre-norm transformer block conditioned through adaLN-Zero (DiT's block).
-
-    c (B, cond_dim) is mapped to six (B, D) vectors: shift/scale of both LayerNorms and a gate on
-    both residual branches. The gates start at zero (init_weights), so every block starts as the
-    identity; that is DiT's trick for stable training, and the reason a "random init" probe
-    baseline must switch the gates on.
-    """
+    """A pre-norm transformer block conditioned through adaLN-Zero (DiT's block): c (B, cond_dim)
+    gives six (B, D) vectors, shift / scale of both LayerNorms and a gate on both residual
+    branches. The gates start at zero, so every block starts as the identity (DiT's trick for
+    stable training, and why a "random init" probe baseline must switch them on)."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, cond_dim=None):
         super().__init__()
@@ -156,14 +144,10 @@ class FinalLayer(nn.Module):
 
 
 def init_dit_weights(model, active=False):
-    """DiT's initialisation: xavier-uniform linears, zero biases, N(0, 0.02) timestep MLP, and
-    zero adaLN modulation + zero output layer (adaLN-Zero: every block starts as the identity).
-
-    active=True instead gives every block a live residual branch: modulation weights N(0, 0.02)
-    and gate biases 1, i.e. a plain randomly initialised pre-norm ViT. That is the honest random
-    baseline for a linear probe; with zero gates the "random network" is only pooled patch
-    embeddings.
-    """
+    """DiT's initialisation: xavier-uniform linears, zero biases, N(0, 0.02) timestep MLP, zero
+    adaLN modulation and output layer (adaLN-Zero). active=True gives every block a live residual
+    branch instead (modulation N(0, 0.02), gate biases 1): a plain random pre-norm ViT, the honest
+    random baseline of a probe; with zero gates it would be pooled patch embeddings."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -200,9 +184,8 @@ def run_blocks(blocks, x, c, depth=None, checkpoint=False):
 
 def pooled_features(blocks, x, c, depth, default_depth, pool=True):
     """The probe's features (RECIPE s5): tokens x (B, L, D) through the blocks under conditioning
-    c, average-pooled (no class token) after block `depth` (None or 0: default_depth) -> (B, D).
-    A list of depths takes one pass and returns one (B, D) per depth (the DDAE grid protocol).
-    pool=False returns the tokens themselves, (B, L, D) (distill.py's token-level target)."""
+    c, average-pooled (no class token) after block `depth` (None: default_depth) -> (B, D). A
+    list of depths: one pass, one (B, D) per depth (DDAE's grid). pool=False: the tokens."""
     many = isinstance(depth, (list, tuple))
     depths = list(depth) if many else [depth or default_depth]
     kept = {}
@@ -235,12 +218,9 @@ def registry_config(models, name, overrides, what):
 
 
 # ---- The l-DAE model (RECIPE s3, s4)
-
-# Sizes (RECIPE s4). `depth` counts encoder + decoder blocks: the first half is the encoder that
-# the probe reads, the second half the decoder, same width, no bottleneck. The two small sizes
-# are for CPU runs and tests (32 px images, 4 x 4 patches, so 64 tokens of D = 48 dims).
-# The CPU sizes use d = 8 of D = 48 with whitened latents: the settings measured to learn on 32 px
-# data (docs/RESULTS.md); d = 4 at pixel scale (the paper's d / D = 32 / 768 is 2 of 48) did not.
+# Sizes (RECIPE s4): `depth` counts encoder + decoder blocks, the first half the encoder the probe
+# reads, no bottleneck. The CPU sizes (32 px, 4 x 4 patches: 64 tokens of D = 48) use d = 8 with
+# whitened latents, measured to learn there (docs/RESULTS.md); d = 4 at pixel scale did not.
 _CPU = dict(img_size=32, patch_size=4, latent_dim=8, latent_norm="whiten")
 MODELS = {
     "vit_tiny": dict(hidden_size=64, depth=4, num_heads=4, **_CPU),
@@ -351,12 +331,9 @@ class LDAE(nn.Module):
         return self.pca.latent_gain(self.d, self.latent_norm, self.latent_scale)
 
     def add_noise(self, x0, t):
-        """Noise in the latent, then back to an image: x_t = V_d^T (V_d x0 + sigma_t eps), with the
-        latent multiplied by latent_gain() before the noise and divided by it after.
-
-        The d-dim PCA latent is where the noise goes (the paper's key finding, Table 2); the
-        residual outside the subspace is dropped from the input. (B, C, H, W) -> (B, C, H, W)
-        """
+        """Noise in the d-dim PCA latent (the paper's key finding, Table 2), then back to an image:
+        x_t = V_d^T (g V_d x0 + sigma_t eps) / g with g = latent_gain(); the residual outside the
+        subspace is dropped from the input. (B, C, H, W) -> (B, C, H, W)"""
         with torch.autocast(x0.device.type, enabled=False):   # projections in fp32: cheap, exact
             gain = self.latent_gain()
             z0 = self.pca.encode(x0.float(), self.d, gain)                  # (B, L, d)
@@ -373,15 +350,10 @@ class LDAE(nn.Module):
         return x if depth is not None else self.final_layer(x, c)
 
     def loss(self, x0, labels=None):
-        """The l-DAE objective (RECIPE s3), a scalar.
-
-        r = V_full (x0 - net(x_t)) per patch: the error in the full D-dim PCA basis, so the
-        weights can favour the d coordinates that were noised (w = 1) over the residual the
-        network had to infer from context (w = residual_weight, 0.1 in the paper);
-        lambda_t = 1 / (1 + sigma_t^2) down-weights the noisiest levels. Sum over the D
-        coordinates, mean over tokens and images. `labels` is accepted and ignored: l-DAE is
-        unconditional (the DiT baseline's loss takes the same arguments).
-        """
+        """The l-DAE objective (RECIPE s3), a scalar. r = V_full (x0 - net(x_t)) per patch, the error
+        in the full D-dim PCA basis, weighted 1 on the d noised coordinates and residual_weight
+        (0.1) on the residual inferred from context; lambda_t = 1 / (1 + sigma_t^2) down-weights
+        the noisiest levels. `labels` is ignored: l-DAE is unconditional."""
         B = x0.shape[0]
         t = self.sample_t(B, x0.device)                                 # (B,)
         pred = self(self.add_noise(x0, t), t).float()                   # (B, L, D) or (B, L, d)
@@ -400,12 +372,10 @@ class LDAE(nn.Module):
 
     def forward_features(self, images, t=None, depth=None, noisy=False, pool=True):
         """What the linear probe reads (RECIPE s5): pooled_features after block `depth` (default:
-        the last encoder block, half the blocks; a list: one (B, D) per depth), with the network
-        told noise level t (None: probe_t, i.e. 10, or the level a single-level model was trained
-        at; an int; or a (B,) tensor, one level per image) and given a clean input, i.e. the
-        image projected onto the d-dim PCA subspace (sigma = 0: the only kind of input the
-        network saw in training). noisy=True adds the noise of level t instead (the paper's
-        Sec. 5 probe ablation); pool=False: the tokens, unpooled."""
+        the last encoder block), the network told level t (None: probe_t; an int; or one per
+        image) and given a clean input: the image projected onto the d-dim PCA subspace (sigma 0,
+        the kind of input it saw in training). noisy=True adds level t's noise (the paper's Sec. 5
+        ablation); pool=False: the tokens, unpooled."""
         levels = noise_levels(t, self.probe_t, images)
         if noisy:
             x = self.add_noise(images, levels)
@@ -428,9 +398,8 @@ class LDAE(nn.Module):
 
 
 def build_model(name, pca=None, **overrides):
-    """The registry behind `pretrain.py --model`; overrides set to None are ignored. pca=None
-    builds an identity basis of the right shape, to be overwritten by load_state_dict from a
-    checkpoint."""
+    """The registry behind `pretrain.py --model`; None overrides are ignored. pca=None: an
+    identity basis of the right shape, which a checkpoint's load_state_dict overwrites."""
     cfg = registry_config(MODELS, name, overrides, "l-DAE")
     if pca is None:
         patch_size = cfg.get("patch_size", 16)
