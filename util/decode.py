@@ -69,15 +69,6 @@ def decode_jpegs(jpegs, device):
     return torchvision.io.decode_jpeg(list(jpegs), mode="RGB", device=device)
 
 
-def decode_image(raw):
-    """Any image file's bytes -> uint8 or uint16 (3, H, W): the first frame of an animation."""
-    if DECODERS[0] == "torchcodec":
-        img = torchcodec_decoders.decode_image(raw, mode="RGB", output_dtype="auto")
-    else:
-        img = torchvision.io.decode_image(raw, mode="RGB")
-    return img[0] if img.ndim == 4 else img
-
-
 def decoded(ds):
     """The dataset with images as tensors (through PIL), for code that reads items itself (PCA
     fit)."""
@@ -105,12 +96,10 @@ def batch_to_images(x, device):
 
 
 def decode_batch(jpegs, size, kind, device, seeds=None, scale=(0.2, 1.0), names=None):
-    """B encoded JPEGs (uint8 1-D tensors) -> (B, 3, size, size) float in [-1, 1] on `device`.
-    build_transform's ops on uint8 tensors: seeded alike (manual_seed(s) before the PIL
-    transform, seeds=[s] here) they draw the same crop and flip. On CPU decode_jpeg and PIL decode
-    alike (libjpeg-turbo); PIL's bicubic rounds in 8-bit fixed point: mean |diff| ~0.002, max
-    ~0.05 (tests). nvJPEG's IDCT / chroma upsampling differs by a few more grey levels (to be
-    measured on the GPU)."""
+    """B encoded JPEGs (uint8 1-D tensors) -> (B, 3, size, size) float in [-1, 1] on `device`:
+    build_transform's ops on uint8 tensors, which draw the same crop and flip for the same seed.
+    On CPU the JPEG decoders agree with PIL's (libjpeg-turbo); PIL's bicubic rounds in 8-bit
+    fixed point: mean |diff| ~0.002, max ~0.05 (tests)."""
     device = torch.device(device)
     check_transform_kind(kind)
     names = names or [f"image {index} of the batch" for index in range(len(jpegs))]
@@ -146,13 +135,17 @@ def _random_resized_crop(img, size, scale, seed):
 
 
 def _decode_any(raw, name):
-    """Any image file the decoder reads -> uint8 (3, H, W). A 16-bit PNG decodes to uint16: keep
-    its high byte, as the PIL path does (values 0..65535 would otherwise reach the model)."""
+    """Any image file the decoder reads -> uint8 (3, H, W): an animation's first frame, a 16-bit
+    PNG's high byte, as the PIL path has them (values 0..65535 would otherwise reach the model)."""
     try:
-        img = decode_image(raw)
+        if DECODERS[0] == "torchcodec":
+            img = torchcodec_decoders.decode_image(raw, mode="RGB", output_dtype="auto")
+        else:
+            img = torchvision.io.decode_image(raw, mode="RGB")
     except (RuntimeError, ValueError) as e:
         raise UserError(f"cannot decode image file {name} ({str(e)[:200]}); "
                         f"remove or replace it") from None
+    img = img[0] if img.ndim == 4 else img
     if img.dtype == torch.uint16:
         img = (img.to(torch.int32) >> 8).to(torch.uint8)
     return img
