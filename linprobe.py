@@ -228,7 +228,7 @@ def prepare(args, device, world):
         cfg = model.config
     elif args.ckpt:                             # pixels: a checkpoint only fixes the size
         cfg = registry.load(args.ckpt)["model_config"]
-    size, keys = features.check_probe_keys(args, cfg, pixels, model)
+    size, keys = features.probe_keys(args, cfg, pixels, model)
     protocol, why, centre_ds, crops_ds, val_ds = build_sets(args, size)
     train_ds = centre_ds if centre_ds is not None else crops_ds   # mae alone: the crops only
     num_classes = datasets.num_classes(train_ds)

@@ -1,12 +1,9 @@
-"""The files of a training run (pretrain.py, distill.py): the log, the checkpoints, resume, and
-what a run does at each step's and epoch's end (Run).
-
-OUTPUT_DIR holds checkpoint.pt (the latest save), checkpoint-EPOCH.pt (kept epoch ends;
-checkpoint.pt is then a hard link to the newest), log.jsonl and the stage's own files. A fresh run
-never replaces a previous run's checkpoint unless told to (--overwrite); --resume continues the
-same run, refusing any flag change that would alter the data order, the schedule or the model;
-every write is atomic (util/files.py), so a kill at any point leaves the previous file or the
-whole new one.
+"""The files of a training run (pretrain.py, distill.py) and what a run does after each step and
+epoch (Run). OUTPUT_DIR holds checkpoint.pt (the latest save), checkpoint-EPOCH.pt (kept epoch
+ends; checkpoint.pt is then a hard link to the newest), log.jsonl and the stage's own files. A
+fresh run never replaces a previous run's checkpoint unless told to (--overwrite); --resume
+continues the same run, refusing a flag change that would alter the data order, the schedule or
+the model; every write is atomic (util/files.py).
 """
 import contextlib
 import json
@@ -52,9 +49,8 @@ def load_checkpoint(path, required=("model", "model_config", "step")):
 
 
 class RunLog:
-    """A log.jsonl written by rank 0. A resumed run reads as one run: the records past the step
-    it resumes from (written after that checkpoint, so replayed now) are dropped and a "resume"
-    record marks the join. Anything else starts an empty log."""
+    """A log.jsonl written by rank 0. A resumed run reads as one run: the records past the step it
+    resumes from (replayed now) are dropped and a "resume" record marks the join."""
 
     def __init__(self, path, active=True, resume=None):
         self.path, self.active = path, active
@@ -103,8 +99,7 @@ def save_checkpoint(ckpt, latest, kept=None):
 # ---- Resume -----------------------------------------------------------------------------------
 def resume_source(args, latest):
     """-> the checkpoint this run continues, or None for a fresh run. A restarted torchrun worker
-    group (--max-restarts) resumes by itself; a fresh run never replaces a previous run's
-    checkpoint unless told to (--overwrite)."""
+    group (--max-restarts) resumes by itself."""
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     if args.resume is None and restarts > 0 and os.path.isfile(latest):
         print(f"[resume] torchrun restart {restarts}: resuming from {latest}", flush=True)
@@ -123,10 +118,9 @@ def resume_source(args, latest):
 
 
 def check_resume(ckpt, args, world, ignore=(), skip=()):
-    """--resume continues the same run: every flag that fixes the data order, the schedule or the
-    model must be as saved (`ignore`: flags compared another way, as the model flags through the
-    model config; `skip`: not comparable yet); RESUME_MAY_CHANGE may change.
-    -> the changed safe flags, "--flag old -> new" each."""
+    """--resume continues the same run: every flag but RESUME_MAY_CHANGE must be as saved
+    (`ignore`: compared another way, as the model flags through the model config; `skip`: not
+    comparable yet). -> the changed safe flags, "--flag old -> new" each."""
     saved, now = ckpt["args"], vars(args)
     keys = [k for k in now if k in saved and k not in ignore and k not in skip]
     wrong = [k for k in keys if k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
@@ -145,9 +139,8 @@ def check_resume(ckpt, args, world, ignore=(), skip=()):
 
 
 def open_run(args, is_main, world, ignore):
-    """Before any work: a writable OUTPUT_DIR, the checkpoint to resume (None: a fresh run) with
-    every flag already comparable checked, and no temporary file a killed run left.
-    -> (checkpoint path or None, checkpoint dict or None)."""
+    """Before any work: a writable OUTPUT_DIR, the checkpoint to resume with every flag already
+    comparable checked, no temporary file a killed run left. -> (path, dict) or (None, None)."""
     files.check_writable_dir(args.output_dir, "--output-dir")
     source = resume_source(args, os.path.join(args.output_dir, "checkpoint.pt"))
     ckpt = None
@@ -163,8 +156,8 @@ def open_run(args, is_main, world, ignore):
 
 
 def restore(engine, ckpt, config, ignore=("grad_checkpoint",)):
-    """A resumed run's model, EMA, optimizer and CPU RNG -> the step it continues from.
-    `ignore`: config keys that change no number (recomputed activations)."""
+    """A resumed run's model, EMA, optimizer and CPU RNG -> the step it continues from (`ignore`:
+    config keys that change no number)."""
     if ckpt is None:
         return 0
     same = {k: v for k, v in ckpt["model_config"].items() if k not in ignore}
@@ -183,11 +176,10 @@ def restore(engine, ckpt, config, ignore=("grad_checkpoint",)):
 
 # ---- One run's bookkeeping: what happens after each step and at each epoch's end -------------
 class Run:
-    """The steps start..last of a run and its files: a log line every --log-every steps (img/s
-    since the previous line), the epoch's end (its loss, the checkpoint, a kept copy every
-    --save-every epochs), a stop signal (save, then exit 128 + signal), the final result.
-
-    describe() -> what the checkpoint holds besides the engine state (model_config, pca, ...)."""
+    """Steps start..last of a run and its files: a log line every --log-every steps, the epoch's
+    end (its loss, the checkpoint, a kept copy every --save-every epochs), a stop signal (save,
+    then exit 128 + signal), the result. describe() -> what the checkpoint holds besides the
+    engine state (model_config, pca)."""
 
     def __init__(self, args, engine, n_train, lr_fn, describe, start, source, changed):
         self.args, self.engine, self.lr_fn, self.describe = args, engine, lr_fn, describe

@@ -314,9 +314,8 @@ def _build_synthetic(args, split, transform):
 
 
 def build_dataset(args, split, transform, decode_gpu_ok=False):
-    """-> Dataset of (image tensor, int label). Checks paths first; prints a one-line summary.
-    decode_gpu_ok: the caller handles --decode gpu items (collate + batch_to_images:
-    pretrain.py)."""
+    """-> Dataset of (image tensor, int label), paths checked first, a one-line summary printed.
+    decode_gpu_ok: the caller decodes --decode gpu items itself (pretrain.py)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be train or val, not {split!r}")
     name = args.dataset

@@ -1,11 +1,8 @@
-"""Several processes, one run: the launch (torchrun's environment: NCCL on GPUs, gloo on CPU), the
-data order every rank agrees on, the set-up a node does once (node_first), and the stop signals
-all ranks obey after the same step.
-
-Determinism: the data order is a function of (seed, epoch) and an image's augmentation of (seed,
-epoch, index), whichever rank and DataLoader worker loads it; a global batch is cut into world x
-accum micro-batches, so any layout with the same world x accum reads the same images (8 GPUs, or
-1 GPU with --accum-iter 8), and a resume starts mid-epoch at the step it left.
+"""Several processes, one run: the launch (torchrun's environment: NCCL on GPUs, gloo on CPU),
+the data order every rank agrees on, node_first, and the stop signals all ranks obey after the
+same step. The data order is a function of (seed, epoch), an image's augmentation of (seed,
+epoch, index), and a global batch is cut into world x accum micro-batches: any layout with the
+same world x accum reads the same images, and a resume starts mid-epoch where it left.
 """
 import datetime
 import os

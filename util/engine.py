@@ -1,10 +1,7 @@
-"""One optimizer step and one epoch of them, for every trainer here (MAE's engine_pretrain.py):
-Engine = the model + AdamW + EMA + precision + DDP, with no host sync per step; train_one_epoch
-runs the steps of one epoch, or of its rest after a mid-epoch resume.
-
-Determinism: the noise of micro-batch k of step s is seeded by (seed, s, k), and the data order
-by (seed, epoch) (util/distributed.py), so a resume is bit-identical and any layout with the
-same world x accum (8 GPUs, or 1 GPU with --accum-iter 8) computes the same steps.
+"""One optimizer step and one epoch of them for the trainers (MAE's engine_pretrain.py): Engine =
+model + AdamW + EMA + precision + DDP, no host sync per step; train_one_epoch. The noise of
+micro-batch k of step s is seeded by (seed, s, k) and the data order by (seed, epoch), so a
+resume is bit-identical and any layout with the same world x accum computes the same steps.
 """
 import contextlib
 import copy
@@ -173,10 +170,9 @@ class Engine:
 
 
 def train_one_epoch(engine, loader, epoch, run, stop):
-    """The optimizer steps of epoch `epoch` from run.step (mid-epoch after a resume) to the
-    epoch's end or the run's last step, each on one global batch of --accum-iter micro-batches
-    per rank. run: util/checkpoint.Run (the lr, a log line every --log-every steps); stop: the
-    stop signal the ranks agree on. -> the signal every rank stops on, or 0."""
+    """The optimizer steps of epoch `epoch` from run.step (mid-epoch after a resume) to its end
+    or the run's last step. run: util/checkpoint.Run (the lr, the log lines); stop: the signal
+    the ranks agree on. -> the signal every rank stops on, or 0."""
     per_epoch = run.steps_per_epoch
     loader.batch_sampler.set_epoch(epoch, run.step - epoch * per_epoch)
     batches = iter(loader)

@@ -19,9 +19,8 @@ def checksum(model):
 
 
 def load_backbone(args, device):
-    """The checkpoint's model, loaded strictly (a missing or foreign file, missing or unexpected
-    keys are UserErrors naming the problem), frozen; --random-init: the same network with fresh
-    weights and every block live."""
+    """The checkpoint's model, loaded strictly and frozen; --random-init: the same network with
+    fresh weights and every block live (the PCA basis is kept: fitted, not learned)."""
     ckpt = registry.load(args.ckpt)
     model = registry.model_from_checkpoint(ckpt, args.weights, "cpu")
     args.weights_used = "raw"                                              # for the report
@@ -32,8 +31,6 @@ def load_backbone(args, device):
         print(f"[probe] note: the paper probes {preset} (Table 4) at the best (t, clean or noisy "
               f"input), linprobe.py --select-setting; this run uses one fixed setting", flush=True)
     if args.random_init:
-        # The random-init baseline: same network, fresh weights, every block live. The
-        # checkpoint gives only the config and the PCA tokenizer (fitted, not learned: RECIPE s2).
         torch.manual_seed(args.seed)
         model.init_weights(active=True)
         print(f"[probe] --random-init: freshly initialised {model.config.get('name')} with "
@@ -104,27 +101,12 @@ def cached_features(featurize, keys, centre_ds, crops_ds, val_ds, args, device, 
     return train_x, per_view[0][1], val_x, val_y
 
 
-def probe_keys(args, depths, model):
-    """The (depth, t, noisy) settings to probe. One setting by default: the last encoder block,
-    --probe-t (default: the model's probe_t, 10, or a single-level model's own level) and a clean
-    input (--noisy-input: noisy). --grid: every --grid-depths x --grid-ts. --select-setting: the
-    paper's Table 4 "optimal setting", every --grid-ts with clean and with noisy input at the
-    probe depth. --grid-inputs overrides which inputs. The best is chosen on held-out train."""
-    select = args.grid or args.select_setting
-    ts = args.grid_ts
-    if not select:
-        ts = [model.probe_t if args.probe_t is None else args.probe_t]
-    inputs = args.grid_inputs
-    if inputs is None and args.select_setting:
-        inputs = "both"
-    if inputs is None:
-        inputs = "noisy" if args.noisy_input else "clean"
-    noisy = {"clean": [False], "noisy": [True], "both": [False, True]}[inputs]
-    return [(depth, t, n) for depth in depths for t in ts for n in noisy]
-
-
-def check_probe_keys(args, cfg, pixels, model):
-    """The input size, depths and levels the checkpoint's model can take -> (size, keys)."""
+def probe_keys(args, cfg, pixels, model):
+    """The input size and the (depth, t, noisy) settings to probe -> (size, keys). One setting by
+    default: the last encoder block, --probe-t (default: the model's probe_t) and a clean input
+    (--noisy-input: noisy). --grid: every --grid-depths x --grid-ts; --select-setting (the
+    paper's Table 4 "optimal setting"): every --grid-ts with a clean and a noisy input;
+    --grid-inputs says which inputs. The best setting is chosen on held-out train."""
     size = cfg.get("img_size")
     if args.input_size is None:
         args.input_size = size or 32
@@ -139,12 +121,17 @@ def check_probe_keys(args, cfg, pixels, model):
     if args.grid:                               # default: depths around the encoder's end (s5)
         default = list(range(max(1, blocks // 4), 3 * blocks // 4 + 1, max(1, blocks // 8)))
         depths = args.grid_depths or default
-    keys = probe_keys(args, depths, model)
+    ts = args.grid_ts
+    if not (args.grid or args.select_setting):
+        ts = [model.probe_t if args.probe_t is None else args.probe_t]
+    inputs = args.grid_inputs or ("both" if args.select_setting else None)
+    inputs = inputs or ("noisy" if args.noisy_input else "clean")
+    noisy = {"clean": [False], "noisy": [True], "both": [False, True]}[inputs]
     steps = cfg.get("num_steps", 1000)
-    if not all(0 <= key[1] < steps for key in keys):
+    if not all(0 <= t < steps for t in ts):
         raise UserError(f"probe levels t must be in 0..{steps - 1} (the model's noise steps), "
-                        f"got {sorted({key[1] for key in keys})}")
+                        f"got {sorted(ts)}")
     if not all(1 <= depth <= blocks for depth in depths):
         raise UserError(f"probe depths must be in 1..{blocks} (the blocks of {cfg.get('name')}), "
                         f"got {depths}")
-    return args.input_size, keys
+    return args.input_size, [(depth, t, n) for depth in depths for t in ts for n in noisy]

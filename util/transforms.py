@@ -1,9 +1,6 @@
 """How an image becomes a training tensor: the center, rrc and eval transforms that DataLoader
-workers apply to a PIL image or a uint8 tensor (the --decode gpu path redoes them on the device:
-util/decode.py).
-
-Contract: (3, S, S) float in [-1, 1] (DiT normalisation, RECIPE s2), grayscale repeated to 3
-channels, whichever path made it.
+workers apply to a PIL image or a uint8 tensor (util/decode.py redoes them on the device). Out:
+(3, S, S) float in [-1, 1] (DiT normalisation, RECIPE s2), grayscale repeated to 3 channels.
 """
 import torch
 from torchvision import transforms as T
@@ -13,9 +10,6 @@ from util.cli import UserError
 BICUBIC = T.InterpolationMode.BICUBIC
 
 
-# ---- Transforms: RGB first (grayscale -> 3 equal channels), [-1, 1] = Normalize(0.5, 0.5) last
-# (DiT). Input: a PIL image or a uint8 (C, H, W) tensor (packed): the geometric ops draw alike on
-# both.
 TRANSFORM_KINDS = ("center", "rrc", "eval")
 
 
@@ -38,14 +32,12 @@ class ToFloat:
 
 
 class Transform(T.Compose):
-    """T.Compose that remembers what it does: `kind`, `size` and the rrc `scale`, so the
-    --decode gpu path can redo it on the device and the packed path can check its stored size."""
+    """T.Compose that remembers what it does, for --decode gpu to redo it on the device and the
+    packed path to check its stored size."""
 
     def __init__(self, ops, kind, size, scale):
         super().__init__(ops)
-        self.kind = kind
-        self.size = size
-        self.scale = scale
+        self.kind, self.size, self.scale = kind, size, scale
 
 
 def eval_resize(input_size):
@@ -59,16 +51,13 @@ def check_transform_kind(kind):
 
 
 def build_transform(kind, input_size, scale=(0.2, 1.0)):
-    """kind: "center" | "rrc" | "eval"; PIL image or uint8 tensor -> (3, input_size, input_size)
-    in [-1, 1].
-
-    center: DiT's ablation setting (RECIPE s6): shorter side to input_size (bicubic + antialias,
-            close to DiT's box-then-bicubic), center crop.
-    rrc:    final models (RECIPE s6): RandomResizedCrop + flip; scale (0.2, 1) is MAE's
-            pre-training crop, which the paper follows; pass (0.08, 1) for MAE's probe.
-    eval:   probe (RECIPE s5, MAE): resize to input_size * 256/224, center crop; below 64 px only
-            resize + crop (tiny object-centred images would lose content).
-    """
+    """PIL image or uint8 tensor -> (3, input_size, input_size) in [-1, 1]. kind:
+    center  DiT's ablation setting (RECIPE s6): shorter side to input_size (bicubic, antialiased),
+            center crop;
+    rrc     final models (RECIPE s6): RandomResizedCrop + flip, MAE's pre-training scale (0.2, 1);
+            (0.08, 1) for MAE's probe;
+    eval    the probe's (RECIPE s5, MAE): resize to input_size * 256/224, center crop; below 64 px
+            only resize + crop (tiny object-centred images would lose content)."""
     check_transform_kind(kind)
     if kind == "rrc":
         crop = T.RandomResizedCrop(input_size, scale=tuple(scale), interpolation=BICUBIC,
