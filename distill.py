@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import ldae
 from tokenizer_pca import PatchPCA
-from util import checkpoint, cli, datasets, distributed, files, lr_sched, registry, transforms
+from util import checkpoint, cli, datasets, distributed, files, registry, transforms
 from util.cli import UserError
 from util.engine import Engine, train_one_epoch
 from util.resnet import ResNetStudent
@@ -266,13 +266,9 @@ def train(args, rank, world, device):
     if args.input_size != teacher.config["img_size"]:
         raise UserError(f"the teacher takes {teacher.config['img_size']} px images, not "
                         f"--input-size {args.input_size}")
-    source, ckpt = checkpoint.open_run(args, is_main, world, ignore=())
-
     transform = transforms.build_transform(args.aug, args.input_size)
-    train_set = distributed.node_first(
-        lambda: datasets.build_dataset(args, "train", transform), world)
-    distributed.cap_batch(args, len(train_set), world, is_main)
-    changed = checkpoint.check_resume(ckpt, args, world) if ckpt is not None else []
+    source, ckpt, train_set, changed = checkpoint.open_run(
+        args, is_main, world, (), lambda: datasets.build_dataset(args, "train", transform))
 
     torch.manual_seed(args.seed)                   # the same init on every rank
     student = build_student(args.student, teacher, args.input_size)
@@ -285,24 +281,20 @@ def train(args, rank, world, device):
         model.fit_whitening(images, torch.Generator().manual_seed(args.seed))
     engine = Engine(model, args, rank, world, device)
     start = checkpoint.restore(engine, ckpt, model.config)
-    base_lr = lr_sched.scaled_lr(args)
-    steps_per_epoch = len(train_set) // args.batch_size
-    entropy_steps = (args.entropy_epochs or args.epochs / 2) * steps_per_epoch
+    entropy_steps = (args.entropy_epochs or args.epochs / 2) * (len(train_set) // args.batch_size)
 
-    def lr_fn(step):
-        # the entropy weight decays on the lr's step clock, so a resume sets it exactly
+    def entropy_weight(step):                      # lambda: --entropy-reg decaying linearly to 0
         weight = args.entropy_reg * max(0.0, 1.0 - step / max(entropy_steps, 1e-9))
         model.entropy_weight.fill_(weight)
-        return lr_sched.lr_at(step, steps_per_epoch, base_lr, args.warmup_epochs, args.epochs,
-                              args.min_lr)
 
     def describe():
         return {"model_config": model.config, "pca": teacher_ckpt["pca"]}
 
-    run = checkpoint.Run(args, engine, len(train_set), lr_fn, describe, start, source, changed)
+    run = checkpoint.Run(args, engine, len(train_set), describe, start, source, changed,
+                         on_step=entropy_weight)
     loader = distributed.make_loader(train_set, args, world, rank, device)
     if is_main:
-        print_settings(args, teacher, depth, fixed_t, len(train_set), run, base_lr)
+        print_settings(args, teacher, depth, fixed_t, len(train_set), run)
 
     with distributed.StopSignal(world) as stop, run:
         for epoch in range(run.first_epoch, run.epochs):
@@ -371,7 +363,7 @@ def policy_report(model, images):
     return {"p10": round(q[0]), "median": round(q[1]), "p90": round(q[2])}
 
 
-def print_settings(args, teacher, depth, fixed_t, n_images, run, base_lr):
+def print_settings(args, teacher, depth, fixed_t, n_images, run):
     how = f"fixed t = {fixed_t}"
     if args.t_policy == "rl":
         how = (f"policy over t = 0..{teacher.config.get('num_steps', 1000) - 1} (REINFORCE, "
@@ -389,7 +381,8 @@ def print_settings(args, teacher, depth, fixed_t, n_images, run, base_lr):
         f"student     {args.student}, MSE on {args.match} features, {whitening}",
         f"data        {args.dataset}: {n_images} train images, {args.input_size} px, "
         f"aug {args.aug}",
-        f"lr          peak {base_lr:.4g}, warmup {args.warmup_epochs:g} of {args.epochs:g} epochs",
+        f"lr          peak {run.base_lr:.4g}, warmup {args.warmup_epochs:g} of {args.epochs:g} "
+        f"epochs",
         *run.settings_lines()])
 
 

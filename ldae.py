@@ -350,10 +350,10 @@ class LDAE(nn.Module):
         return x if depth is not None else self.final_layer(x, c)
 
     def loss(self, x0, labels=None):
-        """The l-DAE objective (RECIPE s3), a scalar. r = V_full (x0 - net(x_t)) per patch, the error
-        in the full D-dim PCA basis, weighted 1 on the d noised coordinates and residual_weight
-        (0.1) on the residual inferred from context; lambda_t = 1 / (1 + sigma_t^2) down-weights
-        the noisiest levels. `labels` is ignored: l-DAE is unconditional."""
+        """The l-DAE objective (RECIPE s3), a scalar. r = V_full (x0 - net(x_t)) per patch, the
+        error in the full D-dim PCA basis, weighted 1 on the d noised coordinates and
+        residual_weight (0.1) on the residual inferred from context; lambda_t = 1 / (1 +
+        sigma_t^2) down-weights the noisiest levels. `labels` is ignored: l-DAE is unconditional."""
         B = x0.shape[0]
         t = self.sample_t(B, x0.device)                                 # (B,)
         pred = self(self.add_noise(x0, t), t).float()                   # (B, L, D) or (B, L, d)

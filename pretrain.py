@@ -24,8 +24,7 @@ import torchvision
 
 import dit_baseline
 from tokenizer_pca import PatchPCA, fit_pca
-from util import (checkpoint, cli, datasets, decode, distributed, files, lr_sched, registry,
-                  transforms)
+from util import checkpoint, cli, datasets, decode, distributed, files, registry, transforms
 from util.cli import UserError
 from util.engine import Engine, train_one_epoch
 from util.train_flags import add_training_args
@@ -145,14 +144,8 @@ def train(args, rank, world, device):
     if latents and args.decode == "gpu":
         raise UserError("--decode gpu decodes JPEG files, but this model reads --latents-file; "
                         "drop --decode gpu")
-    source, ckpt = checkpoint.open_run(args, is_main, world, ignore=registry.MODEL_ARGS)
-
-    train_set = distributed.node_first(lambda: training_set(args, latents), world)
-    distributed.cap_batch(args, len(train_set), world, is_main)
-    changed = []
-    if ckpt is not None:
-        changed = checkpoint.check_resume(ckpt, args, world, ignore=registry.MODEL_ARGS)
-
+    source, ckpt, train_set, changed = checkpoint.open_run(
+        args, is_main, world, registry.MODEL_ARGS, lambda: training_set(args, latents))
     pca = None                                     # latents: no PCA
     if ckpt is not None:
         pca = PatchPCA.from_dict(ckpt["pca"])      # a resumed run keeps its own basis
@@ -164,21 +157,15 @@ def train(args, rank, world, device):
     model = registry.build_model(args.model, pca, **overrides).to(device)
     engine = Engine(model, args, rank, world, device)
     start = checkpoint.restore(engine, ckpt, model.config)
-    base_lr = lr_sched.scaled_lr(args)             # RECIPE s6: blr 1e-4 x batch / 256
-    steps_per_epoch = len(train_set) // args.batch_size
-
-    def lr_fn(step):
-        return lr_sched.lr_at(step, steps_per_epoch, base_lr, args.warmup_epochs, args.epochs,
-                              args.min_lr)
 
     def describe():                                # the checkpoint rebuilds the model alone
         return {"model_config": model.config, "pca": model.pca.to_dict()}
 
-    run = checkpoint.Run(args, engine, len(train_set), lr_fn, describe, start, source, changed)
+    run = checkpoint.Run(args, engine, len(train_set), describe, start, source, changed)
     loader = distributed.make_loader(train_set, args, world, rank, device)
     grid_images = distributed.first_images(loader, 8, device)
     if is_main:
-        print_settings(args, model, run, base_lr, len(train_set), changed if ckpt else None)
+        print_settings(args, model, run, len(train_set), changed if ckpt else None)
 
     with distributed.StopSignal(world) as stop, run:
         for epoch in range(run.first_epoch, run.epochs):
@@ -236,7 +223,7 @@ def get_pca(args, cfg, rank, world, device, train_set):
     return pca
 
 
-def print_settings(args, model, run, base_lr, n_images, changed):
+def print_settings(args, model, run, n_images, changed):
     cfg = model.config
     params = sum(p.numel() for p in model.parameters()) / 1e6
     latent = ""
@@ -249,12 +236,12 @@ def print_settings(args, model, run, base_lr, n_images, changed):
         f"model       {cfg['name']} ({cfg['family']}): {params:.2f}M params, {cfg['img_size']} px, "
         f"patch {cfg['patch_size']}{latent}",
         f"data        {args.dataset}: {n_images} train images, aug {args.aug}",
-        f"lr          peak {base_lr:.4g} ({lr_rule}), warmup {args.warmup_epochs:g} epochs "
+        f"lr          peak {run.base_lr:.4g} ({lr_rule}), warmup {args.warmup_epochs:g} epochs "
         f"({round(warmup_steps)} steps), cosine to {args.min_lr:g} over {args.epochs:g} epochs"]
     if warmup_steps >= run.last:
         lines.append(f"            warning: the warmup ({warmup_steps:g} steps) is as long as the "
                      f"run ({run.last} steps): the lr peaks at {run.lr_fn(run.last - 1):.3g}, "
-                     f"not {base_lr:.3g}; shorten --warmup-epochs")
+                     f"not {run.base_lr:.3g}; shorten --warmup-epochs")
     lines += run.settings_lines()
     if changed is not None:
         lines.append(f"resume      {run.source} at step {run.step}; changed: "

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from util import cli, files
+from util import cli, distributed, files, lr_sched
 from util.cli import UserError, flag
 from util.engine import Diverged
 
@@ -138,9 +138,11 @@ def check_resume(ckpt, args, world, ignore=(), skip=()):
             if k in RESUME_MAY_CHANGE and k != "resume" and saved[k] != now[k]]
 
 
-def open_run(args, is_main, world, ignore):
-    """Before any work: a writable OUTPUT_DIR, the checkpoint to resume with every flag already
-    comparable checked, no temporary file a killed run left. -> (path, dict) or (None, None)."""
+def open_run(args, is_main, world, ignore, build_train_set):
+    """Before any work: a writable OUTPUT_DIR, the checkpoint to resume with every flag checked,
+    no temporary file a killed run left, and the training set (built on each node's local rank
+    0 first; a batch larger than the set capped to it). -> (checkpoint path, checkpoint dict,
+    training set, the changed safe flags); path and dict are None for a fresh run."""
     files.check_writable_dir(args.output_dir, "--output-dir")
     source = resume_source(args, os.path.join(args.output_dir, "checkpoint.pt"))
     ckpt = None
@@ -152,7 +154,10 @@ def open_run(args, is_main, world, ignore):
         if stale:
             print(f"[train] removed {len(stale)} temporary file(s) a killed run left: "
                   f"{', '.join(stale[:4])}", flush=True)
-    return source, ckpt
+    train_set = distributed.node_first(build_train_set, world)
+    distributed.cap_batch(args, len(train_set), world, is_main)
+    changed = check_resume(ckpt, args, world, ignore) if ckpt is not None else []
+    return source, ckpt, train_set, changed
 
 
 def restore(engine, ckpt, config, ignore=("grad_checkpoint",)):
@@ -181,8 +186,9 @@ class Run:
     then exit 128 + signal), the result. describe() -> what the checkpoint holds besides the
     engine state (model_config, pca)."""
 
-    def __init__(self, args, engine, n_train, lr_fn, describe, start, source, changed):
-        self.args, self.engine, self.lr_fn, self.describe = args, engine, lr_fn, describe
+    def __init__(self, args, engine, n_train, describe, start, source, changed, on_step=None):
+        self.args, self.engine, self.describe, self.on_step = args, engine, describe, on_step
+        self.base_lr = lr_sched.scaled_lr(args)        # RECIPE s6: blr x batch / 256
         self.is_main = engine.rank == 0
         self.steps_per_epoch = n_train // args.batch_size      # the last partial batch dropped
         self.last = min(max(1, round(args.epochs * self.steps_per_epoch)),
@@ -201,6 +207,15 @@ class Run:
         self.marks = {"log": (self.t_start, start), "epoch": (self.t_start, start)}
         self.bar = cli.progress(total=self.last, initial=start, disable=not self.is_main,
                                 unit="step")
+
+    def lr_fn(self, step):
+        """The lr of step `step` (warmup, then cosine); on_step(step) first sets what else
+        follows the step clock (distill.py's entropy weight), so a resume sets it exactly."""
+        if self.on_step is not None:
+            self.on_step(step)
+        args = self.args
+        return lr_sched.lr_at(step, self.steps_per_epoch, self.base_lr, args.warmup_epochs,
+                              args.epochs, args.min_lr)
 
     def __enter__(self):
         return self
