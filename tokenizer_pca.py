@@ -1,24 +1,16 @@
 """Patch-wise PCA tokenizer of l-DAE (RECIPE s2; paper Sec. 4.2 / Table 2 "patch-wise PCA").
+Each image is cut into p x p x 3 patches, flattened in (p, q, c) order to D = 3 p^2 dims (768 for
+16 px patches). The basis is the eigendecomposition of the patches' second-moment (with
+--center: covariance) matrix; its top-d rows give the d-dim latent in which l-DAE adds noise
+(d = 32 in the final model), and the full D x D basis weights the loss.
 
-Each image is cut into non-overlapping p x p x 3 patches, flattened in (p, q, c) order to D = 3 p^2
-dims (768 for the paper's 16 px patches). The basis is the eigendecomposition of the patches'
-second-moment (or, with --center, covariance) matrix; its top-d rows give the d-dim latent in
-which l-DAE adds noise (d = 32 in the final model), and the full D x D basis weights the loss.
-
-Run:
   python tokenizer_pca.py --dataset synthetic --input-size 32 --patch-size 4 --out /tmp/pca.pt
-  python tokenizer_pca.py --dataset fashion-mnist --data-path /usr/share/datasets/fashion-mnist \
-      --input-size 32 --patch-size 4 --out /tmp/pca_fm.pt
   python tokenizer_pca.py --dataset imagefolder --data-path /data/imagenet/train --input-size 256 \
-      --patch-size 16 --num-images 20000 --patches-per-image 64 --out pca_in1k.pt   # paper setting
-  python tools/bench_pca.py                    # accumulation speed vs numpy SVD, 1M x 768 patches
+      --patch-size 16 --num-images 20000 --patches-per-image 64 --out pca_in1k.pt   # ImageNet
 
-Choices the paper leaves open (RECIPE s2 [choice]), all recorded in the saved file:
-  * No mean subtraction by default (--center turns it on): the basis is then the eigenbasis of
-    E[x x^T], whose top direction is roughly the patch's mean colour. RECIPE's scale figures
-    (coordinate std 14.0, 6.9, ... on natural images) are measured this way.
-  * Latent scale 1.0 (--latent-scale): z = scale * V_d (x - mean). With scale 1 the absolute
-    noise levels sigma in [0, sqrt 2] act as the paper's strong, frequency-selective noise.
+Choices the paper leaves open (RECIPE s2), recorded in the saved file: no mean subtraction by
+default (--center), so the top direction is about the patch's mean colour; latent scale 1
+(--latent-scale: z = scale * V_d (x - mean)), so sigma in [0, sqrt 2] is strong noise.
 Numerics: sums in float64. On CPU each batch's X^T X is one float32 GEMM (2x faster than
 float64, relative error ~1e-6, far below the eigen-gaps that matter) added into a float64
 accumulator; on GPU the GEMM runs in float64 (float32 could silently become TF32). Only the
@@ -37,11 +29,9 @@ LATENT_NORMS = ("none", "global", "whiten")
 
 
 class PatchPCA(nn.Module):
-    """Holds the fitted basis; d is chosen per call, not at fit time.
-
-    components (D, D): rows = orthonormal eigenvectors, descending eigenvalue. eigenvalues (D,).
-    mean (D,): zeros unless fitted with center=True. Shapes: x (B, C, H, W), patches (B, L, D).
-    """
+    """The fitted basis; d is chosen per call. components (D, D): rows = orthonormal eigenvectors
+    by descending eigenvalue; eigenvalues (D,); mean (D,): zeros unless fitted with center=True.
+    Shapes: x (B, C, H, W), patches (B, L, D)."""
 
     def __init__(self, components, eigenvalues, mean=None, patch_size=16, channels=3, img_size=256,
                  center=False, scale=1.0, meta=None):
@@ -95,10 +85,8 @@ class PatchPCA(nn.Module):
 
     # -- latent maps ---------------------------------------------------------------------------
     def encode(self, x, d=None, gain=None):
-        """image (B, C, H, W) -> latents (B, L, d) = gain * (patches - mean) V_d^T.
-
-        gain: a number or a (d,) tensor of per-coordinate multipliers (latent_gain); default
-        self.scale."""
+        """image (B, C, H, W) -> latents (B, L, d) = gain * (patches - mean) V_d^T; gain: a number
+        or a (d,) tensor (latent_gain), default self.scale."""
         d = self.dim if d is None else d
         V = self.components[:d].to(x.dtype)                                   # (d, D)
         gain = self.scale if gain is None else gain
@@ -111,13 +99,10 @@ class PatchPCA(nn.Module):
         return self.unpatchify((z / gain) @ V + self.mean.to(z.dtype), h, w)
 
     def latent_gain(self, d, norm="none", scale=None):
-        """(d,) multipliers of the latent coordinates for a latent normalisation (RECIPE s2):
-        none    every coordinate times `scale` (default self.scale): pixel units at scale 1;
-        global  one number that gives the top-d coordinates unit mean second moment (unit mean
-                variance with --center), from the fitted eigenvalues, then times `scale`;
-        whiten  each coordinate divided by its own standard deviation, then times `scale`.
-        Eigenvalues are floored at 1e-12 of the largest (grayscale data has zero-variance
-        directions), so no gain is infinite."""
+        """(d,) multipliers of the latent coordinates (RECIPE s2), each then times `scale`:
+        none    1: pixel units; global  one number giving the top d unit mean second moment;
+        whiten  one per coordinate, its own 1 / std. Eigenvalues are floored at 1e-12 of the
+        largest (grayscale data has zero-variance directions), so no gain is infinite."""
         scale = self.scale if scale is None else float(scale)
         # the floor is a tensor op (eigenvalues[0] is the largest): no host sync on a GPU
         ev = torch.maximum(self.eigenvalues[:d].double(), 1e-12 * self.eigenvalues[:1].double())
@@ -260,12 +245,10 @@ def _progress_bar(total, enabled):
 def fit_pca(dataset, patch_size, num_images=None, patches_per_image=0, center=False, scale=1.0,
             seed=0, device=None, batch_size=64, num_workers=0, progress=True, gemm_dtype=None,
             meta=None):
-    """Fit a PatchPCA on a random sample of images (RECIPE s2). patches_per_image=0 uses all
-    patches of each image, k > 0 a random k of them. Deterministic given seed (with num_workers
-    > 0 the loader's workers are seeded from it too; still, give it a dataset with a
-    deterministic transform such as util.transforms.build_transform("center", size)).
-    dataset: map-style dataset of (image, label) with images (C, H, W) in [-1, 1], an image
-    tensor (N, C, H, W), or an iterable of batches."""
+    """Fit a PatchPCA on a random sample of images (RECIPE s2): all patches of each image, or a
+    random patches_per_image of them; deterministic given seed and a deterministic transform.
+    dataset: a map-style dataset of (image (C, H, W) in [-1, 1], label), an image tensor
+    (N, C, H, W), or an iterable of batches."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     total = len(dataset) if hasattr(dataset, "__len__") else None
     if num_images is None or (total is not None and num_images > total):
