@@ -42,8 +42,9 @@ def pick_precision(choice, device):
 
 
 class Engine:
-    """Model + EMA (our choice, RECIPE s6) + AdamW + precision + DDP. step() is one optimizer step
-    with no host sync: the losses and the first bad step stay on the device until flush()."""
+    """Model + EMA + AdamW + precision + DDP (the paper states AdamW's betas, not EMA, clipping
+    or precision: ours, RECIPE s6). step() is one optimizer step with no host sync: the losses
+    and the first bad step stay on the device until flush()."""
 
     def __init__(self, model, args, rank, world, device):
         self.model, self.args, self.rank, self.world, self.device = model, args, rank, world, device

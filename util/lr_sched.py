@@ -4,7 +4,8 @@ import math
 
 
 def lr_at(step, steps_per_epoch, base_lr, warmup_epochs, epochs, min_lr=0.0):
-    """The lr of optimizer step `step` (RECIPE s6)."""
+    """The lr of optimizer step `step`: the paper's 100-epoch linear warmup, then a half-cycle
+    cosine to min_lr (RECIPE s6), on the fractional epoch as MAE sets it every step."""
     epoch = step / steps_per_epoch
     if epoch < warmup_epochs:
         return base_lr * epoch / warmup_epochs

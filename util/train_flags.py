@@ -5,8 +5,8 @@ from util.cli import bounded
 
 
 def add_training_args(p):
-    """The schedule, optimiser and run flags of pretrain.py and distill.py (the paper's
-    pre-training defaults, RECIPE s6; a stage sets its own with p.set_defaults)."""
+    """The schedule, optimiser and run flags of pretrain.py and distill.py. Defaults: the
+    paper's pre-training (RECIPE s6: batch 2048, blr 1e-4, 100 warmup of 400 epochs, wd 0)."""
     num = bounded
     g = p.add_argument_group("schedule and optimiser")
     g.add_argument("--epochs", type=num(float, 0, low_open=True), default=400,
@@ -18,7 +18,8 @@ def add_training_args(p):
                    "ranks x --accum-iter x micro-batch (MAE's --batch_size is per GPU)")
     g.add_argument("--accum-iter", type=num(int, 1), default=1,
                    help="micro-batches per optimizer step and rank")
-    g.add_argument("--blr", type=num(float, 0), default=1e-4, help="lr = blr x batch / 256")
+    g.add_argument("--blr", type=num(float, 0), default=1e-4,
+                   help="lr = blr x batch / 256 (paper: 1e-4, i.e. 8e-4 at 2048)")
     g.add_argument("--lr", type=num(float, 0), default=None, help="absolute lr (overrides --blr)")
     g.add_argument("--min-lr", type=num(float, 0), default=0.0, help="floor of the cosine")
     g.add_argument("--warmup-epochs", type=num(float, 0), default=100, help="linear warmup")
