@@ -501,7 +501,8 @@ def get_args_parser():
         help="global batch (all ranks and micro-batches)")
     add("--blr", type=num(float, 0), default=0.1, help="lr = blr * batch / 256 (MAE: 6.4 at 16384)")
     add("--lr", type=num(float, 0), default=None,
-        help="absolute lr (overrides --blr; the paper's 6.4e-3 is 6.4 here: see RECIPE s5)")
+        help="absolute lr (overrides --blr). The paper's text says 6.4e-3: under LARS lr 6.4 "
+             "moves a weight matrix by 6.4e-3 of its norm in its first step (RECIPE s5)")
     add("--accum-iter", type=num(int, 1), default=None,
         help="mae: micro-batches per step (default: enough for --max-device-batch)")
     add("--solver", choices=("lbfgs", "lars"), default="lbfgs",

@@ -3,13 +3,14 @@ import torch
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) as MAE's linear probe uses it, written from its definition. Per step,
-    for each parameter p with gradient g:
+    """Per step, for each parameter p with gradient g:
         ndim > 1 (weights):  u = g + wd p;  u <- u * eta ||p|| / ||u||  (when both norms > 0)
         1-D (biases, BN):    u = g          (no decay, no trust ratio)
         m <- momentum m + u;  p <- p - lr m
-    A weight matrix moves by a fixed fraction (~lr * eta) of its norm per step: stable at batch
-    16384 and lr 6.4, but slow when there are few steps (small data sets; see probe_cached)."""
+    So a weight matrix's step is a fraction of its norm whatever the gradient's size: lr * eta
+    at the first step (zero momentum: 6.4e-3 at MAE's lr 6.4), then with momentum 0.9 up to
+    lr * eta / (1 - 0.9) when successive gradients align and lr * eta / sqrt(1 - 0.9^2) (~2.3x)
+    when they are uncorrelated. Biases move by lr * |g|, untouched by the trust ratio."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
