@@ -279,6 +279,34 @@ def test_select_setting_chooses_t_and_input_on_heldout_train(ckpt, tmp_path, cap
     assert "40n" in capsys.readouterr().out                              # the table's noisy column
 
 
+def test_table4_setting_is_chosen_on_a_train_subset_then_the_mae_protocol_runs_at_it(
+        ckpt, tmp_path, monkeypatch):
+    # --select-setting --protocol mae: every (t, clean or noisy input) by the cached head on a
+    # seeded subset of train (not a full feature set per setting), then MAE's protocol at the
+    # chosen setting alone; both are reported, and val never takes part in the choice
+    passes, real = [], features.extract
+
+    def counted(featurize, ds, *args, **kwargs):
+        out = real(featurize, ds, *args, **kwargs)
+        passes.append((len(ds), sorted(out[0])))
+        return out
+    monkeypatch.setattr(features, "extract", counted)
+    flags = ["--protocol", "mae", "--select-setting", "--grid-ts", "0,40", "--select-images",
+             "50", "--wd-grid", "1e-3"]
+    res = probe(ckpt, tmp_path / "a", *flags)
+    chosen = res["setting_selection"]
+    assert chosen["images"] == 50 and sorted(chosen["heldout_top1"]) == [
+        "t0", "t0_noisy", "t40", "t40_noisy"]
+    best = max(chosen["heldout_top1"], key=chosen["heldout_top1"].get)
+    assert best == f"t{res['t']}{'_noisy' if res['noisy_input'] else ''}"
+    assert (res["t"], res["noisy_input"]) == (chosen["chosen"]["t"], chosen["chosen"]["noisy"])
+    assert res["protocol"] == "mae" and res["protocol_vs_paper"].startswith("the paper's")
+    assert passes[0][0] == 50 and len(passes[0][1]) == 4          # the sweep: 50 images
+    assert all(len(keys) == 1 for _, keys in passes[1:])          # mae: the chosen setting
+    again = probe(ckpt, tmp_path / "b", *flags, "--synthetic-val-size", "30")
+    assert again["setting_selection"] == chosen                    # val decided nothing
+
+
 def test_single_level_checkpoint_is_probed_at_its_own_level(tmp_path):
     ck = pretrain_ckpt(tmp_path / "single", "--noise", "single")
     res = probe(ck, tmp_path / "probe", "--protocol", "cached", "--wd-grid", "1e-3")
@@ -372,8 +400,9 @@ def test_every_bad_input_has_its_message(ckpt, tmp_path):
         probe(ckpt, tmp_path, "--nb-classes", "5")
     with pytest.raises(UserError, match="probe depths must be in 1..4"):
         probe(ckpt, tmp_path, "--probe-depth", "7")
-    for flags, msg in [(("--grid", "--protocol", "mae"),
-                        "--grid and --select-setting need --protocol cached"),
+    for flags, msg in [(("--grid", "--protocol", "mae"), "--grid needs --protocol cached"),
+                       (("--select-setting", "--protocol", "knn"),
+                        "--select-setting cached or mae"),
                        (("--baseline", "pixels", "--random-init"),
                         "--baseline pixels has no network"),
                        (("--warmup-epochs", "9"), "--warmup-epochs must be in")]:

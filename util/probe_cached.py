@@ -78,12 +78,11 @@ def probe_cached(train_x, train_y, val_x, val_y, args, num_classes, device, log,
     setting `name` from `grid` (L-BFGS: L2 from --wd-grid; LARS: lr from --lr-grid x base lr) by
     top-1 on a seeded held-out part of TRAIN (all views of a held-out image held out), refit
     `solve` on all of train, score val once: val labels reach nothing else (--spread only
-    reports). -> (state to save, top1 %, top5 %, info)."""
+    reports). -> (state to save, top1 %, top5 %, info); val_x None: the held-out figure alone."""
     n_views, n, dim = train_x.shape
     lbfgs = name == "wd"
     mean, projection = feature_map(train_x.reshape(n_views * n, dim), whiten=lbfgs)
     train_x = (train_x - mean) @ projection
-    val_x = (val_x - mean) @ projection
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
     n_held = max(1, round(n * args.holdout))
     held_out, kept = order[:n_held], order[n_held:]
@@ -94,6 +93,9 @@ def probe_cached(train_x, train_y, val_x, val_y, args, num_classes, device, log,
                                     train_y[held_out], value, args, num_classes, device,
                                     args.seed)[1]
     best = max(grid, key=heldout_top1.get)                             # ties: the first (smaller)
+    if val_x is None:                           # a selection alone: no refit, nothing scored
+        return None, None, None, {"heldout_top1": round(heldout_top1[best], 2)}
+    val_x = (val_x - mean) @ projection
     head, top1, top5 = solve(train_x, train_y, val_x, val_y, best, args, num_classes, device,
                              args.seed, log, tag)
     info = {"solver": "L-BFGS to convergence" if lbfgs else "LARS, probe schedule", name: best,
