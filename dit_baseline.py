@@ -122,12 +122,17 @@ def check_config(pca, input, prediction, img_size, patch_size, latent_dim, laten
 
 class DiT(nn.Module):
     def __init__(self, pca, img_size=256, patch_size=16, latent_dim=32, latent_scale=None,
-                 latent_norm="none", cond_ratio=1.0, input="pca", latent_channels=4,
+                 latent_norm=None, cond_ratio=1.0, input="pca", latent_channels=4,
                  latent_size=32, hidden_size=1024, depth=24,
                  num_heads=16, mlp_ratio=4.0, dit_patch=1, class_cond=False, num_classes=1000,
                  class_dropout_prob=0.1, learn_sigma=False, schedule="ddpm", prediction="eps",
                  num_steps=1000, grad_checkpoint=False, name="custom"):
         super().__init__()
+        # RECIPE s2 / s7: the variance-preserving schedules assume a unit-variance latent, and DiT
+        # scales its VAE latent to it with one fixed factor: "global" (one gain for the top d) is
+        # that rule for the PCA latent, and measured best of the three (docs/RESULTS.md)
+        if latent_norm is None:
+            latent_norm = "global" if input == "pca" else "none"
         latent_dim = check_config(pca, input, prediction, img_size, patch_size, latent_dim,
                                   latent_norm)
         if input == "pca":
@@ -182,8 +187,7 @@ class DiT(nn.Module):
 
     # --- latent <-> image ---------------------------------------------------------------------
     def latent_gain(self):
-        """(d,) multipliers of the PCA coordinates, ldae.LDAE's rule (RECIPE s2): DiT's
-        variance-preserving schedules assume ~unit-variance latents."""
+        """(d,) multipliers of the PCA coordinates, ldae.LDAE's rule (RECIPE s2)."""
         return self.pca.latent_gain(self.C, self.latent_norm, self.latent_scale)
 
     def encode(self, images):

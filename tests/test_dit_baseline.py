@@ -156,13 +156,14 @@ def test_class_cond_needs_labels_in_range():
 # --- latent geometry --------------------------------------------------------------------------
 def test_pca_latent_layout_and_pixel_row():
     pca = random_pca(8)
-    m = db.build_model("dit_tiny_1", pca, patch_size=8, latent_dim=16)
+    m = db.build_model("dit_tiny_1", pca, patch_size=8, latent_dim=16, latent_norm="none")
     x = images(2)
     z = m.encode(x)
     assert z.shape == (2, 16, 4, 4)
     torch.testing.assert_close(z[:, :, 1, 2], pca.encode(x, 16)[:, 1 * 4 + 2])  # row-major tokens
     torch.testing.assert_close(m.decode(z), pca.project(x, 16), atol=1e-5, rtol=1e-5)
-    px = db.build_model("dit_tiny_1", pca, patch_size=8, latent_dim=0)       # pixel: all D
+    px = db.build_model("dit_tiny_1", pca, patch_size=8, latent_dim=0,      # pixel: all D
+                        latent_norm="none")
     assert px.config["latent_dim"] == 192 and px.x_embedder.proj.in_channels == 192
     torch.testing.assert_close(px.decode(px.encode(x)), x, atol=1e-5, rtol=1e-5)  # a rotation
 
@@ -309,6 +310,18 @@ def test_conditioning_ratio_quarter_in_paper_rows_full_in_the_registry():
     for name, preset in db.PRESETS.items():                         # every paper DiT row: 1/4
         if registry.family_of(preset["model"]) == "dit":
             assert preset["cond_ratio"] == 0.25, name
+
+
+def test_the_pca_latent_is_scaled_to_unit_mean_second_moment_by_default():
+    # the variance-preserving schedules assume a unit-variance latent (DiT scales its VAE latent
+    # by one fixed factor): a DiT on the PCA latent defaults to "global", a file's latents to none
+    pca = random_pca(4)
+    m = db.build_model("dit_tiny_1", pca, latent_dim=6)
+    assert m.config["latent_norm"] == "global"
+    second_moment = (m.latent_gain().double() ** 2 * pca.eigenvalues[:6].double()).mean()
+    assert second_moment.item() == pytest.approx(1.0, rel=1e-5)
+    latents = db.build_model("dit_tiny_2", None, input="latents", latent_channels=4, latent_size=8)
+    assert latents.config["latent_norm"] == "none"
 
 
 def test_dit_applies_the_same_latent_norm_as_ldae():
