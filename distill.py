@@ -267,14 +267,20 @@ def train(args, rank, world, device):
         raise UserError(f"the teacher takes {teacher.config['img_size']} px images, not "
                         f"--input-size {args.input_size}")
     transform = transforms.build_transform(args.aug, args.input_size)
-    source, ckpt, train_set, changed = checkpoint.open_run(
-        args, is_main, world, (), lambda: datasets.build_dataset(args, "train", transform))
+    source, ckpt, train_set, changed, data = checkpoint.open_run(
+        args, is_main, world, (), lambda: datasets.build_dataset(args, "train", transform),
+        inputs=[args.teacher])
+    teacher_sum = registry.checksum(teacher)          # the teacher a resume must find again
+    if ckpt is not None and ckpt["model_config"].get("teacher_checksum") != teacher_sum:
+        raise UserError(f"--resume: the teacher {args.teacher} is not the one this run was "
+                        f"trained with (its weights changed); pass that teacher")
 
     torch.manual_seed(args.seed)                   # the same init on every rank
     student = build_student(args.student, teacher, args.input_size)
     model = RepFusion(teacher, student, datasets.num_classes(train_set), args.t_policy, fixed_t,
                       depth, args.entropy_reg, os.path.abspath(args.teacher), args.match,
                       args.policy_baseline).to(device)
+    model.config["teacher_checksum"] = teacher_sum
     if args.whiten_target and ckpt is None:        # a resumed run has the map in its weights
         n = min(args.whiten_target, len(train_set))
         images = torch.stack([train_set[i][0] for i in range(n)]).to(device)
@@ -290,7 +296,7 @@ def train(args, rank, world, device):
     def describe():
         return {"model_config": model.config, "pca": teacher_ckpt["pca"]}
 
-    run = checkpoint.Run(args, engine, len(train_set), describe, start, source, changed,
+    run = checkpoint.Run(args, engine, len(train_set), describe, start, source, changed, data,
                          on_step=entropy_weight)
     loader = distributed.make_loader(train_set, args, world, rank, device)
     if is_main:
@@ -316,6 +322,9 @@ def train(args, rank, world, device):
 
 def load_teacher(args, device):
     ckpt = registry.load(args.teacher)
+    if ckpt["model_config"]["family"] not in ("ldae", "dit"):
+        raise UserError(f"{args.teacher} holds a {ckpt['model_config']['family']} network, not a "
+                        f"denoising model: a teacher is a pretrain.py checkpoint (l-DAE or DiT)")
     teacher = registry.model_from_checkpoint(ckpt, args.teacher_weights, device)
     if args.random_teacher:
         # fixed by --seed, drawn before the student's init (which re-seeds)

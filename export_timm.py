@@ -45,12 +45,12 @@ def get_args_parser():
     p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema",
                    help="the EMA weights (what the paper evaluates) or the raw ones")
-    p.add_argument("--probe-t", type=int, default=None,
+    p.add_argument("--probe-t", type=cli.bounded(int, 0), default=None,
                    help="noise level folded in (default: the model's probe_t: 10, or a "
                         "single-level model's own level)")
-    p.add_argument("--probe-depth", type=int, default=None,
+    p.add_argument("--probe-depth", type=cli.bounded(int, 1), default=None,
                    help="blocks exported (default: the encoder, half the blocks)")
-    p.add_argument("--check-images", type=int, default=2,
+    p.add_argument("--check-images", type=cli.bounded(int, 0), default=2,
                    help="random images for the self-check before writing (0 = skip)")
     return p
 
@@ -145,8 +145,6 @@ def main(args):
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UserError(f"output folder {out_dir} does not exist; create it or pick another --out")
-    if args.check_images < 0:
-        raise UserError("--check-images must be >= 0")
     ckpt = registry.load(args.ckpt)
     cfg = ckpt["model_config"]
     if cfg.get("family", "ldae") != "ldae":

@@ -481,11 +481,6 @@ def save_and_print(args, res, results, short, best):
 
 
 def get_args_parser():
-    def ints(text):
-        return [int(v) for v in text.split(",")]
-
-    def floats(text):
-        return [float(v) for v in text.split(",")]
     num = cli.bounded
     parser = cli.ArgumentParser(prog="linprobe.py", description="Linear probe (and k-NN) of a "
                                 "frozen l-DAE / DiT encoder (RECIPE.md s5)")
@@ -505,9 +500,9 @@ def get_args_parser():
     add("--compare", action="store_true",
         help="learned vs --random-init vs --baseline pixels: linear and k-NN, one table")
     add("--grid", action="store_true", help="a head per (depth, t) pair (DDAE protocol)")
-    add("--grid-depths", type=ints, default=None,
+    add("--grid-depths", type=cli.number_list(int, 1), default=None,
         help="e.g. 6,9,12 (default: depth/4 .. 3 depth/4)")
-    add("--grid-ts", type=ints, default=[0, 10, 20, 40, 80],
+    add("--grid-ts", type=cli.number_list(int, 0), default=[0, 10, 20, 40, 80],
         help="t values of --grid and --select-setting (RECIPE s5's)")
     add("--grid-inputs", choices=("clean", "noisy", "both"), default=None,
         help="inputs of --grid / --select-setting (default: clean; both with --select-setting)")
@@ -538,9 +533,10 @@ def get_args_parser():
         help="mae: micro-batches per step (default: enough for --max-device-batch)")
     add("--solver", choices=("lbfgs", "lars"), default="lbfgs",
         help="cached: lbfgs converges; lars runs mae's LARS schedule")
-    add("--wd-grid", type=floats, default=[1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
+    add("--wd-grid", type=cli.number_list(float, 0), default=[1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
         help="cached lbfgs: L2 values swept")
-    add("--lr-grid", type=floats, default=[0.25, 0.5, 1, 2, 4],
+    add("--lr-grid", type=cli.number_list(float, 0, low_open=True),
+        default=[0.25, 0.5, 1, 2, 4],
         help="cached lars: lr factors swept")
     add("--holdout", type=num(float, 0, 1, low_open=True, high_open=True), default=0.1,
         help="cached: train fraction that does the choosing")
@@ -553,7 +549,7 @@ def get_args_parser():
     add("--knn-k", type=num(int, 1), default=20, help="k-NN: neighbours that vote (DINO's 20)")
     add("--knn-t", type=num(float, 0, low_open=True), default=0.07,
         help="k-NN: vote weight exp(cosine / T) (DINO's 0.07)")
-    add("--seed", type=int, default=0, help="head init, data order, crops, held-out split")
+    add("--seed", type=cli.SEED, default=0, help="head init, data order, crops, held-out split")
     add("--nb-classes", type=num(int, 1), default=None,
         help="the head's expected class count (checked against the data)")
 

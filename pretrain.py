@@ -144,8 +144,9 @@ def train(args, rank, world, device):
     if latents and args.decode == "gpu":
         raise UserError("--decode gpu decodes JPEG files, but this model reads --latents-file; "
                         "drop --decode gpu")
-    source, ckpt, train_set, changed = checkpoint.open_run(
-        args, is_main, world, registry.MODEL_ARGS, lambda: training_set(args, latents))
+    source, ckpt, train_set, changed, data = checkpoint.open_run(
+        args, is_main, world, registry.MODEL_ARGS, lambda: training_set(args, latents),
+        inputs=[args.pca])
     pca = None                                     # latents: no PCA
     if ckpt is not None:
         pca = PatchPCA.from_dict(ckpt["pca"])      # a resumed run keeps its own basis
@@ -161,7 +162,7 @@ def train(args, rank, world, device):
     def describe():                                # the checkpoint rebuilds the model alone
         return {"model_config": model.config, "pca": model.pca.to_dict()}
 
-    run = checkpoint.Run(args, engine, len(train_set), describe, start, source, changed)
+    run = checkpoint.Run(args, engine, len(train_set), describe, start, source, changed, data)
     loader = distributed.make_loader(train_set, args, world, rank, device)
     grid_images = distributed.first_images(loader, 8, device)
     if is_main:

@@ -306,7 +306,7 @@ def get_args_parser():
                      help="subtract the mean patch (default: no)")
     fit.add_argument("--latent-scale", type=num(float, 0, low_open=True), default=1.0,
                      help="z = scale * V_d (x - mean)")
-    fit.add_argument("--seed", type=int, default=0,
+    fit.add_argument("--seed", type=cli.SEED, default=0,
                      help="draws the image sample and the patch sample")
     fit.add_argument("--batch-size", type=num(int, 1), default=64,
                      help="images per batch of the fit")

@@ -211,8 +211,8 @@ def test_two_nodes_over_c10d_rendezvous_equal_one_process(tmp_path, pca_file):
 def test_a_finished_run_is_never_replaced_silently(tmp_path, pca_file):
     run(tmp_path, pca_file, "--max-steps", "3")
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    with pytest.raises(UserError, match="checkpoint.pt holds a previous run; continue it with "
-                       "--resume auto, start over in another --output-dir, or pass --overwrite"):
+    with pytest.raises(UserError, match=r"holds another run's files \(checkpoint.pt, grid.png, "
+                       r"log.jsonl\); continue it with --resume auto .*or pass --overwrite"):
         run(tmp_path, pca_file, "--max-steps", "2")
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     run(tmp_path, pca_file, "--max-steps", "2", "--overwrite")          # on purpose

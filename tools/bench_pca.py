@@ -6,7 +6,6 @@ bound by image decoding, not by the linear algebra).
     python tools/bench_pca.py --patches 200000     # quicker
 Prints the two timings and one JSON line.
 """
-import argparse
 import json
 import os
 import sys
@@ -17,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tokenizer_pca  # noqa: E402
+from util import cli  # noqa: E402
 
 
 def benchmark(n=1_000_000, D=768, device=None, batch=16384, numpy_rows=100_000):
@@ -66,9 +66,11 @@ def benchmark(n=1_000_000, D=768, device=None, batch=16384, numpy_rows=100_000):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(prog="bench_pca.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--patches", type=int, default=1_000_000, help="rows of the matrix")
-    parser.add_argument("--dim", type=int, default=768, help="D = 3 p^2 (768: 16 px patches)")
+    parser = cli.ArgumentParser(prog="tools/bench_pca.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--patches", type=cli.bounded(int, 1), default=1_000_000,
+                        help="rows of the matrix")
+    parser.add_argument("--dim", type=cli.bounded(int, 1), default=768,
+                        help="D = 3 p^2 (768: 16 px patches)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return parser
 

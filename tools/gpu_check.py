@@ -1121,15 +1121,11 @@ def skipped_md(res):
 
 def check_inputs(args, cuda):
     """Every input checked before any work (house rule): UserError names the problem and the fix."""
-    if args.budget_s is not None and args.budget_s <= 0:
-        raise UserError(f"--budget-s must be > 0 seconds, got {args.budget_s}")
     known = set(SECTIONS) | {c for cs in SECTIONS.values() for c in cs}
     bad = [o for o in args.only if o.split(".")[0] not in known]
     if bad:
         raise UserError(f"--only {','.join(bad)}: unknown; choose from {', '.join(sorted(known))} "
                         "(or speed_eager.MODEL / speed_compile.MODEL)")
-    if args.learn_s <= 0 or args.learn_epochs <= 0:
-        raise UserError("--learn-s and --learn-epochs must be > 0")
     if args.fashion_mnist is None and cuda and os.path.isdir(datasets.DEBIAN_FMNIST):
         args.fashion_mnist = datasets.DEBIAN_FMNIST
     if args.fashion_mnist is not None:
@@ -1182,7 +1178,7 @@ def get_args_parser():
     p.add_argument("--out", required=True, help="folder for report.md, results.json, log.txt")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny sizes on CPU (automatic when there is no CUDA device)")
-    p.add_argument("--budget-s", type=float, default=None,
+    p.add_argument("--budget-s", type=cli.bounded(float, 0, low_open=True), default=None,
                    help="total seconds; checks that would not fit are skipped "
                    "(default 450, dry run 300)")
     p.add_argument("--fashion-mnist", default=None,
@@ -1190,12 +1186,13 @@ def get_args_parser():
                    f"{datasets.DEBIAN_FMNIST} if present, else that check is skipped)")
     p.add_argument("--only", type=lambda v: [x for x in v.split(",") if x], default=[],
                    help="comma-separated checks or sections (correctness, speed, learning)")
-    p.add_argument("--learn-s", type=float, default=90, help="learning: seconds of training")
+    p.add_argument("--learn-s", type=cli.bounded(float, 0, low_open=True), default=90,
+                   help="learning: seconds of training")
     p.add_argument("--learn-model", default="vit_small",
                    help="learning: a 32 px l-DAE size (vit_tiny, vit_small)")
-    p.add_argument("--learn-epochs", type=float, default=10,
+    p.add_argument("--learn-epochs", type=cli.bounded(float, 0, low_open=True), default=10,
                    help="learning: the schedule's length (the run stops at --learn-s anyway)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.SEED, default=0, help="the runs' --seed")
     p.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one, "
                    "removed at the end); checkpoints and JPEGs go here, never into --out")
     p.add_argument("--keep-work", action="store_true", help="keep the temporary scratch folder")

@@ -186,7 +186,7 @@ def bench(args):
         print(f"[bench] writing {args.make} synthetic JPEGs to {args.data_path}", flush=True)
         write_jpeg_folder(args.data_path, args.make)
     size, batch_size, pack_size = args.input_size, args.batch_size, args.pack_size
-    workers = [int(count) for count in args.workers.split(",")]
+    workers = args.workers
     rrc = transforms.build_transform("rrc", size)
     print(f"[bench] {args.data_path}, first {args.images} images, {size}px, batch {batch_size}, "
           f"load avg {os.getloadavg()[0]:.2f}")
@@ -235,20 +235,21 @@ def get_args_parser():
     bench_help = "img/s of the PIL, packed and decode_batch paths on a JPEG folder"
     bench_args = commands.add_parser("bench", help=bench_help)
     bench_args.add_argument("--data-path", required=True, help="a folder of class folders of JPEGs")
-    bench_args.add_argument("--make", type=int, default=0,
+    bench_args.add_argument("--make", type=cli.bounded(int, 0), default=0,
                             help="first write this many synthetic JPEGs if the folder is absent")
     bench_args.add_argument("--input-size", type=cli.bounded(int, 1), default=256,
                             help="the training crop side every row produces")
-    bench_args.add_argument("--workers", default="0,1,2",
+    bench_args.add_argument("--workers", type=cli.number_list(int, 0), default=[0, 1, 2],
                             help="comma-separated DataLoader worker counts")
-    bench_args.add_argument("--images", type=int, default=512, help="images timed per row")
+    bench_args.add_argument("--images", type=cli.bounded(int, 1), default=512,
+                            help="images timed per row")
     bench_args.add_argument("--batch-size", type=cli.bounded(int, 1), default=32,
                             help="images per DataLoader batch")
-    bench_args.add_argument("--pack-size", type=int, default=288,
+    bench_args.add_argument("--pack-size", type=cli.bounded(int, 1), default=288,
                             help="stored size for the packed row")
     bench_args.add_argument("--pack-dir", default="/tmp",
                             help="where the packed row's temporary file goes")
-    bench_args.add_argument("--target", type=float, default=1790,
+    bench_args.add_argument("--target", type=cli.bounded(float, 0, low_open=True), default=1790,
                             help="img/s one GPU consumes (vit_b, H100, 50%% MFU)")
     return parser
 

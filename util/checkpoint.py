@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from util import cli, distributed, files, lr_sched
+from util import cli, datasets, distributed, files, lr_sched
 from util.cli import UserError, flag
 from util.engine import Diverged
 
@@ -25,7 +25,13 @@ RESUME_MAY_CHANGE = ("max_steps", "save_every", "log_every", "grid_every", "num_
                      "pca", "pca_images", "pca_center", "preset", "synthetic_val_size",
                      "accum_iter")
 # The files a run writes in its OUTPUT_DIR (their stale temporary files are removed at start)
-RUN_FILES = ("checkpoint", "pca.pt", "log.jsonl", "grid")
+RUN_FILES = ("checkpoint", "pca.pt", "log.jsonl", "grid", "student.pt")
+
+
+def run_files(folder):
+    """The files of a training run in `folder`, sorted."""
+    return sorted(name for name in os.listdir(folder) if name.startswith(RUN_FILES)
+                  and not name.endswith(".tmp"))
 
 
 def load_weights(model, state_dict, what="checkpoint"):
@@ -97,24 +103,33 @@ def save_checkpoint(ckpt, latest, kept=None):
 
 
 # ---- Resume -----------------------------------------------------------------------------------
-def resume_source(args, latest):
+def resume_source(args, latest, inputs=()):
     """-> the checkpoint this run continues, or None for a fresh run. A restarted torchrun worker
-    group (--max-restarts) resumes by itself."""
+    group (--max-restarts) resumes by itself. Another run's files in OUTPUT_DIR are never
+    replaced: a fresh run needs --overwrite, and a run resumed from elsewhere an empty folder."""
+    folder = os.path.dirname(latest)
+    found = [name for name in run_files(folder)
+             if os.path.abspath(os.path.join(folder, name)) not in inputs]
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     if args.resume is None and restarts > 0 and os.path.isfile(latest):
         print(f"[resume] torchrun restart {restarts}: resuming from {latest}", flush=True)
         return latest
-    if args.resume is None:
-        if os.path.isfile(latest) and not args.overwrite:
-            raise UserError(f"{latest} holds a previous run; continue it with --resume auto, "
-                            f"start over in another --output-dir, or pass --overwrite to "
-                            f"replace it")
-        return None
-    if args.overwrite:
+    if args.overwrite and args.resume:
         raise UserError("--overwrite starts over and --resume continues: pass one of them")
     if args.resume == "auto":
-        return latest if os.path.isfile(latest) else None
-    return args.resume
+        if os.path.isfile(latest):
+            return latest
+        # a run killed before its first save left nothing to resume: it starts again
+        found = [name for name in found if name.startswith("checkpoint")]
+    source = args.resume if args.resume not in (None, "auto") else None
+    elsewhere = source and os.path.dirname(os.path.abspath(source)) != os.path.abspath(folder)
+    if found and not args.overwrite and (source is None or elsewhere):
+        how = ("continue it with --resume auto (or --resume FILE of its), start over in another "
+               "--output-dir, or pass --overwrite to replace it")
+        if elsewhere:
+            how = f"resume {source} into its own folder, or into an empty --output-dir"
+        raise UserError(f"{folder} holds another run's files ({', '.join(found[:4])}); {how}")
+    return source
 
 
 def check_resume(ckpt, args, world, ignore=(), skip=()):
@@ -138,13 +153,26 @@ def check_resume(ckpt, args, world, ignore=(), skip=()):
             if k in RESUME_MAY_CHANGE and k != "resume" and saved[k] != now[k]]
 
 
-def open_run(args, is_main, world, ignore, build_train_set):
+def open_run(args, is_main, world, ignore, build_train_set, inputs=()):
     """Before any work: a writable OUTPUT_DIR, the checkpoint to resume with every flag checked,
     no temporary file a killed run left, and the training set (built on each node's local rank
     0 first; a batch larger than the set capped to it). -> (checkpoint path, checkpoint dict,
-    training set, the changed safe flags); path and dict are None for a fresh run."""
+    training set, the changed safe flags, the training set's identity); path and dict are None for
+    a fresh run. A resumed run must read the data it was trained on (util/datasets.identity);
+    `inputs` (a --pca, a --teacher) are never written over or removed."""
     files.check_writable_dir(args.output_dir, "--output-dir")
-    source = resume_source(args, os.path.join(args.output_dir, "checkpoint.pt"))
+    if is_main:
+        files.lock(args.output_dir)
+    kept = {os.path.abspath(path) for path in inputs if path}
+    for name in run_files(args.output_dir):
+        if os.path.abspath(os.path.join(args.output_dir, name)) in kept and name != "pca.pt":
+            raise UserError(f"{os.path.join(args.output_dir, name)} is this run's own input and "
+                            f"a file it writes; pass another --output-dir")
+    source = resume_source(args, os.path.join(args.output_dir, "checkpoint.pt"), kept)
+    if args.overwrite and is_main:              # the old run goes whole: epoch files and grids too
+        for name in run_files(args.output_dir):
+            if os.path.abspath(os.path.join(args.output_dir, name)) not in kept:
+                os.remove(os.path.join(args.output_dir, name))
     ckpt = None
     if source:
         ckpt = load_checkpoint(source)
@@ -156,8 +184,15 @@ def open_run(args, is_main, world, ignore, build_train_set):
                   f"{', '.join(stale[:4])}", flush=True)
     train_set = distributed.node_first(build_train_set, world)
     distributed.cap_batch(args, len(train_set), world, is_main)
-    changed = check_resume(ckpt, args, world, ignore) if ckpt is not None else []
-    return source, ckpt, train_set, changed
+    data = datasets.identity(train_set)
+    changed = []
+    if ckpt is not None:
+        changed = check_resume(ckpt, args, world, ignore)
+        if ckpt.get("data") != data:
+            raise UserError(f"--resume: the training data changed since the checkpoint "
+                            f"({ckpt.get('data')} then, {data} now: files added, removed or "
+                            f"replaced); resume with the data it was trained on")
+    return source, ckpt, train_set, changed, data
 
 
 def restore(engine, ckpt, config, ignore=("grad_checkpoint",)):
@@ -186,8 +221,10 @@ class Run:
     then exit 128 + signal), the result. describe() -> what the checkpoint holds besides the
     engine state (model_config, pca)."""
 
-    def __init__(self, args, engine, n_train, describe, start, source, changed, on_step=None):
+    def __init__(self, args, engine, n_train, describe, start, source, changed, data,
+                 on_step=None):
         self.args, self.engine, self.describe, self.on_step = args, engine, describe, on_step
+        self.data = data                                # the training set's identity
         self.base_lr = lr_sched.scaled_lr(args)        # RECIPE s6: blr x batch / 256
         self.is_main = engine.rank == 0
         self.steps_per_epoch = n_train // args.batch_size      # the last partial batch dropped
@@ -293,7 +330,7 @@ class Run:
             args = {k: v for k, v in vars(self.args).items()
                     if isinstance(v, (int, float, str, bool, type(None)))}
             ckpt = {**self.engine.state(), "step": self.step, "epoch": epoch, "args": args,
-                    **self.describe(), "world": self.engine.world,
+                    **self.describe(), "world": self.engine.world, "data": self.data,
                     "rng": {"torch": torch.get_rng_state()}, "version": 1}
             kept = None
             if epoch_end:

@@ -49,14 +49,20 @@ def run_cli(main, parser, argv=None):
         sys.exit(130)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every flag's default in --help, once: a help text that says its default in words
-    ("(default: the model's own level)") is left as it is."""
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag's default in --help, once (a help text that says its default in words is left
+    as it is), and every numeric flag's valid range (the rule of its bounded type)."""
 
     def _get_help_string(self, action):
-        if action.required or "(default:" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+        text = action.help or ""
+        rule = getattr(action.type, "rule", None)
+        if rule:
+            text = f"{text} (must be {rule})"
+        optional = (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+        shown = action.option_strings or action.nargs in optional
+        if action.required or "(default:" in text or action.default is argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)" if shown else text
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -72,8 +78,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def bounded(kind, low, high=None, low_open=False, high_open=False):
-    """An argparse type: `kind` (int or float) in [low, high] (*_open: the end excluded). NaN and
-    infinity are refused for every float; `--epochs -3` stops at parse time, not mid-run."""
+    """An argparse type: `kind` (int or float) in [low, high] (*_open: the end excluded), the rule
+    shown in --help. NaN and infinity are refused for every float; `--epochs -3` stops at parse
+    time, not mid-run."""
     rule = f"> {low}" if low_open else f">= {low}"
     if high is not None:
         rule = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
@@ -88,7 +95,28 @@ def bounded(kind, low, high=None, low_open=False, high_open=False):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
     parse.__name__ = kind.__name__                         # argparse's "invalid int value" text
+    parse.rule = rule
     return parse
+
+
+def number_list(kind, low, high=None, low_open=False):
+    """An argparse type: comma-separated numbers, each checked as bounded() checks one."""
+    one = bounded(kind, low, high, low_open)
+
+    def parse(text):
+        values = []
+        for item in text.split(","):
+            try:
+                values.append(one(item.strip()))
+            except (ValueError, argparse.ArgumentTypeError) as e:
+                raise argparse.ArgumentTypeError(f"{item!r} in {text!r}: {e or 'not a number'}")
+        return values
+    parse.__name__ = f"list of {kind.__name__}"
+    parse.rule = f"comma-separated, each {one.rule}"
+    return parse
+
+
+SEED = bounded(int, 0, 2**63 - 1)                         # any seed torch.manual_seed takes
 
 
 def flag(dest):

@@ -14,6 +14,7 @@ repeated to 3 channels. docs/USAGE.md, "Data", has the commands and the input be
 import collections
 import functools
 import gzip
+import hashlib
 import os
 import zlib
 
@@ -23,7 +24,7 @@ import torchvision
 from torch.utils.data import Dataset, Subset
 
 from util import decode, synthetic
-from util.cli import UserError, bounded
+from util.cli import SEED, UserError, bounded
 from util.files import load_torch
 
 DATASETS = ("synthetic", "imagefolder", "fashion-mnist", "cifar10", "packed")
@@ -53,7 +54,7 @@ def add_data_args(parser):
                        help="synthetic: train images")
     group.add_argument("--synthetic-val-size", type=bounded(int, 1), default=None,
                        help="synthetic: val images (default: 1/4 of --synthetic-size)")
-    group.add_argument("--synthetic-seed", type=int, default=0,
+    group.add_argument("--synthetic-seed", type=SEED, default=0,
                        help="synthetic: seed (train/val: other streams)")
     return parser
 
@@ -96,8 +97,19 @@ def _build_imagefolder(path, split, transform):
     class_dirs = [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))]
     if not class_dirs:
         raise UserError(f"{root} has no class sub-folders; put images in {root}/<class>/")
+    skipped = []
+
+    def regular_image(path):                    # a FIFO named x.jpg would hang the loader
+        if not path.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS):
+            return False
+        if not os.path.isfile(path):            # a FIFO, a device, a dangling link
+            skipped.append(os.path.relpath(path, root))
+        return os.path.isfile(path)
     ds = torchvision.datasets.ImageFolder(root, transform=transform, loader=_checked_loader,
-                                          allow_empty=True)
+                                          is_valid_file=regular_image, allow_empty=True)
+    if skipped:
+        print(f"[data] skipped {len(skipped)} entries of {root} named like images that are not "
+              f"regular files: {', '.join(skipped[:4])}", flush=True)
     if len(ds) == 0:
         extensions = ", ".join(torchvision.datasets.folder.IMG_EXTENSIONS)
         raise UserError(f"no images found in the class folders of {root} "
@@ -344,6 +356,29 @@ def build_dataset(args, split, transform, decode_gpu_ok=False):
     print(f"[data] {name} {split}: {num_classes(ds)} classes, {len(ds)} images ({where})",
           flush=True)
     return ds
+
+
+def identity(dataset):
+    """What says two runs read the same data: the item count and a fingerprint (the names, sizes
+    and labels of an image folder's files; else the stored arrays) -> dict, or None for the
+    generated synthetic set (its flags fix it)."""
+    base = dataset
+    while isinstance(base, Subset):
+        base = base.dataset
+    digest = hashlib.sha1()
+    if hasattr(base, "samples"):                # an image folder, or its --decode gpu view
+        for path, label in base.samples:
+            digest.update(f"{path}\0{os.path.getsize(path)}\0{label}\n".encode())
+    elif isinstance(base, (FashionMNIST, LatentFile)):
+        digest.update(np.asarray(base.labels).tobytes())
+        digest.update(str(tuple(getattr(base, "images", base.labels).shape)).encode())
+    elif isinstance(base, Packed):
+        digest.update(f"{os.path.getsize(base.path)} {base.labels}".encode())
+    elif hasattr(base, "targets"):              # CIFAR-10
+        digest.update(np.asarray(base.targets).tobytes() + base.data.tobytes())
+    else:
+        return None
+    return {"items": len(dataset), "fingerprint": digest.hexdigest()[:16]}
 
 
 def classes(dataset):

@@ -12,7 +12,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-from util import decode
+from util import decode, files
 from util.cli import UserError
 
 
@@ -153,6 +153,7 @@ def run_distributed(train_fn, args):
     try:
         return train_fn(args, rank, world, device)
     finally:
+        files.release_locks()
         if dist.is_initialized():
             dist.destroy_process_group()
 

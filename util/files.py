@@ -1,9 +1,12 @@
 """One way to write a file and one way to read a user's torch file. A write is atomic and durable
-(its own temporary name, fsync, rename, a full disk said plainly); a read takes tensors only (a
-file that would run code is refused by name)."""
+(its own temporary name, fsync, rename, a full disk said plainly) and never replaces a file this
+run did not create unless told to (claim_outputs); a run folder has one owner at a time (lock);
+a read takes tensors only (a file that would run code is refused by name)."""
 import errno
 import os
 import shutil
+import socket
+import time
 import uuid
 
 import torch
@@ -47,12 +50,16 @@ def nbytes(obj):
 
 
 def write_error(e, path, size_hint=None):
-    """An OSError while writing `path` -> the UserError a user can act on."""
+    """An OSError (or torch's writer's RuntimeError) while writing `path` -> the UserError a user
+    can act on."""
     folder = os.path.dirname(os.path.abspath(path))
     kept = "nothing was written"
     if os.path.exists(path):
         kept = f"the previous {os.path.basename(path)} is intact"
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(e, RuntimeError):             # torch's writer: "... unexpected pos ..."
+        full = shutil.disk_usage(folder).free < (size_hint or 0) + 2**20
+    if full:
         need = f"it needs about {size_hint / 1e6:.1f} MB, " if size_hint else ""
         free = shutil.disk_usage(folder).free / 1e6
         return UserError(f"no space left on the device writing {path} ({need}{free:.1f} MB free "
@@ -71,6 +78,10 @@ def atomic_write(path, write, size_hint=None):
         os.replace(tmp, path)
         fsync(os.path.dirname(os.path.abspath(path)), directory=True)
     except OSError as e:
+        raise write_error(e, path, size_hint) from None
+    except RuntimeError as e:                   # torch's writer says a full disk this way
+        if "write" not in str(e).lower() and "unexpected pos" not in str(e):
+            raise
         raise write_error(e, path, size_hint) from None
     finally:
         if os.path.exists(tmp):
@@ -119,3 +130,68 @@ def check_writable_dir(folder, flag):
     except OSError as e:
         raise UserError(f"{flag} {folder} is not writable ({e.strerror}); "
                         f"pass another {flag}") from None
+
+
+# ---- Outputs: nothing replaced that this run did not write, one run per folder ---------------
+def claim_outputs(paths, overwrite, inputs=(), flag="--overwrite"):
+    """Before any work: every output path that exists was not written by this run, so it is
+    refused unless `flag` says to replace it; an output that is one of the run's own inputs is
+    refused always."""
+    for path in paths:
+        for source in inputs:
+            if source and os.path.exists(source) and os.path.exists(path) and \
+                    os.path.samefile(source, path):
+                raise UserError(f"{path} is this run's own input; write the output elsewhere")
+        if os.path.lexists(path) and not overwrite:
+            raise UserError(f"{path} exists and this run did not write it; pass {flag} to "
+                            f"replace it, or write elsewhere")
+
+
+HELD_LOCKS = []
+
+
+def lock(folder):
+    """Own `folder` for this run: FOLDER/.lock holds the owner's pid and host. A lock whose
+    process is gone (same host, pid not running: a killed run) is taken over and said; a live
+    one, or one of another host, is refused with its owner named."""
+    path = os.path.join(folder, ".lock")
+    me = f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = open(path).read().split()
+            pid, host = (int(owner[0]), owner[1]) if len(owner) > 1 else (0, "?")
+            if pid == os.getpid() and host == socket.gethostname():
+                HELD_LOCKS.append(path)         # this process's own earlier run
+                return path
+            if host != socket.gethostname() or pid_alive(pid):
+                raise UserError(f"{folder} is in use by the run of pid {pid} on {host} (its lock "
+                                f"{path}, since {' '.join(owner[2:])}); wait for it, or delete "
+                                f"the lock if that run is gone") from None
+            print(f"[run] taking over {path} of a run that is gone (pid {pid})", flush=True)
+            os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as out:
+            out.write(me)
+        HELD_LOCKS.append(path)
+        return path
+    raise UserError(f"cannot lock {folder}: another run is taking it over at the same time")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                     # alive, another user's
+        return True
+    return pid > 0
+
+
+def release_locks():
+    """Remove the locks this process holds (a run's end, error or stop; a kill leaves them)."""
+    while HELD_LOCKS:
+        path = HELD_LOCKS.pop()
+        if os.path.exists(path):
+            os.remove(path)

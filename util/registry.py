@@ -1,6 +1,10 @@
 """Every model family by name, and a checkpoint back to its exact model: the one place that
 pretrain.py, linprobe.py, distill.py and export_timm.py ask. Families: ldae (ldae.py), dit
 (dit_baseline.py), resnet (util/resnet.py, RepFusion's student)."""
+import hashlib
+
+import torch
+
 import dit_baseline
 import ldae
 from tokenizer_pca import PatchPCA
@@ -78,3 +82,13 @@ def model_from_checkpoint(ckpt, weights="ema", device="cpu"):
                         f"another version of pretrain.py?") from None
     load_weights(model, weights_of)
     return model.to(device).eval()
+
+
+def checksum(model):
+    """A digest of every tensor of a model's state dict: its identity across runs."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        if isinstance(tensor, torch.Tensor):
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().view(-1).view(
+                torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

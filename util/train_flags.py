@@ -1,7 +1,7 @@
 """The flags every training stage takes (pretrain.py, distill.py): the schedule, the optimiser
 and the run's outputs, with the paper's pre-training defaults (RECIPE s6); a stage sets its own
 defaults on top with parser.set_defaults."""
-from util.cli import bounded
+from util.cli import SEED, bounded
 
 
 def add_training_args(p):
@@ -34,7 +34,7 @@ def add_training_args(p):
     g.add_argument("--compile", action="store_true", help="torch.compile the loss path")
     g.add_argument("--aug", default="center", choices=["center", "rrc"],
                    help="center crop (the ablations) or RandomResizedCrop + flip (final models)")
-    g.add_argument("--seed", type=int, default=0, help="fixes init, data order, crops and noise")
+    g.add_argument("--seed", type=SEED, default=0, help="fixes init, data order, crops and noise")
     g = p.add_argument_group("run: outputs and resume")
     g.add_argument("--output-dir", default="out",
                    help="checkpoint.pt, checkpoint-EPOCH.pt, log.jsonl, grid*.png, pca.pt")
