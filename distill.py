@@ -247,7 +247,7 @@ def get_args_parser():
     add_training_args(p)
     datasets.add_data_args(p)
     # RepFusion trains from scratch for longer than a probe; small-data defaults that run on CPU
-    p.set_defaults(epochs=10, batch_size=64, lr=1e-3, warmup_epochs=1, ema=0.999, save_every=5,
+    p.set_defaults(epochs=10, batch_size=64, blr=0.004, warmup_epochs=1, ema=0.999, save_every=5,
                    grid_every=1000, log_every=10, input_size=None, output_dir="out/student")
     return p
 
@@ -261,6 +261,10 @@ def train(args, rank, world, device):
     """Teacher -> data -> student + policy -> the epoch loop -> student.pt."""
     is_main = rank == 0
     distributed.check_layout(args, world)
+    cli.refuse_ignored(args, get_args_parser().parse_args(["--teacher", args.teacher]), [
+        (args.t_policy != "fixed", ["t"], "by --t-policy rl (the policy picks t)"),
+        (args.t_policy != "rl", ["policy_baseline", "entropy_reg", "entropy_epochs"],
+         "by --t-policy fixed (no policy)")])
     teacher, depth, fixed_t, teacher_ckpt = load_teacher(args, device)
     args.input_size = args.input_size or teacher.config["img_size"]
     if args.input_size != teacher.config["img_size"]:

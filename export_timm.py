@@ -43,6 +43,7 @@ def get_args_parser():
                            description="Export an l-DAE encoder as a timm VisionTransformer")
     p.add_argument("ckpt", help="checkpoint.pt written by pretrain.py (an l-DAE model)")
     p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema",
                    help="the EMA weights (what the paper evaluates) or the raw ones")
     p.add_argument("--probe-t", type=cli.bounded(int, 0), default=None,
@@ -145,6 +146,7 @@ def main(args):
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UserError(f"output folder {out_dir} does not exist; create it or pick another --out")
+    files.claim_outputs([args.out], args.overwrite, inputs=[args.ckpt])
     ckpt = registry.load(args.ckpt)
     cfg = ckpt["model_config"]
     if cfg.get("family", "ldae") != "ldae":

@@ -14,8 +14,9 @@ reports (RECIPE s5). Only a BatchNorm1d(affine=False) + Linear head trains, neve
 --protocol knn: DINO's weighted k-NN (util/knn.py); --knn adds it to the other protocols.
 --protocol auto (default): mae when the train set gives >= AUTO_MIN_STEPS steps per epoch.
 --compare: the checkpoint, the same network at random init and raw pixels, in one table.
---output-dir gets log.jsonl (a line per epoch or solve) and head.pt (the heads, the feature
-normalisation, the settings); the last line printed is one JSON object with the figures.
+--output-dir gets probe_log.jsonl (a line per epoch or solve) and head.pt (the heads, the
+settings), never over another run's files (--overwrite replaces a previous probe's); the last
+line printed is one JSON object with the figures.
 """
 import argparse
 import functools
@@ -43,6 +44,7 @@ AUTO_MIN_STEPS = 20
 PAPER = {"mae": "the paper's protocol (MAE's linear probe)",
          "cached": "not the paper's (mae): its head on one center-crop feature pass",
          "knn": "not in the paper: DINO's weighted k-NN on one center-crop feature pass"}
+OUTPUTS = ("probe_log.jsonl", "head.pt")     # a pretraining folder's log.jsonl is never touched
 COMPARE_ROWS = [("learned", {}), ("random_init", {"random_init": True}),
                 ("pixels", {"baseline": "pixels"})]
 
@@ -121,7 +123,8 @@ def probe_mae(featurize, key, train_ds, val_x, val_y, base_lr, args, num_classes
     loader = DataLoader(train_ds, layout["micro"], shuffle=sampler is None, sampler=sampler,
                         num_workers=args.num_workers, drop_last=layout["drop_last"],
                         generator=torch.Generator().manual_seed(args.seed),
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda",
+                        worker_init_fn=distributed.ignore_stop_signals)
     torch.manual_seed(args.seed)
     head = make_head(val_x.shape[1], num_classes).to(device)
 
@@ -183,10 +186,13 @@ def main(args):
     check_flags(args)
     t_start = time.time()
     rank, world, device = distributed.setup_distributed()
+    outputs = [os.path.join(args.output_dir, name) for name in OUTPUTS]
     if rank == 0:
         files.check_writable_dir(args.output_dir, "--output-dir")
+        files.lock(args.output_dir)
+        files.claim_outputs(outputs, args.overwrite, inputs=[args.ckpt])
     run = prepare(args, device, world)
-    log = RunLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0)
+    log = RunLog(outputs[0], rank == 0)
     if rank == 0:
         cli.print_settings("linprobe", settings_lines(args, run))
     before = None
@@ -243,6 +249,24 @@ def prepare(args, device, world):
     if tuple(val_ds[0][0].shape) != want:
         raise UserError(f"images come out as {tuple(val_ds[0][0].shape)}, the model takes {want}")
     use_knn = protocol == "knn" or args.knn
+    heads = protocol == "cached" or args.select_setting          # a head fitted on cached features
+    cli.refuse_ignored(args, get_args_parser().parse_args([]), [
+        (not heads or args.solver != "lars", ["lr_grid"], "without a cached LARS head"),
+        (not heads or args.solver != "lbfgs", ["wd_grid", "max_iter"],
+         "without a cached L-BFGS head"),
+        (not heads, ["solver", "holdout", "spread"], f"by --protocol {protocol} (no cached head)"),
+        (not use_knn, ["knn_k", "knn_t"], "without k-NN (--knn or --protocol knn)"),
+        (not args.select_setting or protocol != "mae", ["select_images"],
+         "without --select-setting --protocol mae"),
+        (not args.grid, ["grid_depths"], "without --grid"),
+        (not args.grid and not args.select_setting, ["grid_ts", "grid_inputs"],
+         "without --grid or --select-setting"),
+        (protocol != "mae", ["accum_iter"], f"by --protocol {protocol} (no micro-batches)")])
+    if protocol != "mae" or use_knn:            # every setting's features stored, float32
+        images = len(train_ds) * args.views + len(val_ds)
+        stored = len(keys) * cfg.get("hidden_size", 3072) * images
+        cli.check_memory(4 * stored, f"storing {len(keys)} feature set(s) of {len(train_ds)} "
+                         f"images", "probe fewer settings or images, or pass --protocol mae")
     if use_knn and args.knn_k > len(train_ds):
         raise UserError(f"--knn-k {args.knn_k} is more than the {len(train_ds)} train images; "
                         f"pass --knn-k {len(train_ds)} or fewer")
@@ -470,7 +494,7 @@ def save_and_print(args, res, results, short, best):
                  for k, r in results.items()}
         settings = {k: v for k, v in res.items() if k != "grid"}
         files.save_torch({"heads": heads, "settings": settings},
-                         os.path.join(args.output_dir, "head.pt"))
+                         os.path.join(args.output_dir, OUTPUTS[1]))
     setting = f"depth {best[0]}, t {best[1]}, {'noisy' if best[2] else 'clean'} input"
     also = ""
     if "knn_top1" in res and res["protocol"] != "knn":
@@ -561,7 +585,9 @@ def get_args_parser():
     add("--max-device-batch", type=num(int, 1), default=1024,
         help="images per forward on one device")
     add("--compile", action="store_true", help="torch.compile the feature pass")
-    add("--output-dir", default="out/probe", help="log.jsonl (a line per epoch or solve), head.pt")
+    add("--output-dir", default="out/probe",
+        help="probe_log.jsonl (a line per epoch or solve) and head.pt")
+    add("--overwrite", action="store_true", help="replace a previous probe's files in --output-dir")
     return parser
 
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torchvision
 
 import dit_baseline
-from tokenizer_pca import PatchPCA, fit_pca
+from tokenizer_pca import fit_pca
 from util import checkpoint, cli, datasets, decode, distributed, files, registry, transforms
 from util.cli import UserError
 from util.engine import Engine, train_one_epoch
@@ -33,7 +33,8 @@ GRID_T = (100, 300, 500, 700, 900)                 # the noise levels of the ima
 # The CPU-sized models' training defaults, measured to learn on the synthetic set and on
 # Fashion-MNIST (docs/RESULTS.md); every other model keeps the paper's (RECIPE s6). They sit
 # under explicit flags and replace a --preset's ImageNet-sized batch, lr and length.
-SMALL = dict(batch_size=64, lr=4e-3, epochs=10, warmup_epochs=1, ema=0.999, pca_images=500,
+# blr 0.016 is lr 4e-3 at batch 64: set as a blr, an explicit --blr or --lr replaces it
+SMALL = dict(batch_size=64, blr=0.016, epochs=10, warmup_epochs=1, ema=0.999, pca_images=500,
              save_every=5, grid_every=5, log_every=10, input_size=None)
 SMALL_DEFAULTS = {name: SMALL for name in ("vit_tiny", "vit_small", "dit_tiny_1", "dit_tiny_2")}
 
@@ -138,18 +139,30 @@ def train(args, rank, world, device):
     torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matmuls and convolutions on CUDA
     torch.backends.cudnn.allow_tf32 = True
     with torch.device("meta"):                     # the config alone, nothing allocated
-        cfg = registry.build_model(args.model, None, **model_overrides(args)).config
+        shape = registry.build_model(args.model, None, **model_overrides(args))
+    cfg = shape.config
     args.input_size = cfg["img_size"]
     latents = cfg.get("input") == "latents"        # a DiT on a tokenizer's latents: no images
-    if latents and args.decode == "gpu":
-        raise UserError("--decode gpu decodes JPEG files, but this model reads --latents-file; "
-                        "drop --decode gpu")
+    layers = ["--model", args.model]               # the defaults this model and preset give
+    if args.preset:
+        layers += ["--preset", args.preset]
+    cli.refuse_ignored(args, get_args_parser().parse_args(layers), [
+        (bool(args.pca), ["pca_images", "pca_center"], "with --pca FILE (its basis is read)"),
+        (latents, ["pca", "pca_images", "pca_center", "decode"],
+         "on --latents-file (no PCA, no images to decode)")])
     source, ckpt, train_set, changed, data = checkpoint.open_run(
         args, is_main, world, registry.MODEL_ARGS, lambda: training_set(args, latents),
         inputs=[args.pca])
+    # A floor under a step's memory: weights, EMA and AdamW's two moments (4 numbers each), and
+    # the block inputs that backward keeps (micro-batch x tokens x width x depth)
+    numbers = sum(t.numel() for t in shape.state_dict().values() if isinstance(t, torch.Tensor))
+    kept = args.batch_size // (world * args.accum_iter) * shape.pos_embed.numel() * cfg["depth"]
+    cli.check_memory(4 * (4 * numbers + kept), f"--model {args.model} at {cfg['img_size']} px, "
+                     f"batch {args.batch_size}", "pass a smaller --input-size, batch or model",
+                     device)
     pca = None                                     # latents: no PCA
     if ckpt is not None:
-        pca = PatchPCA.from_dict(ckpt["pca"])      # a resumed run keeps its own basis
+        pca = registry.load_pca(ckpt["pca"], source)   # a resumed run keeps its own basis
     elif not latents:
         pca = get_pca(args, cfg, rank, world, device, train_set)
 
@@ -214,7 +227,7 @@ def get_pca(args, cfg, rank, world, device, train_set):
         files.save_torch(pca.to_dict(), path)
     if not args.pca and world > 1:
         dist.barrier()                             # one node, or an OUTPUT_DIR all nodes share
-    pca = PatchPCA.from_dict(files.load_torch(path, "--pca file", fix))
+    pca = registry.load_pca(files.load_torch(path, "--pca file", fix), f"--pca {path}")
     if pca.patch_size != cfg["patch_size"] or pca.channels != cfg.get("in_chans", 3):
         raise UserError(f"the PCA {path} has {pca.patch_size}px x {pca.channels}ch patches but "
                         f"--model {args.model} uses {cfg['patch_size']}px x "

@@ -19,6 +19,7 @@ upper-triangle blocks are computed (X^T X is symmetric): ~40% fewer flops.
 import json
 import math
 import os
+import signal
 import time
 
 import torch
@@ -152,6 +153,19 @@ class PatchPCA(nn.Module):
 
     @classmethod
     def from_dict(cls, d):
+        """The basis of to_dict's dict; ValueError saying what is wrong with any other."""
+        tensors = ("components", "eigenvalues")
+        if not isinstance(d, dict) or not all(isinstance(d.get(k), torch.Tensor) for k in tensors):
+            raise ValueError("not a PCA basis: no 'components' and 'eigenvalues' tensors")
+        p, C = d.get("patch_size"), d.get("channels", 3)
+        D = C * p ** 2 if isinstance(p, int) and isinstance(C, int) else None
+        mean = d.get("mean")
+        shapes = [tuple(d["components"].shape), tuple(d["eigenvalues"].shape)]
+        if D is None or shapes != [(D, D), (D,)] or mean is not None and mean.shape != (D,):
+            raise ValueError(f"components {shapes[0]} and eigenvalues {shapes[1]} do not fit "
+                             f"patch_size {p} x channels {C}")
+        if not all(torch.isfinite(d[k]).all() for k in tensors):
+            raise ValueError("its components or eigenvalues hold NaN or infinity")
         return cls(d["components"], d["eigenvalues"], d.get("mean"), d["patch_size"],
                    d.get("channels", 3), d.get("img_size", 256), d.get("center", False),
                    d.get("scale", 1.0), d.get("meta"))
@@ -162,6 +176,11 @@ class PatchPCA(nn.Module):
 
 
 # ---- Fitting
+def _leave_ctrl_c_to_main(worker_id):
+    """A DataLoader worker ignores Ctrl-C: the main process stops the fit (one line, exit 130)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class GramAccumulator:
     """Streaming sum(x) and X^T X in float64 for rows x of dim D (see module docstring)."""
 
@@ -217,7 +236,8 @@ def _image_batches(data, num_images, batch_size, num_workers, seed):
         # the generator also seeds the workers' RNGs
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(data, sample), batch_size=batch_size, shuffle=False,
-            num_workers=num_workers, generator=generator, persistent_workers=False)
+            num_workers=num_workers, generator=generator, persistent_workers=False,
+            worker_init_fn=_leave_ctrl_c_to_main)
         for batch in loader:
             yield _images_of(batch)
         return
@@ -297,6 +317,7 @@ def get_args_parser():
                            description="Fit the patch-wise PCA tokenizer (RECIPE.md s2)")
     fit = p.add_argument_group("the fit")
     fit.add_argument("--out", default="pca.pt", help="basis file; PNGs are written next to it")
+    fit.add_argument("--overwrite", action="store_true", help="replace an existing --out and PNGs")
     fit.add_argument("--patch-size", type=num(int, 1), default=16, help="patch side p: D = 3 p^2")
     fit.add_argument("--num-images", type=num(int, 1), default=10000,
                      help="random sample of the train split")
@@ -310,7 +331,7 @@ def get_args_parser():
                      help="draws the image sample and the patch sample")
     fit.add_argument("--batch-size", type=num(int, 1), default=64,
                      help="images per batch of the fit")
-    fit.add_argument("--device", default=None,
+    fit.add_argument("--device", type=cli.device, default=None,
                      help="where X^T X accumulates (default: cuda if available, else cpu)")
     datasets.add_data_args(p)
     return p
@@ -329,6 +350,11 @@ def main(args):
         raise cli.UserError(f"output folder {out_dir} does not exist; create it (mkdir -p "
                             f"{out_dir}) or pick another --out")
     files.check_writable_dir(out_dir, "the folder of --out")
+    D = 3 * args.patch_size ** 2                # X^T X and its eigenvectors, float64: 4 D x D
+    cli.check_memory(32 * D ** 2, f"--patch-size {args.patch_size} (D = {D})",
+                     "pass a smaller --patch-size")
+    files.claim_outputs([args.out, *png_paths(args.out)], args.overwrite,
+                        inputs=[args.data_path])
     # The tokenizer sees the images the ablation models see: DiT center crop (RECIPE s2, s6).
     center = transforms.build_transform("center", args.input_size)
     ds = datasets.build_dataset(args, "train", center)
@@ -367,6 +393,12 @@ def main(args):
     return summary
 
 
+def png_paths(out):
+    """The two pictures beside the basis file -> (components, reconstructions)."""
+    stem = os.path.splitext(out)[0]
+    return stem + "_components.png", stem + "_recon.png"
+
+
 def write_pngs(pca, ds, out, dims):
     """Beside `out`: the top 64 components as p x p RGB tiles (each min-max normalised), and 8
     images with their projections at each d in dims (rows) -> the two paths."""
@@ -383,8 +415,7 @@ def write_pngs(pca, ds, out, dims):
     # small images are upscaled so that the grid is readable
     recon = nn.functional.interpolate(recon, scale_factor=max(1, 128 // x.shape[-1]),
                                       mode="nearest")
-    stem = os.path.splitext(out)[0]
-    components_png, recon_png = stem + "_components.png", stem + "_recon.png"
+    components_png, recon_png = png_paths(out)
     files.atomic_write(components_png, lambda tmp: torchvision.utils.save_image(
         tiles, tmp, format="png", nrow=8, padding=2, pad_value=0.5))
     files.atomic_write(recon_png, lambda tmp: torchvision.utils.save_image(

@@ -20,3 +20,35 @@ def quickstart_checkpoint(tmp_path_factory):
     pretrain.main(pretrain.get_args_parser().parse_args(
         ["--model", "vit_tiny", "--num-workers", "0", "--output-dir", str(out)]))
     return str(out / "checkpoint.pt")
+
+
+@pytest.fixture(scope="session")
+def pca_file(tmp_path_factory):
+    """A 4 px patch basis fitted on 48 synthetic 32 px images (vit_tiny's patches)."""
+    from tokenizer_pca import fit_pca
+    from util import files, synthetic, transforms
+    path = str(tmp_path_factory.mktemp("pca") / "pca.pt")
+    shapes = synthetic.SyntheticShapes(48, 32, transform=transforms.build_transform("center", 32))
+    files.save_torch(fit_pca(shapes, 4, progress=False, device="cpu").to_dict(), path)
+    return path
+
+
+def tiny_flags(out, pca, *extra):
+    """vit_tiny on 48 synthetic images, global batch 8: 6 steps per epoch, 3 epochs = 18 steps."""
+    return ["--model", "vit_tiny", "--synthetic-size", "48", "--batch-size", "8", "--epochs", "3",
+            "--warmup-epochs", "0.5", "--lr", "1e-3", "--ema", "0.9", "--num-workers", "0",
+            "--pca", pca, "--output-dir", str(out), "--log-every", "2", "--save-every", "1",
+            "--grid-every", "3", *extra]
+
+
+def tiny_run(out, pca, *extra):
+    import pretrain
+    return pretrain.main(pretrain.get_args_parser().parse_args(tiny_flags(out, pca, *extra)))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, pca_file):
+    """A vit_tiny checkpoint of one step: a file every reader takes."""
+    out = tmp_path_factory.mktemp("tiny_ckpt")
+    tiny_run(out, pca_file, "--max-steps", "1")
+    return str(out / "checkpoint.pt")

@@ -97,7 +97,7 @@ def test_the_device_runner_children_give_results_and_are_killed_at_their_time_li
 
 
 @pytest.mark.parametrize("argv, msg", [
-    (["--budget-s", "0"], "--budget-s must be > 0"),
+    (["--budget-s", "0"], "--budget-s: must be > 0, got 0"),
     (["--only", "precision,warp"], "--only warp: unknown; choose from"),
     (["--fashion-mnist", "/nonexistent/fm"], "--fashion-mnist /nonexistent/fm is not a folder"),
 ])

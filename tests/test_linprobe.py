@@ -207,7 +207,7 @@ def test_cached_run_outputs_and_unchanged_backbone(ckpt, tmp_path, capsys):
     assert res["protocol"] == "cached" and res["depth"] == 2 and res["t"] == 10
     assert res["backbone_unchanged"]
     assert res["selection"].startswith("best top-1 on a held-out 10% of train")
-    logs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    logs = [json.loads(line) for line in open(tmp_path / "probe_log.jsonl")]
     assert [r["epoch"] for r in logs] == [1, 2, 3, 4]                    # a JSON line per epoch
     saved = torch.load(tmp_path / "head.pt", weights_only=True)
     assert set(saved["heads"]) == {"depth2_t10"} and saved["settings"]["top1"] == res["top1"]
@@ -223,7 +223,7 @@ def test_a_backbone_that_changes_is_caught(ckpt, tmp_path, monkeypatch):
         return orig(self, *args, **kwargs)
     monkeypatch.setattr(ldae.LDAE, "forward_features", sneaky)
     with pytest.raises(RuntimeError, match="frozen backbone"):
-        probe(ckpt, tmp_path, "--protocol", "cached", "--lr-grid", "1")
+        probe(ckpt, tmp_path, "--protocol", "cached", "--wd-grid", "1e-3")
 
 
 def test_cached_and_mae_protocols_agree(ckpt, tmp_path):

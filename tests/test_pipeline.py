@@ -136,6 +136,35 @@ def test_packed_errors_name_the_file_and_the_fix(jpegs, tmp_path):
         pack_data.main(args)
 
 
+def test_a_repack_needs_overwrite_and_a_failed_one_keeps_the_previous_pack(jpegs, tmp_path):
+    out = tmp_path / "p.u8"
+    _pack(jpegs, out, 16)
+    before = (out.read_bytes(), (tmp_path / "p.u8.meta.pt").read_bytes())
+    with pytest.raises(UserError, match="p.u8 exists and this run did not write it.*--overwrite"):
+        _pack(jpegs, out, 16)
+
+    class Failing(torch.utils.data.Dataset):        # the disk or a decoder fails half-way
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            if i == 6:
+                raise OSError("a read error half-way")
+            return torch.zeros(3, 16, 16, dtype=torch.uint8), 0
+    with pytest.raises(OSError, match="half-way"):
+        pack_data.pack_dataset(Failing(), str(out), 16, batch_size=2)
+    assert (out.read_bytes(), (tmp_path / "p.u8.meta.pt").read_bytes()) == before
+    assert len(datasets.Packed(str(out))) == 10
+    assert sorted(os.listdir(tmp_path)) == ["p.u8", "p.u8.meta.pt"]    # no temporary left
+    # a meta file of another pack of the same shape (a repack killed between the two files)
+    other = tmp_path / "other"
+    other.mkdir()
+    _pack(jpegs, other / "p.u8", 16, split="val")
+    os.replace(other / "p.u8.meta.pt", tmp_path / "p.u8.meta.pt")
+    with pytest.raises(UserError, match="was written for another .*p.u8"):
+        datasets.Packed(str(out))
+
+
 def _pil_reference(files, kind, size, seeds):
     tf, out = transforms.build_transform(kind, size), []
     for f, s in zip(files, seeds):

@@ -251,7 +251,7 @@ def test_benchmark_prints_speed_and_flops(capsys):
     (["--resume", "/nonexistent/ck.pt"], "checkpoint /nonexistent/ck.pt does not exist"),
     (["--patch-size", "8"], "has 4px x 3ch patches but --model vit_tiny uses 8px"),
     (["--model", "dit_tiny_1", "--dit-input", "latents", "--decode", "gpu"],
-     "reads --latents-file; drop --decode"),
+     "--pca, --decode would be ignored on --latents-file"),
 ])
 def test_bad_flags_and_paths(tmp_path, pca_file, extra, msg):
     with pytest.raises(UserError, match=msg):
@@ -290,8 +290,11 @@ def test_a_warmup_as_long_as_the_run_is_announced(tmp_path, pca_file, capsys):
 def test_small_models_get_training_defaults_that_fit_small_data():
     parse = pretrain.get_args_parser().parse_args
     tiny = parse(["--model", "vit_tiny"])
-    assert (tiny.batch_size, tiny.lr, tiny.warmup_epochs < tiny.epochs) == (64, 4e-3, True)
-    assert parse(["--model", "vit_tiny", "--lr", "1e-3"]).lr == 1e-3          # explicit flags win
+    lr = lr_sched.scaled_lr
+    assert (tiny.batch_size, lr(tiny), tiny.warmup_epochs < tiny.epochs) == (64, 4e-3, True)
+    assert lr(parse(["--model", "vit_tiny", "--lr", "1e-3"])) == 1e-3         # explicit flags win
+    assert lr(parse(["--model", "vit_tiny", "--blr", "0.004"])) == 1e-3       # --blr too
+    assert lr(parse(["--model", "vit_tiny", "--batch-size", "128"])) == 8e-3  # the scaling rule
     big = parse(["--model", "vit_b"])
     assert (big.batch_size, big.lr, big.epochs) == (2048, None, 400)          # the paper's
     row = parse(["--preset", "t3_ldae", "--model", "vit_tiny"])   # a small row: small batch

@@ -71,7 +71,8 @@ def get_args_parser():
                         help="rows of the matrix")
     parser.add_argument("--dim", type=cli.bounded(int, 1), default=768,
                         help="D = 3 p^2 (768: 16 px patches)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", type=cli.device, default=None,
+                        help="default: cuda if available, else cpu")
     return parser
 
 

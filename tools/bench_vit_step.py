@@ -8,7 +8,6 @@ PCA projections of the input and the loss, and the per-token output head. Target
     python tools/bench_vit_step.py --img 128 --reps 6  # quicker
 Prints one JSON line: per-step seconds (median of the reps) and the ratio.
 """
-import argparse
 import json
 import os
 import statistics
@@ -21,7 +20,7 @@ import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pretrain  # noqa: E402
-from util import registry  # noqa: E402
+from util import cli, registry  # noqa: E402
 from util.engine import Engine  # noqa: E402
 
 
@@ -37,13 +36,16 @@ class PlainViT(nn.Module):
         return self.vit(x).float().square().mean()
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", default="vit_b")
-    p.add_argument("--img", type=int, default=256)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--reps", type=int, default=4)
-    a = p.parse_args()
+def get_args_parser():
+    p = cli.ArgumentParser(prog="tools/bench_vit_step.py", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vit_b", help="a registry l-DAE")
+    p.add_argument("--img", type=cli.bounded(int, 1, 4096), default=256, help="image side")
+    p.add_argument("--batch", type=cli.bounded(int, 1), default=2, help="images per step")
+    p.add_argument("--reps", type=cli.bounded(int, 1), default=4, help="timed steps per model")
+    return p
+
+
+def main(a):
     args = pretrain.get_args_parser().parse_args(["--model", a.model, "--batch-size", str(a.batch)])
     cpu = torch.device("cpu")
     torch.manual_seed(0)
@@ -68,7 +70,8 @@ def main():
            "ldae_params_m": round(ldae_params / 1e6, 2),
            "plain_vit_params_m": round(plain_vit_params / 1e6, 2)}
     print(json.dumps(res))
+    return res
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_cli(main, get_args_parser())

@@ -1173,8 +1173,8 @@ def main(args):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Verify the project on a CUDA machine in one run "
-                                "(or its dry run on CPU); see the module docstring.")
+    p = cli.ArgumentParser(prog="tools/gpu_check.py", description="Verify the project on a CUDA "
+                           "machine in one run (or its dry run on CPU); see the module docstring.")
     p.add_argument("--out", required=True, help="folder for report.md, results.json, log.txt")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny sizes on CPU (automatic when there is no CUDA device)")

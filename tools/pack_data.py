@@ -29,7 +29,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from util import cli, datasets, decode, files, synthetic, transforms  # noqa: E402
+from util import cli, datasets, decode, distributed, files, synthetic, transforms  # noqa: E402
 from util.cli import UserError  # noqa: E402
 
 
@@ -48,6 +48,8 @@ def pack(args):
     # the file holds decoded pixels, so the DataLoader workers decode (with PIL)
     args.decode = "pil"
     ds = datasets.build_dataset(args, args.split, pack_transform(args.input_size))
+    files.claim_outputs([args.out, args.out + ".meta.pt"], args.overwrite,
+                        inputs=[args.data_path])
     source = {"dataset": args.dataset, "data_path": os.path.abspath(args.data_path or ""),
               "split": args.split}
     return pack_dataset(ds, args.out, args.input_size, args.num_workers, args.batch_size, source)
@@ -60,7 +62,8 @@ def _write_images(tmp, ds, labels, size, batch_size, num_workers):
     images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
     done = 0
     # Workers decode in parallel; no shuffling, so batches arrive in order and labels line up.
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
+                        worker_init_fn=distributed.ignore_stop_signals)
     with cli.progress(total=len(ds), unit="img", desc=f"pack {size}px") as bar:
         for x, y in loader:
             images[done:done + len(x)] = x.numpy()                       # (B, 3, S, S) uint8
@@ -71,8 +74,8 @@ def _write_images(tmp, ds, labels, size, batch_size, num_workers):
 
 
 def pack_dataset(ds, out, size, num_workers=0, batch_size=64, source=None):
-    """ds items: (uint8 (3, size, size), label). Writes out (.npy memmap) + out.meta.pt, each
-    atomically."""
+    """ds items: (uint8 (3, size, size), label). Writes out (.npy memmap), then out.meta.pt, each
+    atomically: a repack that fails while writing the images keeps the previous pack whole."""
     folder = os.path.dirname(os.path.abspath(out))
     count = len(ds)
     total_bytes = count * 3 * size * size
@@ -84,17 +87,13 @@ def pack_dataset(ds, out, size, num_workers=0, batch_size=64, source=None):
                         f"{free / 1e9:.1f} GB free; pass another --out or a smaller size")
     labels = torch.empty(count, dtype=torch.int64)
     start = time.time()
-    # The meta file goes first and last: a run killed in between leaves no stale pair behind
-    # (Packed refuses an image file without its meta file)
-    meta_path = out + ".meta.pt"
-    if os.path.exists(meta_path):
-        os.remove(meta_path)
     write = functools.partial(_write_images, ds=ds, labels=labels, size=size,
                               batch_size=batch_size, num_workers=num_workers)
     files.atomic_write(out, write, total_bytes)
     meta = {"version": 1, "shape": [count, 3, size, size], "size": size, "labels": labels,
-            "classes": datasets.classes(ds), "source": source or {}}
-    files.save_torch(meta, meta_path)
+            "classes": datasets.classes(ds), "source": source or {},
+            "fingerprint": datasets.pack_fingerprint(out)}
+    files.save_torch(meta, out + ".meta.pt")
     rate = count / (time.time() - start)
     print(f"[pack] {count} images -> {out} ({total_bytes / 1e9:.2f} GB, {rate:.0f} img/s)")
     return out
@@ -230,6 +229,8 @@ def get_args_parser():
                            help="which split of --dataset to pack")
     pack_args.add_argument("--out", required=True,
                            help="the packed file (.npy memmap) to write; FILE.meta.pt beside it")
+    pack_args.add_argument("--overwrite", action="store_true",
+                           help="replace an existing --out (kept whole until the new one is done)")
     pack_args.add_argument("--batch-size", type=cli.bounded(int, 1), default=64,
                            help="images a DataLoader worker decodes per batch")
     bench_help = "img/s of the PIL, packed and decode_batch paths on a JPEG folder"

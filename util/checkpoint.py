@@ -45,12 +45,26 @@ def load_weights(model, state_dict, what="checkpoint"):
                         f"unexpected keys {res.unexpected_keys[:8]}")
 
 
+# What a checkpoint of this project holds, by type (load_checkpoint checks each one present)
+FIELDS = {"model": dict, "model_config": dict, "step": int, "args": dict, "ema": (dict, type(None)),
+          "pca": (dict, type(None)), "optimizer": dict, "rng": dict}
+RESUMABLE = ("model", "model_config", "step", "args", "optimizer", "rng")   # --resume reads
+
+
 def load_checkpoint(path, required=("model", "model_config", "step")):
-    """-> checkpoint dict, read with weights_only=True. UserError if missing or not one of ours."""
+    """-> checkpoint dict, read with weights_only=True and checked: the `required` keys, every
+    field's type, a model family, finite weights. Otherwise one UserError naming the file."""
     ckpt = files.load_torch(path, "checkpoint", "pass a checkpoint.pt written by this project")
-    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise UserError(f"{path} is not a checkpoint of this project (no {', '.join(missing)})")
+    problem = files.field_problem(ckpt, {key: FIELDS[key] for key in required}, FIELDS)
+    if problem is None and not isinstance(ckpt["model_config"].get("family"), str):
+        problem = "its model_config names no model family"
+    if problem:
+        raise UserError(f"{path} is not a checkpoint of this project ({problem}); pass a "
+                        f"checkpoint.pt written by pretrain.py or distill.py")
+    broken = files.nonfinite(ckpt["model"]) + files.nonfinite(ckpt.get("ema") or {})
+    if broken:
+        raise UserError(f"{path} holds NaN or infinite weights ({', '.join(broken[:3])}): the run "
+                        f"that wrote it diverged; pass an earlier checkpoint-EPOCH.pt")
     return ckpt
 
 
@@ -175,7 +189,7 @@ def open_run(args, is_main, world, ignore, build_train_set, inputs=()):
                 os.remove(os.path.join(args.output_dir, name))
     ckpt = None
     if source:
-        ckpt = load_checkpoint(source)
+        ckpt = load_checkpoint(source, RESUMABLE)
         check_resume(ckpt, args, world, ignore, skip=("batch_size",))   # batch: after the cap
     if is_main:
         stale = files.clean_stale_temps(args.output_dir, RUN_FILES)

@@ -6,6 +6,7 @@ progress bar. A script's entry point is `cli.run_cli(main, get_args_parser())`.
 import argparse
 import contextlib
 import math
+import os
 import sys
 
 import torch
@@ -39,14 +40,24 @@ def run_cli(main, parser, argv=None):
         args = parser.parse_args(argv)
         return main(args)
     except UserError as e:
+        close_bars()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:
+        close_bars()
         print(str(e), file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
+        close_bars()
         print("interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
+
+
+def close_bars():
+    """Close the progress bars still open, so that the last message has a line of its own."""
+    bars = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    for bar in list(getattr(bars, "_instances", ())):
+        bar.close()
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -119,9 +130,55 @@ def number_list(kind, low, high=None, low_open=False):
 SEED = bounded(int, 0, 2**63 - 1)                         # any seed torch.manual_seed takes
 
 
+def device(text):
+    """An argparse type: a torch device this machine has (cpu, cuda, cuda:1, mps)."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; pass cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available() or \
+            dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no such device; pass cpu")
+    return dev
+
+
+device.rule = "cpu, or a cuda / mps device this machine has"
+
+
 def flag(dest):
     """An argparse dest as the user typed it: latent_dim -> --latent-dim."""
     return "--" + dest.replace("_", "-")
+
+
+def refuse_ignored(args, defaults, rules):
+    """A flag the chosen settings would ignore is refused with the reason, never dropped. rules:
+    (ignored?, [dests], why); a flag counts as given when its value differs from `defaults`
+    (the parser's defaults for this run's model and preset)."""
+    for ignored, dests, why in rules:
+        given = [flag(d) for d in dests if getattr(args, d) != getattr(defaults, d)]
+        if ignored and given:
+            raise UserError(f"{', '.join(given)} would be ignored {why}; drop it")
+
+
+def available_memory():
+    """Bytes this machine can still allocate (MemAvailable; elsewhere its physical memory)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(nbytes, what, fix, device=None):
+    """Refuse before any work a request that needs more memory than the machine (or the CUDA
+    `device`) has free."""
+    free = available_memory()
+    if device is not None and device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    if nbytes > free:
+        raise UserError(f"{what} needs about {nbytes / 1e9:.1f} GB of memory, {free / 1e9:.1f} GB "
+                        f"is available; {fix}")
 
 
 def print_settings(stage, lines):

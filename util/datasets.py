@@ -23,9 +23,9 @@ import torch
 import torchvision
 from torch.utils.data import Dataset, Subset
 
-from util import decode, synthetic
-from util.cli import SEED, UserError, bounded
-from util.files import load_torch
+from util import decode, files, synthetic
+from util.cli import SEED, UserError, bounded, check_memory
+
 
 DATASETS = ("synthetic", "imagefolder", "fashion-mnist", "cifar10", "packed")
 
@@ -46,7 +46,8 @@ def add_data_args(parser):
     group.add_argument("--download", action="store_true",
                        help="fashion-mnist/cifar10: let torchvision download into --data-path "
                             "(needs internet)")
-    group.add_argument("--input-size", type=bounded(int, 1), default=256,
+    # 4096: 16x the paper's side; one float image is already 200 MB there
+    group.add_argument("--input-size", type=bounded(int, 1, 4096), default=256,
                        help="image side in pixels (paper: 256)")
     group.add_argument("--num-workers", type=bounded(int, 0), default=min(4, os.cpu_count() or 1),
                        help="DataLoader worker processes (0: load in the main process)")
@@ -145,9 +146,23 @@ PACK_CMD = ("python tools/pack_data.py pack --dataset imagefolder --data-path DI
             "train --input-size 288 --out")
 
 
+def pack_fingerprint(path):
+    """The image file's size and its first and last MiB, hashed: the meta file names the image
+    file it was written with (a copied pack keeps it; a repack killed between the two files
+    shows)."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha1(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(2**20))
+        f.seek(max(0, size - 2**20))
+        digest.update(f.read(2**20))
+    return digest.hexdigest()
+
+
 def _check_packed(path, meta, images):
     """UserError unless the image file and its meta file describe the same packed images."""
-    meta_ok = isinstance(meta, dict) and meta.get("version") == 1
+    fields = {"labels": torch.Tensor, "classes": (list, tuple), "shape": list}
+    meta_ok = files.field_problem(meta, fields) is None and meta.get("version") == 1
     shape_ok = (images.dtype == np.uint8 and images.ndim == 4 and images.shape[1] == 3
                 and images.shape[2] == images.shape[3])
     agree = meta_ok and list(images.shape) == meta.get("shape")
@@ -157,6 +172,9 @@ def _check_packed(path, meta, images):
         raise UserError(f"{path} (shape {tuple(images.shape)}, {images.dtype}) does not match "
                         f"{path}.meta.pt (shape {meta_shape}); re-write both with "
                         f"`{PACK_CMD} {path}`")
+    if meta.get("fingerprint") != pack_fingerprint(path):
+        raise UserError(f"{path}.meta.pt was written for another {path} (a repack stopped "
+                        f"between the two files?); re-write both with `{PACK_CMD} {path}`")
 
 
 class Packed(Dataset):
@@ -168,7 +186,8 @@ class Packed(Dataset):
         if not os.path.isfile(meta_path):
             raise UserError(f"{meta_path} (labels, classes) is missing, so {path} was not "
                             f"written to the end; re-run `{PACK_CMD} {path}`")
-        meta = load_torch(meta_path, "packed meta file", f"re-write it with `{PACK_CMD} {path}`")
+        meta = files.load_torch(meta_path, "packed meta file",
+                                f"re-write it with `{PACK_CMD} {path}`")
         try:
             images = np.load(path, mmap_mode="r")                # reads the header only
         except Exception as e:
@@ -319,6 +338,8 @@ def _build_synthetic(args, split, transform):
         size = args.synthetic_size
     else:
         size = getattr(args, "synthetic_val_size", None) or max(1, args.synthetic_size // 4)
+    # the one per-image cost: a shuffled order (the sampler's int64 permutation, and its list)
+    check_memory(16 * size, f"--synthetic-size {size}", "pass a smaller size")
     # Images are drawn at input_size, so the "center" transform is an identity crop.
     ds = synthetic.SyntheticShapes(size, args.input_size, seed=getattr(args, "synthetic_seed", 0),
                                    stream=0 if split == "train" else 1, transform=transform)
@@ -401,11 +422,15 @@ class LatentFile(Dataset):
         if not path:
             raise UserError("this model reads precomputed latents: pass --latents-file FILE.pt "
                             "holding {'latents': (N, C, h, w), 'labels': (N,)}")
-        saved = load_torch(path, "latents file", "pass a .pt file of tensors written with "
-                           "torch.save({'latents': ..., 'labels': ...})", mmap=True)
-        if not isinstance(saved, dict) or "latents" not in saved or "labels" not in saved:
-            raise UserError(f"{path} must hold a dict with 'latents' (N, C, h, w) and "
-                            f"'labels' (N,)")
+        saved = files.load_torch(path, "latents file", "pass a .pt file of tensors written with "
+                                 "torch.save({'latents': ..., 'labels': ...})", mmap=True)
+        problem = files.field_problem(saved, {"latents": torch.Tensor, "labels": torch.Tensor},
+                                      {"classes": (list, tuple)})
+        if problem is None and not saved["latents"].is_floating_point():
+            problem = f"its latents are {saved['latents'].dtype}, not floating point"
+        if problem:
+            raise UserError(f"{path} is not a latents file ({problem}); it must hold "
+                            f"{{'latents': float (N, C, h, w), 'labels': (N,)}}")
         self.latents, self.labels = saved["latents"], saved["labels"].long()
         if self.latents.ndim != 4 or len(self.labels) != len(self.latents):
             raise UserError(f"{path}: latents must be (N, C, h, w) with N labels, got "

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import dit_baseline
-from util import cli, registry
+from util import cli, distributed, registry
 from util.cli import UserError
 
 
@@ -69,7 +69,8 @@ def extract(featurize, ds, args, device, rank, world, desc):
     """One encoder pass -> ({key: (N, D)} on CPU, labels (N,)). Under torchrun rank r takes items
     r, r+W, ...; the shards are gathered and interleaved back into dataset order."""
     loader = DataLoader(Subset(ds, range(rank, len(ds), world)), batch_size=args.max_device_batch,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=distributed.ignore_stop_signals)   # Ctrl-C: one line
     chunks, labels = {}, []
     with torch.inference_mode():                # no autograd state at all; faster than no_grad
         for x, y in cli.progress(iterable=loader, desc=desc, disable=rank != 0, leave=False):

@@ -2,6 +2,7 @@
 (its own temporary name, fsync, rename, a full disk said plainly) and never replaces a file this
 run did not create unless told to (claim_outputs); a run folder has one owner at a time (lock);
 a read takes tensors only (a file that would run code is refused by name)."""
+import atexit
 import errno
 import os
 import shutil
@@ -78,6 +79,8 @@ def atomic_write(path, write, size_hint=None):
         os.replace(tmp, path)
         fsync(os.path.dirname(os.path.abspath(path)), directory=True)
     except OSError as e:
+        if e.errno is None or e.filename not in (None, tmp, path):    # not this write's: a read
+            raise
         raise write_error(e, path, size_hint) from None
     except RuntimeError as e:                   # torch's writer says a full disk this way
         if "write" not in str(e).lower() and "unexpected pos" not in str(e):
@@ -119,6 +122,25 @@ def load_torch(path, what, fix, mmap=False):
                         f"{fix}") from None
 
 
+def field_problem(obj, required, optional=None):
+    """What is wrong with a loaded file's top level: not a dict, a `required` key missing, or a
+    key (required or optional) of the wrong type ({key: type}) -> a phrase, or None."""
+    if not isinstance(obj, dict):
+        return f"it holds a {type(obj).__name__}, not a dict"
+    for key, kind in {**(optional or {}), **required}.items():
+        if key not in obj and key in required:
+            return f"no {key!r}"
+        if key in obj and not isinstance(obj[key], kind):
+            return f"its {key!r} is a {type(obj[key]).__name__}"
+    return None
+
+
+def nonfinite(tensors):
+    """The names of the floating-point tensors of a state dict that hold NaN or infinity."""
+    return [name for name, value in tensors.items() if isinstance(value, torch.Tensor)
+            and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+
+
 def check_writable_dir(folder, flag):
     """Create `folder` if needed and prove it takes a file, before any work is done."""
     probe = os.path.join(folder, f".write_test_{os.getpid()}")
@@ -147,7 +169,7 @@ def claim_outputs(paths, overwrite, inputs=(), flag="--overwrite"):
                             f"replace it, or write elsewhere")
 
 
-HELD_LOCKS = []
+HELD_LOCKS = []                             # released at the run's end, error or exit
 
 
 def lock(folder):
@@ -161,7 +183,11 @@ def lock(folder):
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             owner = open(path).read().split()
-            pid, host = (int(owner[0]), owner[1]) if len(owner) > 1 else (0, "?")
+            if len(owner) < 2 and time.time() - os.path.getmtime(path) < 5:
+                break                           # its owner is writing it now
+            pid, host = 0, socket.gethostname()     # empty: its owner was killed writing it
+            if len(owner) > 1:
+                pid, host = int(owner[0]), owner[1]
             if pid == os.getpid() and host == socket.gethostname():
                 HELD_LOCKS.append(path)         # this process's own earlier run
                 return path
@@ -172,8 +198,14 @@ def lock(folder):
             print(f"[run] taking over {path} of a run that is gone (pid {pid})", flush=True)
             os.remove(path)
             continue
-        with os.fdopen(fd, "w") as out:
-            out.write(me)
+        except OSError as e:
+            raise write_error(e, path) from None
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(me)
+        except OSError as e:                    # a full disk
+            os.remove(path)
+            raise write_error(e, path) from None
         HELD_LOCKS.append(path)
         return path
     raise UserError(f"cannot lock {folder}: another run is taking it over at the same time")
@@ -195,3 +227,6 @@ def release_locks():
         path = HELD_LOCKS.pop()
         if os.path.exists(path):
             os.remove(path)
+
+
+atexit.register(release_locks)

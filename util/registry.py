@@ -74,7 +74,7 @@ def model_from_checkpoint(ckpt, weights="ema", device="cpu"):
         weights_of = ckpt["model"]
     pca = None
     if ckpt.get("pca") is not None:
-        pca = PatchPCA.from_dict(ckpt["pca"])
+        pca = load_pca(ckpt["pca"], "the checkpoint's PCA basis")
     try:
         model = FAMILIES[family].build_model(name, pca, **cfg)
     except (ValueError, KeyError, TypeError) as e:
@@ -82,6 +82,14 @@ def model_from_checkpoint(ckpt, weights="ema", device="cpu"):
                         f"another version of pretrain.py?") from None
     load_weights(model, weights_of)
     return model.to(device).eval()
+
+
+def load_pca(saved, where):
+    """PatchPCA.from_dict, its ValueError one line naming `where` (a --pca file, a checkpoint)."""
+    try:
+        return PatchPCA.from_dict(saved)
+    except ValueError as e:
+        raise UserError(f"{where}: {e}; write a basis with tokenizer_pca.py") from None
 
 
 def checksum(model):
