@@ -370,15 +370,21 @@ class LDAE(nn.Module):
                 per_image = (z0 - pred).square().sum(-1).mean(-1)
             return (lam * per_image).mean()
 
-    def forward_features(self, images, t=None, depth=None, noisy=False, pool=True):
+    def forward_features(self, images, t=None, depth=None, noisy=False, pool=True,
+                         clean="projected"):
         """What the linear probe reads (RECIPE s5): pooled_features after block `depth` (default:
         the last encoder block), the network told level t (None: probe_t; an int; or one per
         image) and given a clean input: the image projected onto the d-dim PCA subspace (sigma 0,
-        the kind of input it saw in training). noisy=True adds level t's noise (the paper's Sec. 5
-        ablation); pool=False: the tokens, unpooled."""
+        the kind of input it saw in training; measured best, docs/RESULTS.md), or with
+        clean="image" the raw image itself. noisy=True adds level t's noise instead (the paper's
+        Sec. 5 ablation); pool=False: the tokens, unpooled."""
+        if clean not in ("projected", "image"):
+            raise ValueError(f"clean must be 'projected' or 'image', not {clean!r}")
         levels = noise_levels(t, self.probe_t, images)
         if noisy:
             x = self.add_noise(images, levels)
+        elif clean == "image":
+            x = images
         else:
             # sigma 0: the image projected onto the PCA subspace, V_d^T V_d x0
             x = self.add_noise(images, torch.zeros_like(levels))

@@ -46,7 +46,7 @@ PAPER = {"mae": "the paper's protocol (MAE's linear probe)",
          "knn": "not in the paper: DINO's weighted k-NN on one center-crop feature pass"}
 OUTPUTS = ("probe_log.jsonl", "head.pt")     # a pretraining folder's log.jsonl is never touched
 COMPARE_ROWS = [("learned", {}), ("random_init", {"random_init": True}),
-                ("pixels", {"baseline": "pixels"})]
+                ("pixels", {"baseline": "pixels", "clean_input": "projected"})]
 
 
 # ---- MAE's linear probe: the paper's protocol -------------------------------------------------
@@ -209,6 +209,7 @@ def main(args):
     res = {"top1": round(top1, 2), "top5": round(top5, 2), "protocol": run.protocol,
            "protocol_reason": run.why, "protocol_vs_paper": PAPER[run.protocol],
            "features": run.features, "depth": best[0], "t": best[1], "noisy_input": best[2],
+           "clean_input": args.clean_input,
            **info, **knn_res, "checkpoint": args.ckpt, "dataset": args.dataset,
            "input_size": run.size, "num_classes": run.num_classes, "n_train": run.n_train,
            "n_val": run.n_val, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
@@ -261,7 +262,10 @@ def prepare(args, device, world):
         (not args.grid, ["grid_depths"], "without --grid"),
         (not args.grid and not args.select_setting, ["grid_ts", "grid_inputs"],
          "without --grid or --select-setting"),
-        (protocol != "mae", ["accum_iter"], f"by --protocol {protocol} (no micro-batches)")])
+        (protocol != "mae", ["accum_iter"], f"by --protocol {protocol} (no micro-batches)"),
+        (cfg.get("family") != "ldae" or pixels, ["clean_input"],
+         "off an l-DAE checkpoint (only an l-DAE projects its input)"),
+        (args.noisy_input, ["clean_input"], "with --noisy-input")])
     if protocol != "mae" or use_knn:            # every setting's features stored, float32
         images = len(train_ds) * args.views + len(val_ds)
         stored = len(keys) * cfg.get("hidden_size", 3072) * images
@@ -519,6 +523,9 @@ def get_args_parser():
         help="noise level the network is told (default: 10, the paper's; a single-level model: "
              "the level it was trained at)")
     add("--noisy-input", action="store_true", help="add level-t noise to the input (paper Sec. 5)")
+    add("--clean-input", choices=("projected", "image"), default="projected",
+        help="an l-DAE's clean input: the image projected onto its d-dim PCA subspace (default: "
+             "what it was trained on, measured best) or the raw image")
     add("--random-init", action="store_true", help="baseline: fresh weights, active blocks")
     add("--baseline", choices=("pixels",), default=None, help="baseline: probe raw pixels")
     add("--compare", action="store_true",

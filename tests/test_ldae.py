@@ -171,6 +171,20 @@ def test_zero_gates_make_blocks_identity_and_active_init_does_not():
     assert (m.forward_features(x0) - embed).abs().max() > 1e-2
 
 
+def test_clean_probe_input_is_the_projection_unless_the_raw_image_is_asked_for():
+    m = tiny().eval()
+    x = images()
+    with torch.no_grad():
+        projected = m.forward_features(x)
+        raw = m.forward_features(x, clean="image")
+        # the default feeds V_d^T V_d x: the same as handing that projection in as the image
+        torch.testing.assert_close(projected,
+                                   m.forward_features(m.pca.project(x, m.d), clean="image"))
+    assert (projected - raw).abs().max() > 1e-3          # d < D: the raw image is another input
+    with pytest.raises(ValueError, match="clean must be"):
+        m.forward_features(x, clean="raw")
+
+
 def test_forward_features_depth_list_matches_single_depths():
     m = tiny()
     m.init_weights(active=True)

@@ -248,6 +248,23 @@ def test_dit_baseline_checkpoint_probes_too(tmp_path):
     res = probe(ck, tmp_path / "out", "--protocol", "cached", "--wd-grid", "1e-3")
     assert res["features"].startswith("dit_tiny_1 checkpoint") and res["depth"] == 2
     assert res["backbone_unchanged"]
+    with pytest.raises(UserError, match="--clean-input would be ignored off an l-DAE"):
+        probe(ck, tmp_path / "raw", "--protocol", "cached", "--clean-input", "image")
+
+
+def test_clean_input_image_reaches_the_model_and_is_reported(ckpt, tmp_path, monkeypatch):
+    seen = []
+    orig = ldae.LDAE.forward_features
+
+    def spy(self, x, **kw):
+        seen.append(kw.get("clean", "projected"))
+        return orig(self, x, **kw)
+    monkeypatch.setattr(ldae.LDAE, "forward_features", spy)
+    res = probe(ckpt, tmp_path, "--protocol", "cached", "--wd-grid", "1e-3",
+                "--clean-input", "image")
+    assert res["clean_input"] == "image" and seen and set(seen) == {"image"}
+    with pytest.raises(UserError, match="--clean-input would be ignored with --noisy-input"):
+        probe(ckpt, tmp_path / "noisy", "--noisy-input", "--clean-input", "image")
 
 
 def test_grid_one_pass_per_t_and_a_table(ckpt, tmp_path, monkeypatch, capsys):

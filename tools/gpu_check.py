@@ -747,7 +747,8 @@ def check_features(ctx):
     with quiet(ctx):
         model = registry.build_model(name, img_size=s["bench_px"]).to(ctx.device).eval()
         keys = [(model.depth // 2, model.probe_t, False)]
-        featurize = features.make_featurizer(model, keys, argparse.Namespace(compile=False))
+        featurize = features.make_featurizer(model, keys, argparse.Namespace(
+            compile=False, clean_input="projected"))
         x = torch.rand(s["feat_batch"], 3, s["bench_px"], s["bench_px"], device=ctx.device) * 2 - 1
         with torch.inference_mode():
             for _ in range(3):

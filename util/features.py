@@ -54,12 +54,15 @@ def make_featurizer(model, keys, args):
     forward = model.forward_features
     if args.compile:
         forward = torch.compile(model.forward_features)
+    extra = {}
+    if args.clean_input == "image":                 # l-DAE only: the raw image, not V_d^T V_d x
+        extra = {"clean": "image"}
 
     def features(x):
         out = {}
         with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):    # bf16: the fast path
             for t, noisy in levels:
-                for depth, f in zip(depths, forward(x, t=t, depth=depths, noisy=noisy)):
+                for depth, f in zip(depths, forward(x, t=t, depth=depths, noisy=noisy, **extra)):
                     out[(depth, t, noisy)] = f.float()
         return {key: out[key] for key in keys}
     return features
