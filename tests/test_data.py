@@ -203,6 +203,30 @@ def test_synthetic_deterministic_balanced_and_split_streams(capsys):
     assert synthetic.SyntheticShapes(4, 64).render(2)[0].shape == (3, 64, 64)  # any resolution
 
 
+def test_synthetic_images_are_kept_up_to_the_budget_and_equal_a_fresh_draw(monkeypatch):
+    shapes = synthetic.SyntheticShapes
+    monkeypatch.setattr(shapes, "kept", {})
+    monkeypatch.setattr(shapes, "kept_bytes", 0)
+    monkeypatch.setattr(shapes, "KEEP_BYTES", 4 * 3 * 32 * 32)       # room for four images
+    ds = shapes(10, 32, seed=5)
+    first = [ds.drawn(i) for i in range(10)]
+    assert sorted(shapes.kept) == [(32, 5, 0, i) for i in range(4)]
+    assert shapes(10, 32, seed=5).drawn(2) is first[2]               # shared by equal sets
+    drawn_again = []
+    render = ds.render
+
+    def counted(i):
+        drawn_again.append(i)
+        return render(i)
+    monkeypatch.setattr(ds, "render", counted)
+    second = [ds.drawn(i) for i in range(10)]
+    assert drawn_again == list(range(4, 10))                        # the kept four not redrawn
+    fresh = shapes(10, 32, seed=5)
+    for i in range(10):
+        assert torch.equal(first[i][0], second[i][0]) and first[i][1] == second[i][1]
+        assert torch.equal(first[i][0], fresh.render(i)[0])
+
+
 def test_synthetic_colour_does_not_give_away_the_class():
     # Colour/position are shared across classes: the mean colour of an image is near chance for
     # the class (a nearest-class-mean rule on it should do poorly), unlike the shape.

@@ -34,7 +34,8 @@ class Indexed(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         with torch.random.fork_rng(devices=[]):   # torchvision transforms use the global CPU RNG
-            torch.manual_seed(mix_seed(self.seed, 1, *key))
+            # the CPU generator alone: torch.manual_seed would seed every device too, 20x slower
+            torch.default_generator.manual_seed(mix_seed(self.seed, 1, *key))
             return self.base[key[1]]
 
 

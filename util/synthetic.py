@@ -3,7 +3,8 @@
 Ten classes that differ only in shape, texture and layout; colour, position, size, rotation,
 background and noise are random for all, so no pixel (nor a linear map of the pixels) gives the
 class away, while shape features do. Image i has its own generator seeded by (seed, split stream,
-i): deterministic, independent of batching and workers, any resolution, nothing stored.
+i): deterministic, independent of batching and workers, any resolution; drawn on first use and
+kept in memory while the set fits in KEEP_BYTES, so later epochs skip the drawing.
 """
 import math
 
@@ -47,6 +48,9 @@ def shape_mask(name, pu, pv, freq, phase):
 
 class SyntheticShapes(Dataset):
     classes = list(SYNTHETIC_CLASSES)
+    KEEP_BYTES = 64 * 2**20        # drawn images kept per process: 21k at 32 px, 340 at 256 px
+    kept = {}                      # (img_size, seed, stream, index) -> (image, label), shared
+    kept_bytes = 0
 
     def __init__(self, size=2000, img_size=32, seed=0, stream=0, transform=None):
         self.size, self.img_size, self.seed, self.stream = size, img_size, seed, stream
@@ -93,8 +97,21 @@ class SyntheticShapes(Dataset):
         img = img + 0.04 * torch.randn(img.shape, generator=generator)     # sensor-like noise
         return (img.clamp(0, 1) * 255).round().to(torch.uint8), label
 
+    def drawn(self, index):
+        """render(index), kept for later epochs (and later data sets of the same images) while
+        every kept image fits in KEEP_BYTES."""
+        key = (self.img_size, self.seed, self.stream, index)
+        if key in self.kept:
+            return self.kept[key]
+        item = self.render(index)
+        size = item[0].numel()
+        if SyntheticShapes.kept_bytes + size <= self.KEEP_BYTES:
+            SyntheticShapes.kept[key] = item
+            SyntheticShapes.kept_bytes += size
+        return item
+
     def __getitem__(self, index):
-        img, label = self.render(index)
+        img, label = self.drawn(index)
         pil = T.functional.to_pil_image(img)
         if self.transform is None:
             return pil, label
