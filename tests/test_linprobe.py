@@ -434,9 +434,10 @@ def test_every_bad_input_has_its_message(ckpt, tmp_path):
 def test_cli_error_exits_2_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "linprobe.py"),
                         str(tmp_path / "missing.pt")],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: checkpoint")
     assert "Traceback" not in r.stderr
+    assert os.listdir(tmp_path) == []          # the default out/probe it made is gone again
 
 
 def test_torchrun_two_processes_gather_the_same_features(ckpt, tmp_path):

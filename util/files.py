@@ -3,6 +3,7 @@
 run did not create unless told to (claim_outputs); a run folder has one owner at a time (lock);
 a read takes tensors only (a file that would run code is refused by name)."""
 import atexit
+import contextlib
 import errno
 import os
 import shutil
@@ -141,11 +142,21 @@ def nonfinite(tensors):
             and value.is_floating_point() and not bool(torch.isfinite(value).all())]
 
 
+CREATED_DIRS = []    # folders check_writable_dir made: removed at exit if the run left them empty
+
+
 def check_writable_dir(folder, flag):
-    """Create `folder` if needed and prove it takes a file, before any work is done."""
+    """Create `folder` if needed and prove it takes a file, before any work is done. A folder
+    made here that is still empty when the process exits (a refused run) is removed again."""
     probe = os.path.join(folder, f".write_test_{os.getpid()}")
+    missing = []
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(folder, exist_ok=True)
+        CREATED_DIRS.extend(missing)                        # deepest first
         with open(probe, "w"):
             pass
         os.remove(probe)
@@ -229,4 +240,12 @@ def release_locks():
             os.remove(path)
 
 
-atexit.register(release_locks)
+def at_exit():
+    """Release the locks, then remove the folders this process made that are still empty."""
+    release_locks()
+    for folder in CREATED_DIRS:
+        with contextlib.suppress(OSError):                 # not empty: the run wrote into it
+            os.rmdir(folder)
+
+
+atexit.register(at_exit)
