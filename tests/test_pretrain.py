@@ -12,9 +12,10 @@ import torch
 import ldae
 import pack_data
 import pretrain
-from util import decode, files, lr_sched, registry, synthetic, transforms
+from util import decode, lr_sched, registry, synthetic, transforms
 from util.cli import UserError
 from util.engine import Diverged, Engine
+from conftest import tiny_flags
 from tokenizer_pca import fit_pca
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,20 +25,10 @@ def shapes(n):
     return synthetic.SyntheticShapes(n, 32, transform=transforms.build_transform("center", 32))
 
 
-@pytest.fixture(scope="module")
-def pca_file(tmp_path_factory):
-    """One PCA (4 px patches, 32 px synthetic shapes) shared by every run: skips the per-run fit."""
-    path = str(tmp_path_factory.mktemp("pca") / "pca.pt")
-    files.save_torch(fit_pca(shapes(48), 4, progress=False, device="cpu").to_dict(), path)
-    return path
-
-
 def argv_of(out, pca, *extra):
-    """Tiny CLI argument list: vit_tiny, 48 synthetic images, global batch 8 -> 6 steps/epoch."""
-    return ["--model", "vit_tiny", "--synthetic-size", "48", "--batch-size", "8", "--epochs", "2",
-            "--warmup-epochs", "0.5", "--lr", "1e-3", "--ema", "0.9", "--num-workers", "0",
-            "--pca", pca, "--output-dir", str(out), "--log-every", "1", "--save-every", "1",
-            "--grid-every", "1", *extra]
+    """conftest's tiny run (vit_tiny, 48 synthetic images, global batch 8 -> 6 steps/epoch; its
+    session pca_file) at 2 epochs, logging every step and a grid every epoch."""
+    return tiny_flags(out, pca, "--epochs", "2", "--log-every", "1", "--grid-every", "1", *extra)
 
 
 def run(out, pca, *extra):
