@@ -5,7 +5,8 @@
 kinds (n counts from this process's start):
   kill-step:n   SIGKILL this process right after its n-th optimizer step
   kill-save:n   SIGKILL it in the middle of its n-th torch.save: half the bytes are on disk
-  term-step:n   send it SIGTERM after its n-th step (a cluster's preemption notice)
+  term-step:n   send it SIGTERM after its n-th step (a cluster's preemption notice); under
+                torchrun rank 0 only
   int-step:n    send it SIGINT after its n-th step (Ctrl-C)
   kill-rank1:n  under torchrun: rank 1 SIGKILLs itself after step n, on the first attempt only
                 (TORCHELASTIC_RESTART_COUNT 0), so an elastic restart must resume the run
@@ -45,6 +46,8 @@ def inject(fault):
         return
     signals = {"kill-step": signal.SIGKILL, "term-step": signal.SIGTERM,
                "int-step": signal.SIGINT, "kill-rank1": signal.SIGKILL}
+    if kind == "term-step" and os.environ.get("RANK", "0") != "0":
+        return                                  # under torchrun only rank 0 gets the notice
     if kind == "kill-rank1":
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         if os.environ.get("RANK") != "1" or not first_attempt:

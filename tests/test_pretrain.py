@@ -170,11 +170,8 @@ def test_decode_gpu_decodes_batches_on_the_device_cpu_here(tmp_path, monkeypatch
 def test_two_processes_under_torchrun_match_one_process(tmp_path, pca_file):
     # the noise of micro-batch k of step s is seeded by (seed, s, k): 2 ranks x accum 1 must see the
     # same examples and noise as 1 process x accum 2 with the same global batch
+    run(tmp_path / "one", pca_file, "--max-steps", "3", "--accum-iter", "2")   # in this process
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one_argv = [sys.executable, "pretrain.py",
-                *argv_of(tmp_path / "one", pca_file, "--max-steps", "3", "--accum-iter", "2")]
-    one = subprocess.run(one_argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     two_argv = [*torchrun, "pretrain.py", *argv_of(tmp_path / "two", pca_file, "--max-steps", "3")]
     two = subprocess.run(two_argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
