@@ -1,28 +1,12 @@
-"""RepFusion (Yang & Wang, "Diffusion Model as Representation Learner", ICCV 2023) on this
-project's checkpoints: a frozen denoising model (an l-DAE or DiT-baseline checkpoint of
-pretrain.py) is the teacher; its features at a noise level t supervise a student network for
-recognition, and t is chosen per image by a policy trained with reinforcement learning.
-RECIPE.md s8 has the method as we read it from the paper and the authors' code.
+"""RepFusion (Yang & Wang, ICCV 2023; RECIPE.md s8, read from the authors' code): a frozen
+pretrain.py model is the teacher; its features at a noise level t, which a policy trained by
+REINFORCE picks per image, supervise a student network (OUTPUT_DIR/student.pt).
 
   python distill.py --teacher out/tiny/checkpoint.pt --student vit_tiny --output-dir out/student
   python distill.py --teacher CKPT --student vit_tiny --t-policy fixed --t 10 ...   # the baseline
   torchrun --nproc_per_node=8 distill.py --teacher out/vit_b/checkpoint.pt --student resnet18 \\
       --dataset imagefolder --data-path IMNET --input-size 256 --output-dir out/repfusion
   python linprobe.py out/student/student.pt --protocol cached --compare        # probe the student
-
-Per image x with label y (RepFusion's classification recipe):
-  t ~ pi(. | x)        the policy: a small conv net on the image -> softmax over t = 0..T-1
-  z = teacher.forward_features(x, t)      clean input (no noise, as the authors' code), frozen
-  s = adaptor(student features(x))        pooled student features, a linear map to z's width
-  loss = MSE(s, z) + CE(head(z), y) - mean(log pi(t|x) (r - b)) - lambda H(pi(.|x))
-      r = -CE(head(z), y),  b = the mean r of the micro-batch's other images
-The head is an MLP on the teacher's features: its cross-entropy rewards the t whose features say
-most about the label. The baseline b is ours (--policy-baseline none: the authors' REINFORCE,
-b = 0, which learns the informative levels in 1-2 runs of 20 on a toy teacher where ours learns
-them in every run: docs/RESULTS.md); lambda decays linearly from --entropy-reg to 0 over
---entropy-epochs. The student gets no label loss here. Training uses pre-training's machinery
-(util/engine.py, util/checkpoint.py: DDP, precision, EMA, exact resume, the log); the student is
-written to OUTPUT_DIR/student.pt, a checkpoint linprobe.py and export_timm.py read.
 """
 import json
 import math
@@ -43,22 +27,19 @@ from util.train_flags import add_training_args
 STUDENTS = ("resnet18", "vit_tiny", "vit_small")
 
 
-# ---- Students ---------------------------------------------------------------------------------
 def build_student(name, teacher, img_size):
-    """A student that sees the raw image. A ViT student is a registry l-DAE network read as an
-    encoder (last encoder block, t = 10): built on the teacher's PCA basis with d = D, its clean
-    input V^T V x is the image itself, and its checkpoint is an ordinary l-DAE checkpoint."""
+    """A student that sees the raw image: a ViT student is an l-DAE on the teacher's PCA basis with
+    d = D (clean input V^T V x = x), so that its checkpoint is an ordinary l-DAE checkpoint."""
     if name == "resnet18":
         return ResNetStudent(img_size)
+    patch = ldae.MODELS[name]["patch_size"]
     pca = teacher.pca
-    if pca is None or pca.patch_size != ldae.MODELS[name]["patch_size"]:
-        patch = ldae.MODELS[name]["patch_size"]
+    if pca is None or pca.patch_size != patch:
         pca = PatchPCA.empty(patch, 3, img_size)          # orthonormal identity basis
     D = pca.patch_size ** 2 * pca.channels
     student = ldae.build_model(name, pca, img_size=img_size, latent_dim=D, latent_norm="none",
                                latent_scale=1.0)
-    # the decoder half and output layer take no part in the features: frozen (DDP would fail
-    # on parameters without gradients), kept so that the checkpoint loads as an l-DAE's
+    # the decoder half: frozen (DDP fails on parameters without gradients), kept (an l-DAE's file)
     for block in student.blocks[student.depth // 2:]:
         block.requires_grad_(False)
     student.final_layer.requires_grad_(False)
@@ -66,21 +47,14 @@ def build_student(name, teacher, img_size):
 
 
 def to_grid(tokens, length):
-    """Teacher tokens (B, L, D) on a square grid average-pooled (or repeated) to `length` tokens:
-    the student's grid (a ResNet-18's last stage is 4 x 4 on 32 px, a 4 px-patch ViT's 8 x 8)."""
+    """Teacher tokens (B, L, D) on a square grid average-pooled (or repeated) to `length` tokens."""
     side = math.isqrt(tokens.shape[1])
-    new_side = math.isqrt(length)
-    if side == new_side:
-        return tokens
     grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
-    grid = F.adaptive_avg_pool2d(grid, new_side)
-    return grid.flatten(2).transpose(1, 2)
+    return F.adaptive_avg_pool2d(grid, math.isqrt(length)).flatten(2).transpose(1, 2)
 
 
-# ---- RepFusion --------------------------------------------------------------------------------
 class Frozen:
-    """Holds the teacher outside the trained module: not in its state dict, parameters or DDP,
-    and shared, not copied, by the EMA copy (a frozen network needs no average)."""
+    """Hides the teacher from state dict, parameters and DDP; the EMA copy shares it (frozen)."""
 
     def __init__(self, model):
         self.model = model.eval().requires_grad_(False)
@@ -90,8 +64,7 @@ class Frozen:
 
 
 class PolicyNet(nn.Module):
-    """pi(t | x): a LeNet-5-sized conv net on the image -> logits over the T noise levels (the
-    authors' CIFAR policy; an adaptive pool makes it take any image size)."""
+    """pi(t | x): the authors' LeNet-5-sized CIFAR policy; an adaptive pool takes any image size."""
 
     def __init__(self, num_levels):
         super().__init__()
@@ -107,25 +80,23 @@ class PolicyNet(nn.Module):
 
 
 class RepFusion(nn.Module):
-    """The module the engine trains: student + adaptor + reward head + policy; loss(x, y)."""
+    """What the engine trains. Per image x, y: t ~ pi(.|x), z = the teacher's feature at t, and
+    loss = MSE(adaptor(student(x)), z) + CE(head(z), y) - mean(log pi(t|x) (r - b)) - lambda H(pi)
+    with the reward r = -CE(head(z), y) and the baseline b of advantage()."""
 
     def __init__(self, teacher, student, num_classes, t_policy, fixed_t, teacher_depth,
                  entropy_reg, teacher_source, match="pooled", baseline="batch"):
         super().__init__()
-        self.teacher = Frozen(teacher)
-        self.student = student
-        self.t_policy, self.fixed_t, self.teacher_depth = t_policy, fixed_t, teacher_depth
-        self.match, self.baseline = match, baseline
+        self.teacher, self.student = Frozen(teacher), student
+        self.fixed_t, self.teacher_depth, self.baseline = fixed_t, teacher_depth, baseline
         self.pool = match == "pooled"
-        # --whiten-target: target -> (target - mean) @ zca, fitted once by fit_whitening (the
-        # identity until then); saved with the run, so a resumed run uses the same map
+        # --whiten-target: (target - mean) @ zca, identity until fit_whitening; saved with the run
         width = teacher.config["hidden_size"]
         self.register_buffer("target_mean", torch.zeros(width))
         self.register_buffer("target_zca", torch.eye(width))
         self.num_levels = teacher.config.get("num_steps", 1000)
         student_dim = getattr(student, "dim", None) or student.config["hidden_size"]
-        # a linear map of pooled features = the authors' 1 x 1 conv before the pooling; of
-        # tokens (--match tokens), the same 1 x 1 conv applied to every position
+        # on pooled features = the authors' 1 x 1 conv before the pooling; on tokens, that conv
         self.adaptor = nn.Linear(student_dim, width)
         self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width),
                                   nn.ReLU(), nn.Linear(width, num_classes))
@@ -138,27 +109,23 @@ class RepFusion(nn.Module):
                            num_classes=num_classes, match=match, policy_baseline=baseline)
 
     def choose_t(self, images):
-        """-> (t (B,) long, the policy's distribution or None)."""
+        """-> (t (B,), the policy's distribution or None)."""
         if self.policy is None:
-            t = torch.full((images.shape[0],), self.fixed_t, device=images.device)
-            return t, None
+            return torch.full((images.shape[0],), self.fixed_t, device=images.device), None
         levels = torch.distributions.Categorical(logits=self.policy(images).float())
         return levels.sample(), levels
 
     @torch.no_grad()
     def teacher_target(self, images, t):
-        """The teacher's features at t, pooled or per token (--match), in fp32."""
-        target = self.teacher.model.forward_features(images, t=t, depth=self.teacher_depth,
-                                                     pool=self.pool)
-        return target.float()
+        """The teacher's feature at t of the clean image (no noise, as the authors' code), fp32."""
+        return self.teacher.model.forward_features(images, t=t, depth=self.teacher_depth,
+                                                   pool=self.pool).float()
 
     @torch.no_grad()
     def fit_whitening(self, images, generator):
-        """ZCA of the target on these images (t = the fixed level, or drawn uniformly for the
-        policy, which starts near uniform): after it every direction of the teacher's feature
-        has unit variance in the MSE. Measured: the raw target holds ~99 % of its variance in 3
-        directions, which a student matches (R^2 0.9996) while missing what separates the
-        classes (docs/RESULTS.md, RepFusion)."""
+        """ZCA of the target (t: the fixed level, or uniform like the starting policy). The raw
+        target holds ~99 % of its variance in 3 directions, which a student matches (R^2 0.9996)
+        while missing what separates the classes (docs/RESULTS.md, RepFusion)."""
         t = torch.full((images.shape[0],), self.fixed_t, device=images.device)
         if self.policy is not None:
             t = torch.randint(self.num_levels, t.shape, generator=generator).to(images.device)
@@ -167,9 +134,8 @@ class RepFusion(nn.Module):
         values, vectors = torch.linalg.eigh(torch.cov((target - mean).T).double())
         # directions below 1e-6 of the largest variance are noise: left at that floor
         values = values.clamp_min(values.max() * 1e-6)
-        zca = vectors @ torch.diag(values.rsqrt()) @ vectors.T
         self.target_mean.copy_(mean)
-        self.target_zca.copy_(zca.float())
+        self.target_zca.copy_((vectors @ torch.diag(values.rsqrt()) @ vectors.T).float())
 
     def loss(self, images, labels):
         t, levels = self.choose_t(images)
@@ -180,9 +146,8 @@ class RepFusion(nn.Module):
             target = to_grid(target, mimic.shape[1])
             pooled_target = target.mean(dim=1)
         target = (target - self.target_mean) @ self.target_zca
-        loss = F.mse_loss(mimic, target)
         label_loss = F.cross_entropy(self.head(pooled_target), labels, reduction="none")  # (B,)
-        loss = loss + label_loss.mean()
+        loss = F.mse_loss(mimic, target) + label_loss.mean()
         if levels is not None:
             reward = -label_loss.detach()          # informative teacher features: a high reward
             loss = loss - (levels.log_prob(t) * self.advantage(reward)).mean()
@@ -190,38 +155,27 @@ class RepFusion(nn.Module):
         return loss
 
     def advantage(self, reward):
-        """REINFORCE's weight of log pi(t|x). --policy-baseline batch: the reward minus the mean
-        reward of the micro-batch's other images (leave-one-out, so unbiased). Without it (none,
-        the authors'), every reward is negative: each sampled t is pushed down and the policy
-        drifts onto whichever levels it happened not to sample (measured: docs/RESULTS.md)."""
+        """r minus the leave-one-out mean r (unbiased). Without it (none, the authors') every r < 0
+        pushes each sampled t down: the policy drifts onto levels it did not sample (RESULTS.md)."""
         if self.baseline == "none" or reward.numel() < 2:
             return reward
         others = (reward.sum() - reward) / (reward.numel() - 1)
         return reward - others
 
-    @torch.no_grad()
-    def sampled_t(self, images):
-        """The noise levels the policy picks for these images (a report of what it learned)."""
-        return self.choose_t(images)[0]
 
-
-# ---- Flags ------------------------------------------------------------------------------------
 def get_args_parser():
     num = cli.bounded
-    p = cli.ArgumentParser(prog="distill.py", description="RepFusion: distil a denoising "
-                           "model's features (a pretrain.py checkpoint) into a student network, "
-                           "with the noise level chosen per image by a learned policy (RECIPE.md "
-                           "s8).")
+    p = cli.ArgumentParser(prog="distill.py", description="RepFusion: distil a denoising model's "
+                           "features (a pretrain.py checkpoint) into a student network, with the "
+                           "noise level chosen per image by a learned policy (RECIPE.md s8).")
     g = p.add_argument_group("teacher and student")
     g.add_argument("--teacher", required=True, help="a pretrain.py checkpoint (l-DAE or DiT)")
     g.add_argument("--teacher-weights", default="ema", choices=["ema", "raw"],
                    help="the teacher checkpoint's EMA or raw weights")
-    g.add_argument("--teacher-depth", type=num(int, 1), default=None,
-                   help="teacher block whose pooled tokens are the target (default: the last "
-                   "encoder block, the probe's)")
-    g.add_argument("--random-teacher", action="store_true",
-                   help="baseline: the teacher's network with fresh weights (active blocks, as "
-                   "linprobe --random-init), its PCA kept")
+    g.add_argument("--teacher-depth", type=num(int, 1), help="teacher block whose "
+                   "pooled tokens are the target (default: the last encoder block, the probe's)")
+    g.add_argument("--random-teacher", action="store_true", help="baseline: the teacher's network "
+                   "with fresh weights (active blocks, as linprobe --random-init), its PCA kept")
     g.add_argument("--student", default="resnet18", choices=STUDENTS,
                    help="resnet18: RepFusion's (3x3 stem, no max-pool); vit_*: a registry ViT")
     g.add_argument("--match", default="pooled", choices=["pooled", "tokens"],
@@ -229,21 +183,20 @@ def get_args_parser():
                    "token of the teacher's block, pooled to the student's grid")
     g.add_argument("--whiten-target", type=num(int, 0), default=0, metavar="N",
                    help="N > 0: whiten the target (one ZCA map fitted on the first N training "
-                   "images) so that every direction of the teacher's feature counts alike in "
-                   "the MSE; 0: the raw target (the authors')")
+                   "images) so that every direction of the teacher's feature counts alike in the "
+                   "MSE; 0: the raw target (the authors')")
     g = p.add_argument_group("noise level t (RepFusion's policy)")
     g.add_argument("--t-policy", default="rl", choices=["rl", "fixed"],
                    help="rl: a policy over t trained by REINFORCE; fixed: --t for every image")
-    g.add_argument("--t", type=num(int, 0), default=None,
+    g.add_argument("--t", type=num(int, 0),
                    help="--t-policy fixed: the level (default: the teacher's probe level, 10)")
     g.add_argument("--policy-baseline", default="batch", choices=["batch", "none"],
                    help="batch: REINFORCE with the leave-one-out mean reward of the micro-batch "
                    "as baseline (learns reliably); none: the authors' form, no baseline")
     g.add_argument("--entropy-reg", type=num(float, 0), default=0.1,
                    help="initial weight of the policy's entropy bonus (the authors': 0.1)")
-    g.add_argument("--entropy-epochs", type=num(float, 0), default=None,
-                   help="epochs over which that weight decays linearly to 0 (default: half the "
-                   "run)")
+    g.add_argument("--entropy-epochs", type=num(float, 0), help="epochs over which "
+                   "that weight decays linearly to 0 (default: half the run)")
     add_training_args(p)
     datasets.add_data_args(p)
     # RepFusion trains from scratch for longer than a probe; small-data defaults that run on CPU
@@ -252,7 +205,6 @@ def get_args_parser():
     return p
 
 
-# ---- Training ---------------------------------------------------------------------------------
 def main(args):
     return distributed.run_distributed(train, args)
 
@@ -297,11 +249,9 @@ def train(args, rank, world, device):
         weight = args.entropy_reg * max(0.0, 1.0 - step / max(entropy_steps, 1e-9))
         model.entropy_weight.fill_(weight)
 
-    def describe():
-        return {"model_config": model.config, "pca": teacher_ckpt["pca"]}
-
-    run = checkpoint.Run(args, engine, len(train_set), describe, start, source, changed, data,
-                         on_step=entropy_weight)
+    run = checkpoint.Run(args, engine, len(train_set),
+                         lambda: {"model_config": model.config, "pca": teacher_ckpt["pca"]},
+                         start, source, changed, data, on_step=entropy_weight)
     loader = distributed.make_loader(train_set, args, world, rank, device)
     if is_main:
         print_settings(args, teacher, depth, fixed_t, len(train_set), run)
@@ -331,8 +281,7 @@ def load_teacher(args, device):
                         f"denoising model: a teacher is a pretrain.py checkpoint (l-DAE or DiT)")
     teacher = registry.model_from_checkpoint(ckpt, args.teacher_weights, device)
     if args.random_teacher:
-        # fixed by --seed, drawn before the student's init (which re-seeds)
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)               # drawn before the student's (which re-seeds)
         teacher.init_weights(active=True)
         teacher.requires_grad_(False)
     if teacher.config.get("input") == "latents":
@@ -349,8 +298,7 @@ def load_teacher(args, device):
 
 
 def save_student(model, engine, path, args, step):
-    """OUTPUT_DIR/student.pt: the student alone, as a checkpoint of its own family (l-DAE for a
-    ViT student, 'resnet' for ResNet-18), raw and EMA weights."""
+    """OUTPUT_DIR/student.pt: the student alone, raw and EMA, as a checkpoint of its family."""
     def student_part(state):
         return {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
     state = engine.state()
@@ -365,12 +313,13 @@ def save_student(model, engine, path, args, step):
     return path
 
 
+@torch.no_grad()
 def policy_report(model, images):
     """Quantiles of the t the (EMA-free, current) policy picks for some training images."""
     if model.policy is None:
         return {"fixed": model.fixed_t}
     model.eval()
-    t = model.sampled_t(images).float()
+    t = model.choose_t(images)[0].float()
     model.train()
     q = torch.quantile(t, torch.tensor([0.1, 0.5, 0.9], device=t.device)).tolist()
     return {"p10": round(q[0]), "median": round(q[1]), "p90": round(q[2])}
@@ -381,12 +330,10 @@ def print_settings(args, teacher, depth, fixed_t, n_images, run):
     if args.t_policy == "rl":
         how = (f"policy over t = 0..{teacher.config.get('num_steps', 1000) - 1} (REINFORCE, "
                f"baseline {args.policy_baseline}), entropy {args.entropy_reg:g} -> 0")
-    weights = f"{args.teacher_weights} weights"
-    if args.random_teacher:
-        weights = "RANDOM weights (--random-teacher)"
-    whitening = "raw target"
-    if args.whiten_target:
-        whitening = f"target whitened (ZCA of {args.whiten_target} images)"
+    weights = ("RANDOM weights (--random-teacher)" if args.random_teacher
+               else f"{args.teacher_weights} weights")
+    whitening = (f"target whitened (ZCA of {args.whiten_target} images)" if args.whiten_target
+                 else "raw target")
     cli.print_settings("distill", [
         f"teacher     {args.teacher} ({teacher.config['name']}, {weights}), block {depth}, "
         f"clean input",

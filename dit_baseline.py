@@ -1,20 +1,11 @@
-"""The DiT baseline of Chen, Liu, Xie, He 2024 (RECIPE s7): the latent diffusion transformer
-(DiT, Peebles & Xie 2023) that the paper deconstructs into l-DAE one component per row. Here:
-the network (DiT's parameter names and layout), the diffusion objective, and PRESETS, one entry
-per row of the paper's Tables 1-3 and section 5 (README has the paper's top-1 of each).
+"""The DiT baseline of Chen, Liu, Xie, He 2024 (RECIPE s7): the latent diffusion transformer (DiT,
+Peebles & Xie 2023) the paper deconstructs into l-DAE, its objective, and PRESETS: one per row of
+the paper's Tables 1-3 and section 5 (README has the paper's top-1 of each).
 
     python pretrain.py --preset t2_pca_d32 --dataset imagefolder --data-path IMNET    # a row
     python pretrain.py --preset t3_ldae --model vit_tiny --input-size 32 --epochs 5   # row, small
     model = build_model("dit_l_1", pca, latent_dim=32, schedule="linear_gamma2")      # in Python
     loss = model.loss(images)         # images (B, 3, 256, 256) in [-1, 1]; labels if class_cond
-
-The network's "image" is a latent grid (B, C, h, w):
-  input="pca"      the patch-wise PCA latent: 16 x 16 patches of a 256 px image -> (B, d, 16, 16).
-                   latent_dim 0 = all D = 768 coordinates, the Table 2 "pixel" row: an orthonormal
-                   rotation of the pixel patches, so pixel-space diffusion up to a fixed linear map.
-  input="latents"  a tokenizer's latents (a KL-VAE's (4, 32, 32)) from --latents-file.
-learn_sigma=True only adds the output channels of DiT's learned variance; the loss ignores them
-(the paper probes features and never samples).
 """
 import math
 
@@ -27,8 +18,7 @@ from tokenizer_pca import LATENT_NORMS, PatchPCA
 
 
 class LabelEmbedder(nn.Module):
-    """Label -> (B, dim). Row `num_classes` is the null class: training swaps a label for it with
-    probability dropout_prob (DiT's guidance dropout); the probe always uses it."""
+    """Label -> (B, dim); row num_classes is the null class (DiT's label dropout; the probe's)."""
 
     def __init__(self, num_classes, dim, dropout_prob=0.1):
         super().__init__()
@@ -48,28 +38,20 @@ PREDICTIONS = ("eps", "x0")
 
 
 def make_schedule(name, T=1000):
-    """-> (gamma (T,), sigma (T,)) float64.
-    ddpm           beta linear 1e-4..0.02, gamma_t^2 = prod_{s<=t} (1 - beta_s) (Table 1 rows 1-4)
-    linear_gamma2  gamma_t^2 = 1 - (t+1)/T (Table 1 last row, Tables 2-3; index t is step t+1 as
-                   in DDPM), floored at 0.5/T: at 0 an eps-prediction's x0 is undefined
-    no_scaling     gamma = 1, sigma_t = sqrt(2) t / T: l-DAE's noise (Table 3 row 3 on, RECIPE s3)
-    The first two are variance preserving: sigma_t^2 = 1 - gamma_t^2."""
+    """-> (gamma (T,), sigma (T,)) float64; ddpm and linear_gamma2: sigma_t^2 = 1 - gamma_t^2."""
     t = torch.arange(T, dtype=torch.float64)
-    if name == "ddpm":
-        beta = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
-        g2 = torch.cumprod(1 - beta, 0)
-    elif name == "linear_gamma2":
-        g2 = (1 - (t + 1) / T).clamp_min(0.5 / T)
-    elif name == "no_scaling":
+    if name == "ddpm":                      # Table 1 rows 1-4; DDPM's linear beta_t
+        g2 = torch.cumprod(1 - torch.linspace(1e-4, 0.02, T, dtype=torch.float64), 0)
+    elif name == "linear_gamma2":           # Table 1 last row, Tables 2-3; t is step t+1 (DDPM)
+        g2 = (1 - (t + 1) / T).clamp_min(0.5 / T)   # at 0 an eps-prediction's x0 is undefined
+    elif name == "no_scaling":              # l-DAE's noise (Table 3 row 3 on, RECIPE s3)
         return torch.ones(T, dtype=torch.float64), math.sqrt(2) * t / T
     else:
         raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
     return g2.sqrt(), (1 - g2).sqrt()
 
 
-# ---- The DiT (official DiT module names: x_embedder.proj, t_embedder.mlp,
-# y_embedder.embedding_table, pos_embed, blocks.N.{attn.qkv, attn.proj, mlp.fc1, mlp.fc2,
-# adaLN_modulation.1}, final_layer)
+# ---- The DiT, in the official module names (x_embedder, t_embedder, y_embedder, blocks.N...)
 _SIZES = dict(s=(384, 12, 6), b=(768, 12, 12), l=(1024, 24, 16), xl=(1152, 28, 16))
 MODELS = {f"dit_{s}_{p}": dict(hidden_size=w, depth=d, num_heads=h, dit_patch=p)
           for s, (w, d, h) in _SIZES.items() for p in (1, 2, 4, 8)}
@@ -78,8 +60,7 @@ MODELS["dit_tiny_1"] = dict(hidden_size=64, depth=4, num_heads=4, dit_patch=1, i
                             patch_size=4, latent_dim=4)
 MODELS["dit_tiny_2"] = dict(MODELS["dit_tiny_1"], dit_patch=2)
 
-# Overrides pretrain.py may pass (argparse dest names). dit_input is an alias of input;
-# latents_file is turned into input, latent_channels and latent_size by util/registry.py.
+# What pretrain.py may pass (dest names); util/registry.py turns latents_file into input and sizes
 MODEL_FLAGS = ("img_size", "patch_size", "latent_dim", "latent_scale", "latent_norm", "cond_ratio",
                "schedule", "prediction", "class_cond", "num_classes", "class_dropout_prob",
                "learn_sigma", "input", "dit_input", "latents_file", "latent_channels",
@@ -87,14 +68,11 @@ MODEL_FLAGS = ("img_size", "patch_size", "latent_dim", "latent_scale", "latent_n
 
 
 def check_config(pca, input, prediction, img_size, patch_size, latent_dim, latent_norm):
-    """ValueError, in words a pretrain.py user can act on, for a config DiT cannot take; else the
-    latent width to use (input="pca": latent_dim 0 means all D coordinates, the Table 2 "pixel"
-    row; input="latents": the file's channels decide, latent_dim is unused)."""
+    """A ValueError a pretrain.py user can act on, or the latent width (latent_dim 0: all D)."""
     if input not in ("pca", "latents"):
         raise ValueError(f"--dit-input must be pca or latents, not {input!r}")
     if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; "
-                         f"choose from {', '.join(PREDICTIONS)}")
+        raise ValueError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
     if patch_size < 1 or img_size < 1:
         raise ValueError(f"--patch-size {patch_size} and --input-size {img_size} must be >= 1")
     if input == "pca":
@@ -102,8 +80,7 @@ def check_config(pca, input, prediction, img_size, patch_size, latent_dim, laten
             raise ValueError(f"the PCA has {pca.patch_size}px patches but the model wants "
                              f"{patch_size}px: refit the PCA or pass --patch-size {pca.patch_size}")
         D = pca.dim
-        if not latent_dim or latent_dim <= 0:
-            latent_dim = D
+        latent_dim = latent_dim if latent_dim and latent_dim > 0 else D
         if latent_dim > D:
             raise ValueError(f"latent_dim {latent_dim} exceeds D = {D} of "
                              f"{patch_size}x{patch_size}x3 patches: use a smaller --latent-dim "
@@ -128,23 +105,18 @@ class DiT(nn.Module):
                  class_dropout_prob=0.1, learn_sigma=False, schedule="ddpm", prediction="eps",
                  num_steps=1000, grad_checkpoint=False, name="custom"):
         super().__init__()
-        # RECIPE s2 / s7: the variance-preserving schedules assume a unit-variance latent, and DiT
-        # scales its VAE latent to it with one fixed factor: "global" (one gain for the top d) is
-        # that rule for the PCA latent, and measured best of the three (docs/RESULTS.md)
+        # "global" is DiT's rule, one factor to unit variance for the VP schedules; measured best
         if latent_norm is None:
             latent_norm = "global" if input == "pca" else "none"
         latent_dim = check_config(pca, input, prediction, img_size, patch_size, latent_dim,
                                   latent_norm)
-        if input == "pca":
-            # the network's "image" is the grid of PCA latents, one d-vector per patch
+        if input == "pca":     # the network's "image": the grid of PCA latents, one d per patch
             latent_channels = latent_dim
             latent_size = img_size // patch_size
         if latent_size % dit_patch:
             raise ValueError(f"the {latent_size}x{latent_size} latent grid does not tile into DiT "
                              f"patches of {dit_patch}: pick a dit_*_{{1,2,4,8}} model that "
                              f"divides it")
-        # RECIPE s2: the latent's scale is a choice the model owns (the PCA object is not changed);
-        # input="latents": latent_scale multiplies the file's latents
         self.latent_scale = float(pca.scale if latent_scale is None else latent_scale)
         self.latent_norm = latent_norm
         self.config = dict(family="dit", name=name, img_size=img_size, patch_size=patch_size,
@@ -156,24 +128,21 @@ class DiT(nn.Module):
                            num_classes=num_classes, class_dropout_prob=class_dropout_prob,
                            learn_sigma=bool(learn_sigma), schedule=schedule, prediction=prediction,
                            num_steps=num_steps, grad_checkpoint=bool(grad_checkpoint))
-        self.pca = pca
         self.input, self.C, self.grid, self.p = input, latent_channels, latent_size, dit_patch
-        self.depth, self.num_steps, self.prediction = depth, num_steps, prediction
+        self.pca, self.depth, self.num_steps, self.prediction = pca, depth, num_steps, prediction
         self.class_cond, self.grad_checkpoint = bool(class_cond), bool(grad_checkpoint)
+        # learn_sigma adds DiT's learned-variance outputs, which the loss ignores (no sampling)
         self.out_channels = latent_channels * (2 if learn_sigma else 1)
         gamma, sigma = make_schedule(schedule, num_steps)
         self.register_buffer("gamma", gamma.float(), persistent=False)   # (T,): not in state dict,
         self.register_buffer("sigma", sigma.float(), persistent=False)   # so official keys match
-
-        # c = t_emb (+ y_emb when class-conditional), cond_ratio x width wide: 1 in official DiT
-        # (its checkpoints load only then), 1/4 in the paper's DiT rows (RECIPE s4), as l-DAE.
+        # cond_ratio: 1 in official DiT (its checkpoints load), 1/4 in the paper's rows (RECIPE s4)
         cond_dim = max(1, int(hidden_size * cond_ratio))
         self.x_embedder = PatchEmbed(dit_patch, latent_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(cond_dim)
         if self.class_cond:          # unconditional models have no y_embedder at all
             self.y_embedder = LabelEmbedder(num_classes, cond_dim, class_dropout_prob)
         grid = latent_size // dit_patch
-        # (1, L, D): fixed, so a buffer, not a parameter (RECIPE s4)
         self.register_buffer("pos_embed", sincos_pos_embed(hidden_size, grid).unsqueeze(0))
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, cond_dim)
                                     for _ in range(depth))
@@ -185,50 +154,41 @@ class DiT(nn.Module):
         if self.class_cond:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)   # as DiT
 
-    # --- latent <-> image ---------------------------------------------------------------------
     def latent_gain(self):
         """(d,) multipliers of the PCA coordinates, ldae.LDAE's rule (RECIPE s2)."""
         return self.pca.latent_gain(self.C, self.latent_norm, self.latent_scale)
 
     def encode(self, images):
-        """images (B, 3, H, W) -> clean latent z0 (B, C, h, w) in fp32. input="latents": the
-        batch already is the latent (times latent_scale, if one was given)."""
+        """images -> clean latent z0 (B, C, h, w), fp32; input="latents": batch x latent_scale."""
         with torch.autocast(images.device.type, enabled=False):
             if self.input == "latents":
                 return images.float() * self.latent_scale
             z = self.pca.encode(images.float(), self.C, self.latent_gain())  # (B, h*w, d) row-major
-            B = z.shape[0]
-            return z.transpose(1, 2).reshape(B, self.C, self.grid, self.grid)
+            return z.transpose(1, 2).reshape(z.shape[0], self.C, self.grid, self.grid)
 
     def decode(self, z):
-        """latent (B, C, h, w) -> image via inverse PCA; for input="latents" (no decoder here) a
-        false-colour view: the latent's first three channels."""
+        """latent (B, C, h, w) -> image by inverse PCA; input="latents": its first 3 channels."""
         if self.input == "latents":
             return z[:, :3] if z.shape[1] >= 3 else z[:, :1].expand(-1, 3, -1, -1)
         with torch.autocast(z.device.type, enabled=False):
             z = z.float().flatten(2).transpose(1, 2)                        # (B, L, d)
             return self.pca.decode(z, gain=self.latent_gain())
 
-    # --- the network --------------------------------------------------------------------------
-    def _labels(self, y, B, device):
-        num_classes = self.y_embedder.num_classes
-        if y is None:                                                   # unconditional: null class
-            return torch.full((B,), num_classes, device=device, dtype=torch.long)
-        # checked on CPU only: on GPU int(y.max()) would sync the host every step
-        if y.device.type == "cpu" and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
-            raise ValueError(f"labels must be in 0..{num_classes - 1}: pass "
-                             f"num_classes = the dataset's class count to build_model")
-        return y
-
     def _cond(self, x, t, y, train):
         c = self.t_embedder(t)                                          # (B, D)
         if self.class_cond:
-            c = c + self.y_embedder(self._labels(y, x.shape[0], x.device), train)
+            num_classes = self.y_embedder.num_classes
+            # the label range is checked on CPU only: on GPU int(y.max()) would sync every step
+            if y is None:                                               # unconditional: null class
+                y = torch.full((x.shape[0],), num_classes, device=x.device, dtype=torch.long)
+            elif y.device.type == "cpu" and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
+                raise ValueError(f"labels must be in 0..{num_classes - 1}: pass "
+                                 f"num_classes = the dataset's class count to build_model")
+            c = c + self.y_embedder(y, train)
         return self.x_embedder(x) + self.pos_embed, c                   # (B, L, D), (B, D)
 
     def forward(self, x, t, y=None, depth=None):
-        """x (B, C, h, w) noisy latent, t (B,), y (B,) labels or None (null class) -> output
-        (B, out_channels, h, w); with depth=k the tokens after block k, (B, L, D)."""
+        """x (B, C, h, w), t, y (None: null class) -> (B, out_channels, h, w), or tokens (depth)."""
         x, c = self._cond(x, t, y, self.training)
         x = run_blocks(self.blocks, x, c, depth, self.grad_checkpoint and self.training)
         if depth is not None:
@@ -246,11 +206,7 @@ class DiT(nn.Module):
         return torch.randint(0, self.num_steps, (batch,), device=device)   # t ~ U{0..T-1} [DiT]
 
     def loss(self, images, labels=None):
-        """The diffusion objective, a scalar (mean over latent elements, as ADM's mean_flat).
-        eps: ||eps - net(x_t)||^2 (DiT; Tables 1, 2 and Table 3 row 1).
-        x0:  lambda_t ||z0 - net(x_t)||^2, lambda_t = gamma_t^2 / (gamma_t^2 + sigma_t^2): gamma_t^2
-             for the variance-preserving schedules (Table 3 row 2), 1 / (1 + sigma_t^2) for
-             no_scaling (row 3, l-DAE's weight); not the SNR weight, which would make it eps."""
+        """The diffusion loss, a mean over latent elements (ADM's mean_flat): eps or weighted x0."""
         if self.class_cond and labels is None:
             raise ValueError("a class-conditional DiT needs labels: call loss(images, labels)")
         z0 = self.encode(images)                                        # (B, C, h, w) fp32
@@ -258,22 +214,20 @@ class DiT(nn.Module):
         xt, eps = self.add_noise(z0, t)
         pred = self(xt, t, labels)[:, :self.C].float()                  # drop the variance half
         with torch.autocast(z0.device.type, enabled=False):
-            if self.prediction == "eps":
+            if self.prediction == "eps":                                # DiT; Tables 1-2, 3 row 1
                 return (eps - pred).square().mean()
             g2, s2 = self.gamma[t].square(), self.sigma[t].square()
+            # VP: gamma_t^2 (Table 3 row 2); no_scaling: 1 / (1 + sigma_t^2) (row 3); SNR: eps loss
             lam = g2 / (g2 + s2)                                        # (B,)
             return (lam * (z0 - pred).square().mean((1, 2, 3))).mean()
 
-    # --- probe and image grids ----------------------------------------------------------------
     probe_t = 10                        # RECIPE s5: the probe's default noise level
 
     def forward_features(self, images, t=None, depth=None, noisy=False, pool=True):
-        """ldae.pooled_features after block `depth` (default: the first half, RECIPE s7), the
-        network told level t (an int or one per image). Clean input: x_t with eps = 0, i.e.
-        gamma_t z0; noisy=True draws eps. A class-conditional model gets the null class: a probe
-        must not see labels through the input. pool=False: the tokens, unpooled."""
+        """ldae.pooled_features after block `depth` (default: the first half, RECIPE s7) at level t,
+        input gamma_t z0 (eps = 0; noisy=True draws it); the null class: a probe sees no label."""
         z0 = self.encode(images)
-        levels = noise_levels(t, self.probe_t, z0)                  # (B,): an int or per image
+        levels = noise_levels(t, self.probe_t, z0)
         eps = None if noisy else torch.zeros_like(z0)
         xt, _ = self.add_noise(z0, levels, eps)
         tokens, c = self._cond(xt, levels, None, False)
@@ -281,8 +235,7 @@ class DiT(nn.Module):
 
     @torch.no_grad()
     def denoise(self, images, t):
-        """(noisy, denoised) images at level t, through inverse PCA: the noisy latent x_t and the
-        one-step x0 estimate decoded. Unconditional (null class) when class-conditional."""
+        """(noisy, denoised) images at level t: x_t and the one-step x0 estimate, null class."""
         z0 = self.encode(images)
         levels = torch.as_tensor(t, device=z0.device).long().expand(z0.shape[0])
         xt, _ = self.add_noise(z0, levels)
@@ -292,26 +245,20 @@ class DiT(nn.Module):
         return self.decode(xt), self.decode(x0)
 
 
-# How a boolean flag may be spelled on the command line ("--class-cond false")
-_BOOL = {**dict.fromkeys(("true", "1", "yes", "on"), True),
-         **dict.fromkeys(("false", "0", "no", "off"), False)}
-
-
 def build_model(name, pca=None, **overrides):
-    """Registry behind `pretrain.py --model dit_*`. None overrides are ignored; dit_input is an
-    alias of input. pca=None: an identity basis of the right shape (overwritten by a
-    checkpoint)."""
+    """The registry behind `pretrain.py --model dit_*`; pca=None: an identity basis, as ldae's."""
     cfg = registry_config(MODELS, name, overrides, "DiT")
     # argparse hands boolean flags over as the strings typed
+    spellings = {**dict.fromkeys(("true", "1", "yes", "on"), True),
+                 **dict.fromkeys(("false", "0", "no", "off"), False)}
     for key in ("class_cond", "learn_sigma", "grad_checkpoint"):
         if isinstance(cfg.get(key), str):
-            if cfg[key].lower() not in _BOOL:
+            if cfg[key].lower() not in spellings:
                 raise ValueError(f"--{key.replace('_', '-')} must be true or false, not "
                                  f"{cfg[key]!r}")
-            cfg[key] = _BOOL[cfg[key].lower()]
-    if "dit_input" in cfg:
-        cfg["input"] = cfg.pop("dit_input")
-    cfg["input"] = {"latent": "latents"}.get(cfg.get("input"), cfg.get("input", "pca"))
+            cfg[key] = spellings[cfg[key].lower()]
+    given = cfg.pop("dit_input", cfg.get("input", "pca"))     # dit_input: an alias of input
+    cfg["input"] = "latents" if given == "latent" else given
     if pca is None:
         pca = PatchPCA.empty(cfg.get("patch_size", 16), 3, cfg.get("img_size", 256))
     return DiT(pca, name=name, **cfg)
@@ -320,8 +267,7 @@ def build_model(name, pca=None, **overrides):
 # ---- Presets: every row of RECIPE s7 + the section-5 ablations. Values are pretrain.py dest names.
 _BASE = dict(epochs=400, batch_size=2048, blr=1e-4, warmup_epochs=100, weight_decay=0.0,
              aug="center", input_size=256)                        # RECIPE s6 / s7: all rows
-# The paper's DiT rows shrink the conditioning MLP to 1/4 of DiT's, as its l-DAE does (RECIPE s4):
-# so the Table 3 step from the DiT rows to the l-DAE rows changes one thing at a time.
+# cond_ratio 0.25: the paper's DiT rows shrink the conditioning MLP as its l-DAE (RECIPE s4)
 _DIT_LAT = dict(_BASE, model="dit_l_2", dit_input="latents", latents_file=None, class_cond=True,
                 schedule="ddpm", prediction="eps", cond_ratio=0.25)  # Table 1: latents 32x32x4
 _DIT_PCA = dict(_BASE, model="dit_l_1", dit_input="pca", class_cond=False,
@@ -335,7 +281,7 @@ PRESETS = {
     "t1_no_perceptual": dict(_DIT_LAT, class_cond=False),   # latents of a tokenizer w/o perceptual
     "t1_no_adversarial": dict(_DIT_LAT, class_cond=False),  # ... and w/o adversarial loss (a VAE)
     "t1_new_schedule": dict(_DIT_LAT, class_cond=False, schedule="linear_gamma2"),
-    # Table 2: patch-wise PCA latent dim d; pixel = all D = 768 coordinates (latent_dim 0)
+    # Table 2: PCA latent dim d; pixel = all D = 768 (latent_dim 0): the pixels, rotated
     **{f"t2_pca_d{d}": dict(_DIT_PCA, latent_dim=d) for d in (8, 16, 32, 64, 128)},
     "t2_pixel": dict(_DIT_PCA, latent_dim=0),
     # Table 3: from PCA d = 32 toward a classical DAE

@@ -5,27 +5,9 @@ forward_features (last encoder block, t = 10, clean input, average pooling; RECI
   python export_timm.py out/vit_b/checkpoint.pt --out vit_b_ldae_timm.pt --weights ema
   python export_timm.py CKPT --out FILE --probe-t 20 --probe-depth 10    # another (t, block)
 
-The file is a plain dict {"state_dict", "timm_kwargs", "source"} (torch.load(FILE,
-weights_only=True)). This script needs only torch; timm is needed by whoever loads the file:
-
-  ck = torch.load(FILE, weights_only=True)
-  vit = timm.models.vision_transformer.VisionTransformer(**ck["timm_kwargs"])
-  vit.load_state_dict(ck["state_dict"])                                   # strict
-  feats = vit.forward_head(vit.forward_features(images), pre_logits=True)   # (B, D)
-  # images in [-1, 1] as in pre-training (timm's train.py: --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5)
-
-What folds where, at the fixed t (all linear algebra, no approximation):
-  input       the clean probe input is V_d^T V_d (x - mean) + mean per patch (ldae.LDAE.add_noise
-              at sigma 0; the latent gain multiplies, then divides: it cancels), linear per patch,
-              so it folds into the patch-embedding convolution's weight and bias;
-  adaLN       c = t_embedder(t) is a constant, so each block's shift and scale become the LayerNorm
-              affine (weight 1 + scale, bias shift) and its gates become timm's LayerScale gammas;
-  the rest    the sin-cos table becomes pos_embed; no class token, average pooling, no final norm
-              and no fc_norm (final_norm=False, fc_norm=False: timm >= 1.0.11), tanh-GELU.
-Before writing, the export's function in timm's layout (written out in pure torch) is compared
-with the checkpoint's forward_features on random images (--check-images; 0 skips it).
-The last JSON line also gives the export's shape as flags of timm's train.py (train_py_flags);
-fine-tuning with that script under the paper's App. B recipe: docs/USAGE.md.
+FILE is {"state_dict", "timm_kwargs", "source"}: VisionTransformer(**timm_kwargs) loads state_dict
+strictly (timm >= 1.0.11; this script needs only torch), checked against forward_features first.
+The last JSON line gives train_py_flags, the shape as flags of timm's train.py (docs/USAGE.md).
 """
 import json
 import os
@@ -46,10 +28,9 @@ def get_args_parser():
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema",
                    help="the EMA weights (what the paper evaluates) or the raw ones")
-    p.add_argument("--probe-t", type=cli.bounded(int, 0), default=None,
-                   help="noise level folded in (default: the model's probe_t: 10, or a "
-                        "single-level model's own level)")
-    p.add_argument("--probe-depth", type=cli.bounded(int, 1), default=None,
+    p.add_argument("--probe-t", type=cli.bounded(int, 0), help="noise level folded "
+                   "in (default: the model's probe_t: 10, or a single-level model's own level)")
+    p.add_argument("--probe-depth", type=cli.bounded(int, 1),
                    help="blocks exported (default: the encoder, half the blocks)")
     p.add_argument("--check-images", type=cli.bounded(int, 0), default=2,
                    help="random images for the self-check before writing (0 = skip)")
@@ -57,15 +38,15 @@ def get_args_parser():
 
 
 def fold_patch_embed(model):
-    """Conv weight and bias of conv(V_d^T V_d (x - m) + m), in float64 then float32."""
-    pca = model.pca
-    V = pca.components[:model.d].double()                               # (d, D)
+    """Conv weight and bias of conv(V_d^T V_d (x - m) + m), the clean probe input (ldae.add_noise
+    at sigma 0: the latent gain multiplies, then divides), in float64 then float32."""
+    V = model.pca.components[:model.d].double()                         # (d, D)
     proj = V.T @ V                                                      # (D, D), symmetric
     conv = model.x_embedder.proj
     out, C, p, _ = conv.weight.shape
     # PatchPCA flattens a patch in (row, column, channel) order; the conv weight is (C, p, p)
     W = conv.weight.double().permute(0, 2, 3, 1).reshape(out, -1)       # (out, D) in PCA order
-    mean = pca.mean.double()
+    mean = model.pca.mean.double()
     weight = (W @ proj).reshape(out, p, p, C).permute(0, 3, 1, 2)
     bias = conv.bias.double() + W @ (mean - proj @ mean)
     return weight.float().contiguous(), bias.float()
@@ -81,9 +62,8 @@ def timm_kwargs(cfg, depth):
 
 
 def train_flags(kw):
-    """The export's shape as flags of timm's train.py, which passes global_pool, num_classes and
-    in_chans itself and builds the model from --model-kwargs (every dimension is given, so any
-    vit_* name works; img_size matters: without it timm resamples pos_embed to 224 px)."""
+    """The export's shape as flags of timm's train.py: global_pool, num_classes and in_chans are
+    its own flags; --model-kwargs has every dimension (img_size: else pos_embed goes to 224 px)."""
     own = ("global_pool", "num_classes", "in_chans")
     model_kwargs = " ".join(f"{k}={v}" for k, v in kw.items() if k not in own)
     return f"--gp {kw['global_pool']} --in-chans {kw['in_chans']} --model-kwargs {model_kwargs}"
@@ -111,33 +91,25 @@ def export_model(model, t, depth):
     return sd, timm_kwargs(model.config, depth)
 
 
-def timm_block(x, sd, prefix, num_heads):
-    """timm's pre-norm Block with LayerScale, computed from the export's tensors."""
-    width = x.shape[-1]
-    attn = ldae.Attention(width, num_heads)
-    mlp = ldae.Mlp(width, sd[prefix + "mlp.fc1.weight"].shape[0])
-    for name, module in (("attn", attn), ("mlp", mlp)):
-        module.load_state_dict({k: sd[f"{prefix}{name}.{k}"] for k in module.state_dict()})
-
-    def norm(h, which):
-        return F.layer_norm(h, (width,), sd[f"{prefix}{which}.weight"],
-                            sd[f"{prefix}{which}.bias"], eps=1e-6)
-    x = x + sd[prefix + "ls1.gamma"] * attn(norm(x, "norm1"))
-    return x + sd[prefix + "ls2.gamma"] * mlp(norm(x, "norm2"))
-
-
 @torch.no_grad()
 def self_check(model, sd, kw, t, depth, n):
-    """Max |difference| between what timm computes from the export (its layout written out in
-    pure torch: patch conv + pos_embed, pre-norm blocks with LayerScale, average pooling) and
-    forward_features on n random images -> (max |diff|, feature scale)."""
-    S = kw["img_size"]
+    """-> (max |diff|, feature scale) of timm's layout on the export (pure torch) and the model."""
+    S, width = kw["img_size"], kw["embed_dim"]
     images = torch.rand(n, kw["in_chans"], S, S, generator=torch.Generator().manual_seed(0)) * 2 - 1
     x = F.conv2d(images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"],
                  stride=kw["patch_size"])
     x = x.flatten(2).transpose(1, 2) + sd["pos_embed"]                  # (n, L, D)
-    for i in range(kw["depth"]):
-        x = timm_block(x, sd, f"blocks.{i}.", kw["num_heads"])
+    attn = ldae.Attention(width, kw["num_heads"])
+    mlp = ldae.Mlp(width, sd["blocks.0.mlp.fc1.weight"].shape[0])
+
+    def norm(h, which):
+        return F.layer_norm(h, (width,), sd[which + ".weight"], sd[which + ".bias"], eps=1e-6)
+    for i in range(kw["depth"]):              # timm's pre-norm Block with LayerScale
+        pre = f"blocks.{i}."
+        for name, module in (("attn", attn), ("mlp", mlp)):
+            module.load_state_dict({k: sd[f"{pre}{name}.{k}"] for k in module.state_dict()})
+        x = x + sd[pre + "ls1.gamma"] * attn(norm(x, pre + "norm1"))
+        x = x + sd[pre + "ls2.gamma"] * mlp(norm(x, pre + "norm2"))
     want = model.forward_features(images, t=t, depth=depth)
     return (x.mean(dim=1) - want).abs().max().item(), want.abs().max().item()
 
@@ -166,9 +138,8 @@ def main(args):
               "latent_dim": model.d, "patch_dim": model.pca.dim, "latent_norm": model.latent_norm,
               "pca_center": model.pca.center}
     print(f"[export] {cfg['name']} step {source['step']} ({weights} weights): blocks 1..{depth} of "
-          f"{cfg['depth']}, t = {t}, clean input = PCA projection d = {model.d} of "
-          f"{model.pca.dim} (centred: {model.pca.center}), {cfg['img_size']} px -> {args.out}",
-          flush=True)
+          f"{cfg['depth']}, t = {t}, clean input = PCA projection d = {model.d} of {model.pca.dim} "
+          f"(centred: {model.pca.center}), {cfg['img_size']} px -> {args.out}", flush=True)
     sd, kw = export_model(model, t, depth)
     res = {"out": args.out, "timm_kwargs": kw, "train_py_flags": train_flags(kw), "source": source,
            "self_check_max_abs_diff": None}

@@ -1,16 +1,11 @@
 """The latent Denoising Autoencoder (l-DAE) of Chen, Liu, Xie, He, "Deconstructing Denoising
-Diffusion Models for Self-Supervised Learning" (arXiv 2401.14404), in one file that needs only
-torch and tokenizer_pca.py. Copy the pair into your project and call:
+Diffusion Models for Self-Supervised Learning" (arXiv 2401.14404; "RECIPE sN": RECIPE.md's
+section N). It needs only torch and tokenizer_pca.py: copy the pair into your project and call
 
     pca = PatchPCA.load("pca.pt")                    # python tokenizer_pca.py --out pca.pt
     model = build_model("vit_b", pca)                # ViT-B encoder + ViT-B decoder, 256 px
     loss = model.loss(images)                        # images: (B, 3, 256, 256) in [-1, 1]
     feats = model.forward_features(images)           # (B, 768): what the linear probe reads
-
-Training is pretrain.py's, the probe linprobe.py's. "RECIPE sN" points to RECIPE.md, the paper's
-recipe section by section. The transformer pieces are the DiT baseline's too (dit_baseline.py
-imports them): one block implementation, DiT's parameter names (x_embedder, blocks.N.attn.qkv,
-blocks.N.adaLN_modulation, ...).
 """
 import math
 
@@ -22,26 +17,19 @@ import torch.utils.checkpoint
 from tokenizer_pca import LATENT_NORMS, PatchPCA
 
 
-# ---- Transformer pieces shared with dit_baseline.py (RECIPE s4: "a ViT built from DiT blocks")
+# ---- Transformer pieces shared with dit_baseline.py, DiT's parameter names (RECIPE s4)
 def modulate(x, shift, scale):
-    # adaLN: a per-example affine map of the normalised tokens. x (B, L, D); shift, scale (B, 1, D)
-    return x * (1 + scale) + shift
+    return x * (1 + scale) + shift        # adaLN: a per-example affine map of the normed tokens
 
 
 def sincos_pos_embed(dim, grid):
-    """Fixed 2-D sin-cos position embedding (no learned positions, RECIPE s4), (grid*grid, dim):
-    the first half of the channels the column, the second the row, each [sin, cos] of
-    geometrically spaced frequencies, as MAE's and DiT's tables."""
+    """Fixed 2-D sin-cos positions (grid*grid, dim): columns, then rows, as MAE, DiT (RECIPE s4)."""
     assert dim % 4 == 0, "sin-cos position embedding needs a width divisible by 4"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
-                                torch.arange(grid, dtype=torch.float64), indexing="ij")
-
-    def one_axis(pos):                                          # (grid*grid,) -> (grid*grid, dim/2)
-        angles = pos.reshape(-1, 1) * omega.reshape(1, -1)
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([one_axis(cols), one_axis(rows)], dim=1).float()
+    pos = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(pos, pos, indexing="ij")
+    col, row = (axis.reshape(-1, 1) * omega.reshape(1, -1) for axis in (cols, rows))  # angles
+    return torch.cat([col.sin(), col.cos(), row.sin(), row.cos()], dim=1).float()
 
 
 class PatchEmbed(nn.Module):
@@ -56,32 +44,21 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Noise level t (B,) -> conditioning vector c (B, dim): sinusoidal features then a 2-layer MLP.
-
-    In l-DAE `dim` is 1/4 of the network width (RECIPE s4: the paper shrinks the conditioning MLP
-    to a quarter of DiT's at no cost in accuracy; `cond_ratio` below). DiT uses dim = width.
-    """
+    """t (B,) -> c (B, dim): sinusoids, then an MLP; l-DAE's dim: width / 4 (RECIPE s4, as good)."""
 
     def __init__(self, dim, freq_dim=256):
         super().__init__()
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    @staticmethod
-    def timestep_embedding(t, dim, max_period=10000):
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-        angles = t.float().reshape(-1, 1) * freqs.reshape(1, -1)           # (B, half)
-        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, dim)
-
     def forward(self, t):
-        return self.mlp(self.timestep_embedding(t, self.freq_dim))
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+        angles = t.float().reshape(-1, 1) * freqs.reshape(1, -1)           # (B, half)
+        return self.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through F.scaled_dot_product_attention (flash / memory-efficient
-    kernels on GPU, fused kernel on CPU)."""
-
     def __init__(self, dim, num_heads):
         super().__init__()
         assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
@@ -108,10 +85,7 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """A pre-norm transformer block conditioned through adaLN-Zero (DiT's block): c (B, cond_dim)
-    gives six (B, D) vectors, shift / scale of both LayerNorms and a gate on both residual
-    branches. The gates start at zero, so every block starts as the identity (DiT's trick for
-    stable training, and why a "random init" probe baseline must switch them on)."""
+    """DiT's pre-norm adaLN-Zero block: c sets both norms' shift / scale and both branch gates."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, cond_dim=None):
         super().__init__()
@@ -129,8 +103,7 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """DiT's output head: adaLN + LayerNorm + Linear to p*p*C values per token, (p, q, c) order,
-    the same per-patch order as PatchPCA.patchify (so predictions compare with PCA patches)."""
+    """DiT's head: adaLN, LayerNorm, Linear to p*p*C values per token in PatchPCA.patchify order."""
 
     def __init__(self, dim, patch_size, out_chans, cond_dim=None):
         super().__init__()
@@ -144,10 +117,8 @@ class FinalLayer(nn.Module):
 
 
 def init_dit_weights(model, active=False):
-    """DiT's initialisation: xavier-uniform linears, zero biases, N(0, 0.02) timestep MLP, zero
-    adaLN modulation and output layer (adaLN-Zero). active=True gives every block a live residual
-    branch instead (modulation N(0, 0.02), gate biases 1): a plain random pre-norm ViT, the honest
-    random baseline of a probe; with zero gates it would be pooled patch embeddings."""
+    """DiT's init (zero adaLN and output); active=True opens the gates: a random pre-norm ViT, a
+    probe's honest random baseline (with zero gates it would be pooled patch embeddings)."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -172,8 +143,7 @@ def init_dit_weights(model, active=False):
 
 
 def run_blocks(blocks, x, c, depth=None, checkpoint=False):
-    """The first `depth` blocks (all when None) on tokens x (B, L, D) under conditioning c; with
-    checkpoint, activations are recomputed in the backward pass (memory for vit_l)."""
+    """The first `depth` blocks (None: all); checkpoint recomputes activations (memory, vit_l)."""
     for block in blocks[:depth]:
         if checkpoint and torch.is_grad_enabled():
             x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
@@ -183,9 +153,7 @@ def run_blocks(blocks, x, c, depth=None, checkpoint=False):
 
 
 def pooled_features(blocks, x, c, depth, default_depth, pool=True):
-    """The probe's features (RECIPE s5): tokens x (B, L, D) through the blocks under conditioning
-    c, average-pooled (no class token) after block `depth` (None: default_depth) -> (B, D). A
-    list of depths: one pass, one (B, D) per depth (DDAE's grid). pool=False: the tokens."""
+    """The probe's tokens after block depth (None: default_depth; a list: each), mean-pooled."""
     many = isinstance(depth, (list, tuple))
     depths = list(depth) if many else [depth or default_depth]
     kept = {}
@@ -198,10 +166,8 @@ def pooled_features(blocks, x, c, depth, default_depth, pool=True):
 
 
 def noise_levels(t, default, images):
-    """t for every image: None (the model's default level), one int, or a (B,) tensor (one level
-    per image, as distill.py's policy picks them) -> (B,) long on the images' device."""
-    if t is None:
-        t = default
+    """t: None (the default), an int or a (B,) tensor (distill.py's policy) -> (B,) long."""
+    t = default if t is None else t
     if isinstance(t, torch.Tensor) and t.ndim == 1:
         return t.to(images.device, torch.long)
     return torch.full((images.shape[0],), int(t), device=images.device, dtype=torch.long)
@@ -212,15 +178,12 @@ def registry_config(models, name, overrides, what):
     if name not in models:
         raise KeyError(f"unknown {what} model {name!r}; choose from {sorted(models)}")
     cfg = {**models[name], **{k: v for k, v in overrides.items() if v is not None}}
-    cfg.pop("family", None)
-    cfg.pop("name", None)
-    return cfg
+    return {k: v for k, v in cfg.items() if k not in ("family", "name")}
 
 
 # ---- The l-DAE model (RECIPE s3, s4)
-# Sizes (RECIPE s4): `depth` counts encoder + decoder blocks, the first half the encoder the probe
-# reads, no bottleneck. The CPU sizes (32 px, 4 x 4 patches: 64 tokens of D = 48) use d = 8 with
-# whitened latents, measured to learn there (docs/RESULTS.md); d = 4 at pixel scale did not.
+# Sizes (RECIPE s4): `depth` counts encoder + decoder blocks, no bottleneck; the probe reads the
+# first half. CPU sizes: d = 8 whitened latents learn there, d = 4 at pixel scale did not (RESULTS).
 _CPU = dict(img_size=32, patch_size=4, latent_dim=8, latent_norm="whiten")
 MODELS = {
     "vit_tiny": dict(hidden_size=64, depth=4, num_heads=4, **_CPU),
@@ -230,7 +193,6 @@ MODELS = {
     "vit_l": dict(hidden_size=1024, depth=48, num_heads=16),         # ViT-L enc + ViT-L dec
 }
 
-# The constructor options pretrain.py may pass as flags (`--latent-dim`, `--noise`, ...).
 MODEL_FLAGS = ("img_size", "patch_size", "latent_dim", "latent_scale", "latent_norm",
                "residual_weight", "noise", "single_sigma", "target", "cond_ratio",
                "grad_checkpoint")
@@ -263,21 +225,17 @@ class LDAE(nn.Module):
                  sigma_max=math.sqrt(2), target="original", grad_checkpoint=False, name="custom"):
         super().__init__()
         check_config(pca, img_size, patch_size, in_chans, latent_dim, latent_norm, noise, target)
-        D = patch_size * patch_size * in_chans
-        # RECIPE s2: the latent's scale is a choice the model owns (the PCA object is not changed):
-        # z = latent_scale * norm_gain * V_d x, with norm_gain from --latent-norm
+        # RECIPE s2: the model owns the latent's scale and norm, the PCA stays as it was fitted
         self.latent_scale = float(pca.scale if latent_scale is None else latent_scale)
         self.latent_norm = latent_norm
         self.config = dict(family="ldae", name=name, img_size=img_size, patch_size=patch_size,
                            in_chans=in_chans, hidden_size=hidden_size, depth=depth,
                            num_heads=num_heads, mlp_ratio=mlp_ratio, cond_ratio=cond_ratio,
                            latent_dim=latent_dim, latent_scale=self.latent_scale,
-                           latent_norm=latent_norm, residual_weight=residual_weight,
-                           noise=noise, single_sigma=single_sigma,
-                           num_steps=num_steps, sigma_max=sigma_max, target=target,
-                           grad_checkpoint=grad_checkpoint)
-        self.pca = pca
-        self.patch_size, self.depth, self.d = patch_size, depth, latent_dim
+                           latent_norm=latent_norm, residual_weight=residual_weight, noise=noise,
+                           single_sigma=single_sigma, num_steps=num_steps, sigma_max=sigma_max,
+                           target=target, grad_checkpoint=grad_checkpoint)
+        self.pca, self.patch_size, self.depth, self.d = pca, patch_size, depth, latent_dim
         self.noise, self.num_steps, self.sigma_max = noise, num_steps, sigma_max
         self.single_sigma, self.grad_checkpoint, self.target = single_sigma, grad_checkpoint, target
         cond_dim = max(1, int(hidden_size * cond_ratio))
@@ -288,20 +246,17 @@ class LDAE(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(hidden_size, grid).unsqueeze(0))
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, cond_dim)
                                     for _ in range(depth))
-        # Output per token: the clean image patch (p*p*C values), or, for the Table 3 row "image
-        # input via inverse PCA" that still predicts the latent, the d latent coordinates.
-        out_chans = in_chans if target != "latent" else latent_dim
-        self.final_layer = FinalLayer(hidden_size, 1 if target == "latent" else patch_size,
-                                      out_chans, cond_dim)
-        # Loss weights in the full PCA basis (RECIPE s3): 1 on the d noised coordinates, a smaller
-        # weight on the residual the input never saw; (D,)
-        w = torch.full((D,), float(residual_weight))
+        if target == "latent":     # Table 3 "image input via inverse PCA": the d coordinates
+            self.final_layer = FinalLayer(hidden_size, 1, latent_dim, cond_dim)
+        else:                      # the clean image patch, p*p*C values per token
+            self.final_layer = FinalLayer(hidden_size, patch_size, in_chans, cond_dim)
+        # loss weights in the PCA basis (RECIPE s3): 1 on the d noised, less on the unseen residual
+        w = torch.full((pca.dim,), float(residual_weight))
         w[:latent_dim] = 1.0
         self.register_buffer("loss_weight", w, persistent=False)
         self.init_weights()
 
-    def init_weights(self, active=False):
-        init_dit_weights(self, active)
+    init_weights = init_dit_weights
 
     # --- noise (RECIPE s3: no input scaling, sigma_t linear from 0 to sqrt 2 over T = 1000) ---
     @property
@@ -316,9 +271,8 @@ class LDAE(nn.Module):
 
     def sigma(self, t):                                                 # (B,) long -> (B,) float
         sigma = self.sigma_max * t.float() / self.num_steps
-        if self.noise == "single":     # RECIPE s3 ablation: the one level is exactly single_sigma;
-            # every other t keeps the linear map, so t = 0 (a clean probe input) has sigma 0
-            sigma = torch.where(t == self.single_t, self.single_sigma, sigma)
+        if self.noise == "single":     # RECIPE s3 ablation: the one level is exactly single_sigma
+            sigma = torch.where(t == self.single_t, self.single_sigma, sigma)  # clean t=0: sigma 0
         return sigma
 
     def sample_t(self, batch, device):
@@ -331,31 +285,25 @@ class LDAE(nn.Module):
         return self.pca.latent_gain(self.d, self.latent_norm, self.latent_scale)
 
     def add_noise(self, x0, t):
-        """Noise in the d-dim PCA latent (the paper's key finding, Table 2), then back to an image:
-        x_t = V_d^T (g V_d x0 + sigma_t eps) / g with g = latent_gain(); the residual outside the
-        subspace is dropped from the input. (B, C, H, W) -> (B, C, H, W)"""
+        """Noise in the d-dim PCA latent (the paper's key finding, Table 2), back to an image: x_t =
+        V_d^T (g V_d x0 + sigma_t eps) / g, g = latent_gain(); the residual is dropped."""
         with torch.autocast(x0.device.type, enabled=False):   # projections in fp32: cheap, exact
             gain = self.latent_gain()
             z0 = self.pca.encode(x0.float(), self.d, gain)                  # (B, L, d)
             z = z0 + self.sigma(t).view(-1, 1, 1) * torch.randn_like(z0)
             return self.pca.decode(z, gain=gain)
 
-    # --- the network: a plain ViT of DiT blocks on the (noised) image ---
     def forward(self, x, t, depth=None):
-        """x (B, C, H, W), t (B,) -> predicted clean patches (B, L, p*p*C); with depth=k, the
-        tokens after block k instead, (B, L, D) (what the probe reads)."""
+        """x (B, C, H, W), t (B,) -> clean patches (B, L, p*p*C), or the tokens after `depth`."""
         x = self.x_embedder(x) + self.pos_embed                         # (B, L, D)
         c = self.t_embedder(t)                                          # (B, D * cond_ratio)
         x = run_blocks(self.blocks, x, c, depth, self.grad_checkpoint and self.training)
         return x if depth is not None else self.final_layer(x, c)
 
     def loss(self, x0, labels=None):
-        """The l-DAE objective (RECIPE s3), a scalar. r = V_full (x0 - net(x_t)) per patch, the
-        error in the full D-dim PCA basis, weighted 1 on the d noised coordinates and
-        residual_weight (0.1) on the residual inferred from context; lambda_t = 1 / (1 +
-        sigma_t^2) down-weights the noisiest levels. `labels` is ignored: l-DAE is unconditional."""
-        B = x0.shape[0]
-        t = self.sample_t(B, x0.device)                                 # (B,)
+        """The l-DAE objective (RECIPE s3), r = V_full (x0 - net(x_t)) weighted by loss_weight,
+        times lambda_t = 1 / (1 + sigma_t^2); `labels` is ignored: l-DAE is unconditional."""
+        t = self.sample_t(x0.shape[0], x0.device)                       # (B,)
         pred = self(self.add_noise(x0, t), t).float()                   # (B, L, D) or (B, L, d)
         with torch.autocast(x0.device.type, enabled=False):
             lam = 1.0 / (1.0 + self.sigma(t).square())                  # (B,)
@@ -372,22 +320,15 @@ class LDAE(nn.Module):
 
     def forward_features(self, images, t=None, depth=None, noisy=False, pool=True,
                          clean="projected"):
-        """What the linear probe reads (RECIPE s5): pooled_features after block `depth` (default:
-        the last encoder block), the network told level t (None: probe_t; an int; or one per
-        image) and given a clean input: the image projected onto the d-dim PCA subspace (sigma 0,
-        the kind of input it saw in training; measured best, docs/RESULTS.md), or with
-        clean="image" the raw image itself. noisy=True adds level t's noise instead (the paper's
-        Sec. 5 ablation); pool=False: the tokens, unpooled."""
+        """The probe's features (RECIPE s5) after block `depth` (default: the encoder's last) at
+        level t (None: probe_t), of the image projected on the PCA subspace (sigma 0, as in
+        training; measured best, docs/RESULTS.md), the raw image (clean="image") or a noisy one."""
         if clean not in ("projected", "image"):
             raise ValueError(f"clean must be 'projected' or 'image', not {clean!r}")
         levels = noise_levels(t, self.probe_t, images)
-        if noisy:
-            x = self.add_noise(images, levels)
-        elif clean == "image":
-            x = images
-        else:
-            # sigma 0: the image projected onto the PCA subspace, V_d^T V_d x0
-            x = self.add_noise(images, torch.zeros_like(levels))
+        x = images
+        if noisy or clean == "projected":
+            x = self.add_noise(images, levels if noisy else torch.zeros_like(levels))
         tokens = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(levels)
         return pooled_features(self.blocks, tokens, c, depth, self.depth // 2, pool)
@@ -404,8 +345,7 @@ class LDAE(nn.Module):
 
 
 def build_model(name, pca=None, **overrides):
-    """The registry behind `pretrain.py --model`; None overrides are ignored. pca=None: an
-    identity basis of the right shape, which a checkpoint's load_state_dict overwrites."""
+    """The registry behind `pretrain.py --model`; pca=None: an identity basis a checkpoint fills."""
     cfg = registry_config(MODELS, name, overrides, "l-DAE")
     if pca is None:
         patch_size = cfg.get("patch_size", 16)

@@ -1,22 +1,10 @@
-"""Linear probe of a frozen l-DAE (or DiT-baseline) encoder: the number every table of the paper
-reports (RECIPE s5). Only a BatchNorm1d(affine=False) + Linear head trains, never the backbone.
+"""Linear probe of a frozen l-DAE (or DiT-baseline) encoder, the figure every table of the paper
+reports (RECIPE s5): only a BatchNorm1d(affine=False) + Linear head trains, never the backbone.
+--protocol mae is the paper's ("follows MAE"); cached and knn are in util/probe_cached.py, knn.py.
 
   python linprobe.py out/tiny/checkpoint.pt --compare          # small set: auto runs cached
   torchrun --nproc_per_node=8 linprobe.py out/vit_b/checkpoint.pt --dataset imagefolder \\
       --data-path IMNET                                          # auto runs mae, the paper's
-
---protocol mae, the paper's ("follows MAE"), below: a fresh RandomResizedCrop + flip of every
-    image through the frozen encoder each epoch; LARS, wd 0, batch 16384, lr = 0.1 x batch / 256,
-    90 epochs with 10 warmup, per-step cosine; resize + center-crop val.
---protocol cached: one feature pass, the head solved to convergence or on mae's schedule, its one
-    setting chosen on held-out train (util/probe_cached.py); --grid: a head per (depth, t), DDAE's
-    grid; --select-setting: the best (t, clean / noisy input), the paper's Table 4.
---protocol knn: DINO's weighted k-NN (util/knn.py); --knn adds it to the other protocols.
---protocol auto (default): mae when the train set gives >= AUTO_MIN_STEPS steps per epoch.
---compare: the checkpoint, the same network at random init and raw pixels, in one table.
---output-dir gets probe_log.jsonl (a line per epoch or solve) and head.pt (the heads, the
-settings), never over another run's files (--overwrite replaces a previous probe's); the last
-line printed is one JSON object with the figures.
 """
 import argparse
 import functools
@@ -36,10 +24,8 @@ from util.checkpoint import RunLog
 from util.cli import UserError
 from util.lars import LARS
 
-# --protocol auto's rule: MAE's schedule (warmup + cosine over 90 epochs) needs at least this many
-# optimiser steps per epoch to be the paper's schedule; at batch 16384 that is 327,680 images
-# (ImageNet: 78 steps). A small set gets one or two steps per epoch, mostly warmup, far from
-# converged; cached then solves the same head to convergence instead.
+# --protocol auto: MAE's warmup + cosine is the paper's schedule only with this many steps per
+# epoch (ImageNet at batch 16384: 78); a small set's one or two, mostly warmup, get cached instead.
 AUTO_MIN_STEPS = 20
 PAPER = {"mae": "the paper's protocol (MAE's linear probe)",
          "cached": "not the paper's (mae): its head on one center-crop feature pass",
@@ -58,75 +44,57 @@ def make_head(dim, num_classes):
     return head
 
 
-def train_one_epoch(net, opt, batches, n_batches, accum, epoch, base_lr, args):
-    """One epoch of the probe: n_batches micro-batches (features (b, D), labels (b,)), `accum` of
-    them a step of the global batch, the lr set every step (linear warmup, half-cycle cosine to
-    0, on the fractional epoch). -> the mean loss (one host sync per epoch)."""
-    total = 0.0
-    for i, (x, y) in enumerate(batches):
-        step_start = i // accum * accum
-        if i == step_start:
-            opt.param_groups[0]["lr"] = lr_sched.lr_at(epoch + i / n_batches, 1, base_lr,
-                                                       args.warmup_epochs, args.epochs)
-        loss = F.cross_entropy(net(x), y)
-        # the mean over the micro-batches this step really has (a small set's only step may
-        # have fewer than accum); under DDP every micro-batch all-reduces: a tiny head
-        in_step = min(accum, n_batches - step_start)
-        (loss / in_step).backward()
-        if i + 1 == step_start + in_step:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        total = total + loss.detach()
-    return float(total) / max(n_batches, 1)
-
-
 def train_head(head, batches, n_batches, accum, base_lr, args, log, tag, net=None):
-    """MAE's probe schedule (RECIPE s5): LARS (trust 0.001, momentum 0.9), wd 0, --epochs with
-    --warmup-epochs. batches(epoch) -> that epoch's micro-batches. net: what computes the logits
-    (the head, or its DDP wrapper)."""
+    """MAE's probe (RECIPE s5): LARS, wd 0, warmup + cosine lr per step of `accum` batches."""
     opt = LARS(head.parameters(), lr=base_lr)
     for epoch in range(args.epochs):
         head.train()
-        start = time.time()
-        loss = train_one_epoch(net or head, opt, batches(epoch), n_batches, accum, epoch, base_lr,
-                               args)
-        log({**tag, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": loss,
+        start, total = time.time(), 0.0
+        for i, (x, y) in enumerate(batches(epoch)):
+            step_start = i // accum * accum
+            if i == step_start:
+                opt.param_groups[0]["lr"] = lr_sched.lr_at(epoch + i / n_batches, 1, base_lr,
+                                                           args.warmup_epochs, args.epochs)
+            loss = F.cross_entropy((net or head)(x), y)
+            # a small set's one step may hold < accum; DDP syncs each micro-batch (a tiny head)
+            in_step = min(accum, n_batches - step_start)
+            (loss / in_step).backward()
+            if i + 1 == step_start + in_step:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            total = total + loss.detach()       # one host sync per epoch, below
+        log({**tag, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+             "train_loss": float(total) / max(n_batches, 1),
              "seconds": round(time.time() - start, 2)})
     return head
 
 
 def mae_layout(args, world, n_train):
-    """The mae protocol's batch, split in one place: --batch-size over the ranks, then into
-    micro-batches of at most --max-device-batch (or --accum-iter of them) per step. MAE drops the
-    last partial batch, but a set smaller than one global batch keeps all its images (one
-    partial step per epoch). -> dict."""
+    """--batch-size over ranks and micro-batches; MAE's drop_last, unless under one global batch."""
     per_rank = args.batch_size // world
     accum = args.accum_iter or -(-per_rank // args.max_device_batch)
     micro = max(1, per_rank // accum)
     full = n_train // world >= per_rank
     samples = -(-n_train // world)              # DistributedSampler pads to equal shards
-    batches = samples // micro
-    if not full:
-        batches = -(-samples // micro)
+    batches = samples // micro if full else -(-samples // micro)
     return {"accum": accum, "micro": micro, "drop_last": full, "batches": batches,
             "steps": -(-batches // accum), "first_step": min(accum, batches)}
 
 
-def probe_mae(featurize, key, train_ds, val_x, val_y, base_lr, args, num_classes, device, rank,
-              world, log):
-    """The paper's protocol: the frozen encoder sees a fresh RandomResizedCrop + flip of every
-    image each epoch; the head is scored on val_x (M, D). -> (state, top1 %, top5 %, info)."""
-    layout = mae_layout(args, world, len(train_ds))
-    sampler = None
-    if world > 1:
-        sampler = torch.utils.data.DistributedSampler(train_ds, world, rank, seed=args.seed)
-    loader = DataLoader(train_ds, layout["micro"], shuffle=sampler is None, sampler=sampler,
+def probe_mae(featurize, key, val_x, val_y, args, run, device, rank, log):
+    """The paper's protocol: a fresh RandomResizedCrop + flip of each image every epoch."""
+    layout = mae_layout(args, run.world, run.n_train)
+    torch.manual_seed(args.seed)
+    head = make_head(val_x.shape[1], run.num_classes).to(device)
+    sampler, ddp_head = None, None
+    if run.world > 1:
+        sampler = torch.utils.data.DistributedSampler(run.crops_ds, run.world, rank, seed=args.seed)
+        ddp_head = nn.parallel.DistributedDataParallel(head)
+    loader = DataLoader(run.crops_ds, layout["micro"], shuffle=sampler is None, sampler=sampler,
                         num_workers=args.num_workers, drop_last=layout["drop_last"],
                         generator=torch.Generator().manual_seed(args.seed),
                         pin_memory=device.type == "cuda",
                         worker_init_fn=distributed.ignore_stop_signals)
-    torch.manual_seed(args.seed)
-    head = make_head(val_x.shape[1], num_classes).to(device)
 
     def batches(epoch):
         if sampler is not None:
@@ -136,13 +104,10 @@ def probe_mae(featurize, key, train_ds, val_x, val_y, base_lr, args, num_classes
             with torch.inference_mode():        # frozen backbone: eval mode, no graph
                 f = featurize(x.to(device, non_blocking=True))[key]     # (b, D)
             yield f.clone(), y.to(device)       # clone: a tensor the head's autograd may save
-    ddp_head = None
-    if world > 1:
-        ddp_head = nn.parallel.DistributedDataParallel(head)
-    train_head(head, batches, len(loader), layout["accum"], base_lr, args,
+    train_head(head, batches, len(loader), layout["accum"], run.base_lr, args,
                functools.partial(log, echo=True), {}, ddp_head)
     top1, top5 = probe_cached.evaluate(head, val_x, val_y, device)
-    info = {"solver": "LARS, probe schedule", "lr": base_lr,
+    info = {"solver": "LARS, probe schedule", "lr": run.base_lr,
             "selection": "fixed (MAE: --blr * batch / 256, or --lr)",
             "features_normalised": "BN only", "accum_iter": layout["first_step"],
             "device_batch": layout["micro"]}
@@ -151,9 +116,7 @@ def probe_mae(featurize, key, train_ds, val_x, val_y, base_lr, args, num_classes
 
 def fit_lars(train_x, train_y, eval_x, eval_y, lr, args, num_classes, device, seed, log=None,
              tag=None):
-    """MAE's schedule on cached features (--protocol cached --solver lars; drop_last like MAE)
-    -> (head, top1 %, top5 %) on eval_x. train_x (V, N, D): each epoch draws one of the V views
-    of every image."""
+    """--solver lars: MAE's schedule on cached train_x (V, N, D), a random view of each image."""
     n_views, n, dim = train_x.shape
     torch.manual_seed(seed)
     head = make_head(dim, num_classes).to(device)
@@ -172,8 +135,7 @@ def fit_lars(train_x, train_y, eval_x, eval_y, lr, args, num_classes, device, se
 
 
 def cached_solver(args, base_lr):
-    """--protocol cached's head and its one free setting -> (fit, setting name, values swept):
-    L-BFGS over --wd-grid, or MAE's LARS schedule over --lr-grid x the base lr."""
+    """--protocol cached -> (fit, setting, values): L-BFGS over --wd-grid or LARS over --lr-grid."""
     if args.solver == "lbfgs":
         return functools.partial(probe_cached.fit_lbfgs, make_head=make_head), "wd", args.wd_grid
     return fit_lars, "lr", [base_lr * factor for factor in args.lr_grid]
@@ -195,12 +157,9 @@ def main(args):
     log = RunLog(outputs[0], rank == 0)
     if rank == 0:
         cli.print_settings("linprobe", settings_lines(args, run))
-    before = None
-    if run.model is not None:
-        before = features.checksum(run.model)
+    before = None if run.model is None else registry.checksum(run.model)
     results, knn_res, best, seconds = probe_features(args, run, rank, device, log.write)
-    unchanged = before is None or torch.equal(before, features.checksum(run.model))
-    if not unchanged:
+    if before is not None and before != registry.checksum(run.model):
         raise RuntimeError("the frozen backbone's weights changed during probing")   # a bug
     info = {"solver": "none: weighted k-NN", "selection": "none: k and T fixed"}
     top1, top5 = knn_res.get("knn_top1"), knn_res.get("knn_top5")
@@ -209,20 +168,15 @@ def main(args):
     res = {"top1": round(top1, 2), "top5": round(top5, 2), "protocol": run.protocol,
            "protocol_reason": run.why, "protocol_vs_paper": PAPER[run.protocol],
            "features": run.features, "depth": best[0], "t": best[1], "noisy_input": best[2],
-           "clean_input": args.clean_input,
-           **info, **knn_res, "checkpoint": args.ckpt, "dataset": args.dataset,
-           "input_size": run.size, "num_classes": run.num_classes, "n_train": run.n_train,
-           "n_val": run.n_val, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
-           "batch_size": args.batch_size, "views": args.views, "seed": args.seed,
-           "backbone_unchanged": unchanged, **seconds,
+           "clean_input": args.clean_input, **info, **knn_res, "checkpoint": args.ckpt,
+           "dataset": args.dataset, "input_size": run.size, "num_classes": run.num_classes,
+           "n_train": run.n_train, "n_val": run.n_val, "epochs": args.epochs,
+           "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size, "views": args.views,
+           "seed": args.seed, "backbone_unchanged": True, **seconds,     # checked above
            "seconds_total": round(time.time() - t_start, 2)}
     if getattr(run, "selection", None):
         res["setting_selection"] = run.selection
-    short = {key: summary(result) for key, result in results.items()}
-    if len(results) > 1:
-        res["grid"] = [{"depth": k[0], "t": k[1], "noisy": k[2], **v} for k, v in short.items()]
-    if rank == 0:
-        save_and_print(args, res, results, short, best)
+    report(args, res, results, best, rank == 0)
     if world > 1:
         dist.destroy_process_group()
     return res
@@ -232,20 +186,31 @@ def prepare(args, device, world):
     """The model, the probe settings and the data sets, every check done -> the run's facts."""
     pixels = args.baseline == "pixels"
     model, cfg = None, {}
+    described = "raw pixels (flattened, <= 32x32x3)"
     if not pixels:
         model = features.load_backbone(args, device)
         cfg = model.config
+        described = f"{cfg.get('name')} checkpoint ({args.weights_used} weights)"
+        if args.random_init:
+            described = f"random-init {cfg.get('name')} (active blocks)"
     elif args.ckpt:                             # pixels: a checkpoint only fixes the size
         cfg = registry.load(args.ckpt)["model_config"]
     size, keys = features.probe_keys(args, cfg, pixels, model)
-    protocol, why, centre_ds, crops_ds, val_ds = build_sets(args, size)
+    eval_tf = transforms.build_transform("eval", size)
+    centre_ds, crops_ds = None, None
+    if args.protocol != "mae" or args.knn or args.select_setting:     # built first: auto counts it
+        centre_ds = datasets.build_dataset(args, "train", eval_tf)
+    protocol, why = choose_protocol(args, None if centre_ds is None else len(centre_ds))
+    if protocol == "mae" or args.views > 1:
+        crop_tf = transforms.build_transform("rrc", size, scale=(0.08, 1.0))  # MAE's probe crops
+        crops_ds = datasets.build_dataset(args, "train", crop_tf)
+    val_ds = datasets.build_dataset(args, "val", eval_tf)
     train_ds = centre_ds if centre_ds is not None else crops_ds   # mae alone: the crops only
     num_classes = datasets.num_classes(train_ds)
-    if datasets.num_classes(val_ds) != num_classes or (args.nb_classes or num_classes) != \
-            num_classes:
-        raise UserError(f"class counts do not fit: train has {num_classes}, val "
-                        f"{datasets.num_classes(val_ds)}, --nb-classes {args.nb_classes}; point "
-                        f"--data-path at matching splits")
+    val_classes = datasets.num_classes(val_ds)
+    if val_classes != num_classes or args.nb_classes not in (None, num_classes):
+        raise UserError(f"class counts do not fit: train has {num_classes}, val {val_classes}, "
+                        f"--nb-classes {args.nb_classes}; point --data-path at matching splits")
     want = (cfg.get("in_chans", 3), size, size)
     if tuple(val_ds[0][0].shape) != want:
         raise UserError(f"images come out as {tuple(val_ds[0][0].shape)}, the model takes {want}")
@@ -274,45 +239,37 @@ def prepare(args, device, world):
     if use_knn and args.knn_k > len(train_ds):
         raise UserError(f"--knn-k {args.knn_k} is more than the {len(train_ds)} train images; "
                         f"pass --knn-k {len(train_ds)} or fewer")
-    return argparse.Namespace(
-        model=model, size=size, keys=keys, protocol=protocol, why=why, knn=use_knn,
-        centre_ds=centre_ds, crops_ds=crops_ds, val_ds=val_ds, n_train=len(train_ds),
-        n_val=len(val_ds), num_classes=num_classes, base_lr=lr_sched.scaled_lr(args),
-        world=world, features=describe_features(args, cfg, pixels))
+    return argparse.Namespace(model=model, size=size, keys=keys, protocol=protocol, why=why,
+                              knn=use_knn, centre_ds=centre_ds, crops_ds=crops_ds, val_ds=val_ds,
+                              n_train=len(train_ds), n_val=len(val_ds), num_classes=num_classes,
+                              base_lr=lr_sched.scaled_lr(args), world=world, features=described)
 
 
 def probe_features(args, run, rank, device, log):
-    """The feature pass and the heads -> ({key: head result}, k-NN fields, the headline key,
-    timings). A grid's headline is chosen on held-out train (its best top-1), never on val."""
+    """-> ({key: head result}, k-NN fields, the headline key chosen on held-out train, timings)."""
     t0 = time.time()
     keys = run.keys
     if run.protocol == "mae" and args.select_setting:
         keys = [select_setting(args, run, device, rank, log)]
     featurize = features.make_featurizer(run.model, keys, args)
     if run.protocol == "mae" and not run.knn:   # val only: the train pass is the training
-        val_x, val_y = features.extract(featurize, run.val_ds, args, device, rank, run.world,
-                                        "val")
+        val_x, val_y = features.extract(featurize, run.val_ds, args, device, rank, run.world, "val")
     else:
         train_x, train_y, val_x, val_y = features.cached_features(
-            featurize, keys, run.centre_ds, run.crops_ds, run.val_ds, args, device, rank,
-            run.world)
+            featurize, run.centre_ds, run.crops_ds, run.val_ds, args, device, rank, run.world)
     seconds = {"seconds_features": round(time.time() - t0, 2)}
     t0 = time.time()
     results = {}
     if run.protocol == "mae":
-        results[keys[0]] = probe_mae(featurize, keys[0], run.crops_ds, val_x[keys[0]], val_y,
-                                     run.base_lr, args, run.num_classes, device, rank, run.world,
-                                     log)
+        results[keys[0]] = probe_mae(featurize, keys[0], val_x[keys[0]], val_y, args, run, device,
+                                     rank, log)
     if run.protocol == "cached":
         for key in keys:
-            tag = {"depth": key[0], "t": key[1], "noisy": key[2]}
-            results[key] = probe_cached.probe_cached(train_x[key], train_y, val_x[key], val_y,
-                                                     args, run.num_classes, device, log, tag,
-                                                     *cached_solver(args, run.base_lr))
+            results[key] = probe_cached.probe_cached(
+                train_x[key], train_y, val_x[key], val_y, args, run.num_classes, device, log,
+                {"depth": key[0], "t": key[1], "noisy": key[2]}, *cached_solver(args, run.base_lr))
     seconds["seconds_head"] = round(time.time() - t0, 2)
-    best = keys[0]
-    if len(keys) > 1:
-        best = max(keys, key=lambda key: results[key][3].get("heldout_top1", 0.0))
+    best = max(keys, key=lambda k: results[k][3]["heldout_top1"]) if len(keys) > 1 else keys[0]
     knn_res = {}
     if run.knn:                                 # the headline setting's center-crop features
         t0 = time.time()
@@ -324,10 +281,7 @@ def probe_features(args, run, rank, device, log):
 
 
 def select_setting(args, run, device, rank, log):
-    """The paper's Table 4 probe under --protocol mae: every (t, clean or noisy input) setting
-    probed by the cached head on a seeded subset of --select-images train images (not ten full
-    feature sets of ImageNet), the best held-out top-1 chosen -> that setting, at which MAE's
-    protocol then runs alone. Val is never read."""
+    """Table 4 with mae: cached heads on a train subset (not 10 feature sets) choose t and input."""
     order = torch.randperm(len(run.centre_ds), generator=torch.Generator().manual_seed(args.seed))
     subset = Subset(run.centre_ds, order[:args.select_images].tolist())
     featurize = features.make_featurizer(run.model, run.keys, args)
@@ -346,9 +300,7 @@ def select_setting(args, run, device, rank, log):
 
 
 def compare(args):
-    """--compare: the learned features, a random-init network of the same config and raw pixels
-    through the same data and probe; each row's one feature pass feeds its linear head and its
-    k-NN. One table, one final JSON line."""
+    """--compare: learned, random-init and pixel features; one pass per row feeds both probes."""
     if args.grid or args.random_init or args.baseline:
         raise UserError("--compare runs the learned, --random-init and --baseline pixels probes "
                         "itself: drop --grid/--random-init/--baseline")
@@ -360,18 +312,14 @@ def compare(args):
     learned = runs["learned"]
     linear = learned["protocol"] != "knn"
     res = {key: learned[key] for key in ("top1", "top5", "protocol", "protocol_reason",
-                                         "features", "depth", "t", "knn_k", "knn_t")}
-    res["solver"] = learned.get("solver")
+                                         "features", "depth", "t", "knn_k", "knn_t", "solver")}
     for name, run in runs.items():
         prefix = "" if name == "learned" else f"{name}_"
-        for field in ("top1", "top5", "knn_top1", "knn_top5"):
-            res[prefix + field] = run[field]
+        res.update({prefix + key: run[key] for key in ("top1", "top5", "knn_top1", "knn_top5")})
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"{'features':<46}{'linear top-1':>13}{'top-5':>7}{'k-NN top-1':>12}{'top-5':>7}")
         for run in runs.values():
-            figures = f"{'-':>13}{'-':>7}"
-            if linear:
-                figures = f"{run['top1']:13.2f}{run['top5']:7.2f}"
+            figures = f"{run['top1']:13.2f}{run['top5']:7.2f}" if linear else f"{'-':>13}{'-':>7}"
             print(f"{run['features'][:45]:<46}{figures}{run['knn_top1']:12.2f}"
                   f"{run['knn_top5']:7.2f}")
         print(json.dumps(res), flush=True)
@@ -380,8 +328,7 @@ def compare(args):
 
 # ---- Checks, data, settings and the report ----------------------------------------------------
 def choose_protocol(args, n_train):
-    """-> (protocol, why): the one place --protocol auto is decided. n_train: train images (None
-    when the protocol was given and nothing needs the count)."""
+    """-> (protocol, why): the one place --protocol auto is decided (n_train None: not counted)."""
     if args.protocol != "auto":
         return args.protocol, f"--protocol {args.protocol}"
     if args.grid or args.views > 1:
@@ -411,29 +358,6 @@ def check_flags(args):
     for broken, message in problems:
         if broken:
             raise UserError(message)
-
-
-def build_sets(args, size):
-    """-> (protocol, why, center-crop train set or None, random-crop train set or None, val).
-    The center-crop set is built first when anything reads it: --protocol auto counts it."""
-    eval_tf = transforms.build_transform("eval", size)
-    centre = None
-    if args.protocol != "mae" or args.knn or args.select_setting:
-        centre = datasets.build_dataset(args, "train", eval_tf)
-    protocol, why = choose_protocol(args, None if centre is None else len(centre))
-    crops = None
-    if protocol == "mae" or args.views > 1:
-        crop_tf = transforms.build_transform("rrc", size, scale=(0.08, 1.0))  # MAE's probe crops
-        crops = datasets.build_dataset(args, "train", crop_tf)
-    return protocol, why, centre, crops, datasets.build_dataset(args, "val", eval_tf)
-
-
-def describe_features(args, cfg, pixels):
-    if pixels:
-        return "raw pixels (flattened, <= 32x32x3)"
-    if args.random_init:
-        return f"random-init {cfg.get('name')} (active blocks)"
-    return f"{cfg.get('name')} checkpoint ({getattr(args, 'weights_used', args.weights)} weights)"
 
 
 def settings_lines(args, run):
@@ -467,9 +391,7 @@ def settings_lines(args, run):
              f"protocol    {run.protocol} ({run.why})", f"            {PAPER[run.protocol]}",
              f"head        {head}"]
     if run.protocol != "knn" and not lbfgs:
-        rule = f"--blr {args.blr:g} x batch {args.batch_size} / 256"
-        if args.lr is not None:
-            rule = "--lr"
+        rule = f"--blr {args.blr:g} x batch {args.batch_size} / 256" if args.lr is None else "--lr"
         lines += [f"lr          base {args.blr:g}, actual {run.base_lr:.4g} ({rule})",
                   f"schedule    {args.epochs} epochs, {args.warmup_epochs} warmup, cosine"]
     if run.knn:
@@ -478,15 +400,16 @@ def settings_lines(args, run):
     return lines + [f"output      {args.output_dir}"]
 
 
-def summary(result):
-    """One head's figures and chosen setting, for the grid and head.pt."""
-    _, top1, top5, info = result
-    chosen = {name: info[name] for name in ("lr", "wd", "heldout_top1") if name in info}
-    return {"top1": round(top1, 2), "top5": round(top5, 2), **chosen}
-
-
-def save_and_print(args, res, results, short, best):
-    """head.pt (every head; none for knn), the grid table, the result line and the JSON line."""
+def report(args, res, results, best, main_rank):
+    """Adds res["grid"]; the main rank prints the grid, result and JSON lines and saves head.pt."""
+    short = {}
+    for key, (_, top1, top5, info) in results.items():
+        chosen = {name: info[name] for name in ("lr", "wd", "heldout_top1") if name in info}
+        short[key] = {"top1": round(top1, 2), "top5": round(top5, 2), **chosen}
+    if len(results) > 1:
+        res["grid"] = [{"depth": k[0], "t": k[1], "noisy": k[2], **v} for k, v in short.items()]
+    if not main_rank:
+        return
     if len(results) > 1:                        # DDAE-style table: rows depth, columns t
         levels = sorted({key[1:] for key in results})
         print("depth \\ t " + "".join(f"{f'{t}n' if noisy else t:>8}" for t, noisy in levels))
@@ -512,62 +435,54 @@ def get_args_parser():
     num = cli.bounded
     parser = cli.ArgumentParser(prog="linprobe.py", description="Linear probe (and k-NN) of a "
                                 "frozen l-DAE / DiT encoder (RECIPE.md s5)")
-    what = parser.add_argument_group("what to probe")
-    add = what.add_argument
+    add = parser.add_argument_group("what to probe").add_argument
     add("ckpt", nargs="?", help="checkpoint of pretrain.py (optional with --baseline pixels)")
     add("--weights", choices=("ema", "raw"), default="ema",
         help="the checkpoint's EMA or raw weights (raw when it has no EMA)")
-    add("--probe-depth", type=num(int, 1), default=None,
+    add("--probe-depth", type=num(int, 1),
         help="block to read (default: depth / 2, the last encoder block)")
-    add("--probe-t", type=num(int, 0), default=None,
-        help="noise level the network is told (default: 10, the paper's; a single-level model: "
-             "the level it was trained at)")
+    add("--probe-t", type=num(int, 0), help="noise level the network is told "
+        "(default: 10, the paper's; a single-level model: the level it was trained at)")
     add("--noisy-input", action="store_true", help="add level-t noise to the input (paper Sec. 5)")
     add("--clean-input", choices=("projected", "image"), default="projected",
         help="an l-DAE's clean input: the image projected onto its d-dim PCA subspace (default: "
              "what it was trained on, measured best) or the raw image")
     add("--random-init", action="store_true", help="baseline: fresh weights, active blocks")
-    add("--baseline", choices=("pixels",), default=None, help="baseline: probe raw pixels")
+    add("--baseline", choices=("pixels",), help="baseline: probe raw pixels")
     add("--compare", action="store_true",
         help="learned vs --random-init vs --baseline pixels: linear and k-NN, one table")
     add("--grid", action="store_true", help="a head per (depth, t) pair (DDAE protocol)")
-    add("--grid-depths", type=cli.number_list(int, 1), default=None,
+    add("--grid-depths", type=cli.number_list(int, 1),
         help="e.g. 6,9,12 (default: depth/4 .. 3 depth/4)")
     add("--grid-ts", type=cli.number_list(int, 0), default=[0, 10, 20, 40, 80],
         help="t values of --grid and --select-setting (RECIPE s5's)")
-    add("--grid-inputs", choices=("clean", "noisy", "both"), default=None,
+    add("--grid-inputs", choices=("clean", "noisy", "both"),
         help="inputs of --grid / --select-setting (default: clean; both with --select-setting)")
-    add("--select-setting", action="store_true",
-        help="the paper's Table 4 probe: the best (t, clean/noisy input) chosen on held-out "
-             "train (with --protocol mae: by the cached head on --select-images of them, then "
-             "mae at that setting)")
-    add("--select-images", type=num(int, 1), default=10000,
-        help="--select-setting --protocol mae: train images of the setting sweep (a seeded "
-             "subset)")
-
-    head = parser.add_argument_group("protocol and head")
-    add = head.add_argument
-    add("--protocol", choices=("auto", "mae", "cached", "knn"), default="auto",
-        help=f"auto: mae when the train set gives >= {AUTO_MIN_STEPS} steps per epoch at "
-             f"--batch-size, else cached (always cached with --grid/--select-setting/--views); "
-             f"mae: the paper's; cached: one feature pass, head solved or on mae's schedule; "
-             f"knn: weighted k-NN, nothing trained")
+    add("--select-setting", action="store_true", help="the paper's Table 4 probe: the best "
+        "(t, clean/noisy input) chosen on held-out train (with --protocol mae: by the cached head "
+        "on --select-images of them, then mae at that setting)")
+    add("--select-images", type=num(int, 1), default=10000, help="--select-setting --protocol "
+        "mae: train images of the setting sweep (a seeded subset)")
+    add = parser.add_argument_group("protocol and head").add_argument
+    add("--protocol", choices=("auto", "mae", "cached", "knn"), default="auto", help=f"auto: mae "
+        f"when the train set gives >= {AUTO_MIN_STEPS} steps per epoch at --batch-size, else "
+        f"cached (always cached with --grid/--select-setting/--views); mae: the paper's; cached: "
+        f"one feature pass, head solved or on mae's schedule; knn: weighted k-NN, nothing trained")
     add("--epochs", type=num(int, 1), default=90, help="probe epochs (mae, cached lars)")
     add("--warmup-epochs", type=num(int, 0), default=10, help="linear warmup epochs")
     add("--batch-size", type=num(int, 1), default=16384,
         help="global batch (all ranks and micro-batches)")
     add("--blr", type=num(float, 0), default=0.1, help="lr = blr * batch / 256 (MAE: 6.4 at 16384)")
-    add("--lr", type=num(float, 0), default=None,
+    add("--lr", type=num(float, 0),
         help="absolute lr (overrides --blr). The paper's text says 6.4e-3: under LARS lr 6.4 "
              "moves a weight matrix by 6.4e-3 of its norm in its first step (RECIPE s5)")
-    add("--accum-iter", type=num(int, 1), default=None,
+    add("--accum-iter", type=num(int, 1),
         help="mae: micro-batches per step (default: enough for --max-device-batch)")
     add("--solver", choices=("lbfgs", "lars"), default="lbfgs",
         help="cached: lbfgs converges; lars runs mae's LARS schedule")
     add("--wd-grid", type=cli.number_list(float, 0), default=[1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
         help="cached lbfgs: L2 values swept")
-    add("--lr-grid", type=cli.number_list(float, 0, low_open=True),
-        default=[0.25, 0.5, 1, 2, 4],
+    add("--lr-grid", type=cli.number_list(float, 0, low_open=True), default=[0.25, 0.5, 1, 2, 4],
         help="cached lars: lr factors swept")
     add("--holdout", type=num(float, 0, 1, low_open=True, high_open=True), default=0.1,
         help="cached: train fraction that does the choosing")
@@ -581,14 +496,11 @@ def get_args_parser():
     add("--knn-t", type=num(float, 0, low_open=True), default=0.07,
         help="k-NN: vote weight exp(cosine / T) (DINO's 0.07)")
     add("--seed", type=cli.SEED, default=0, help="head init, data order, crops, held-out split")
-    add("--nb-classes", type=num(int, 1), default=None,
+    add("--nb-classes", type=num(int, 1),
         help="the head's expected class count (checked against the data)")
-
     datasets.add_data_args(parser)
     parser.set_defaults(input_size=None)        # default: the checkpoint model's img_size
-
-    output = parser.add_argument_group("device and output")
-    add = output.add_argument
+    add = parser.add_argument_group("device and output").add_argument
     add("--max-device-batch", type=num(int, 1), default=1024,
         help="images per forward on one device")
     add("--compile", action="store_true", help="torch.compile the feature pass")

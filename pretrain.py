@@ -1,17 +1,12 @@
-"""Pre-train an l-DAE (RECIPE s3, s4, s6), or a DiT baseline row (RECIPE s7), on a CPU, one GPU
-or many.
+"""Pre-train an l-DAE (RECIPE s3, s4, s6) or a DiT baseline row (RECIPE s7), CPU to many GPUs.
 
   python pretrain.py --model vit_tiny --output-dir out/tiny          # CPU quick start, ~1 min
-  torchrun --nproc_per_node=2 pretrain.py --model vit_tiny --output-dir out/tiny_ddp
   torchrun --nproc_per_node=8 pretrain.py --model vit_b --dataset imagefolder --data-path IMNET \\
       --batch-size 2048 --epochs 400 --warmup-epochs 100 --aug rrc --pca-images 10000 \\
       --output-dir out/vit_b                                      # the final ViT-B, RECIPE s6
-  python pretrain.py --preset t3_ldae --model vit_tiny --input-size 32   # a paper row, small
 
-OUTPUT_DIR gets checkpoint.pt (and checkpoint-EPOCH.pt every --save-every epochs), log.jsonl,
-grid.png (rows: clean images, then noised / denoised at t = 100 .. 900) and pca.pt. A stopped
-run continues bit-identically with --resume auto; SIGTERM or Ctrl-C finishes the step, saves
-and exits 128 + the signal. The settings block printed at the start says what the run does.
+OUTPUT_DIR gets checkpoint.pt, log.jsonl, grid.png and pca.pt; --resume auto continues a stopped
+run bit-identically (SIGTERM or Ctrl-C: saved, exit 128 + signal). More: docs/USAGE.md.
 """
 import copy
 import json
@@ -30,43 +25,35 @@ from util.engine import Engine, train_one_epoch
 from util.train_flags import add_training_args
 
 GRID_T = (100, 300, 500, 700, 900)                 # the noise levels of the image grid
-# The CPU-sized models' training defaults, measured to learn on the synthetic set and on
-# Fashion-MNIST (docs/RESULTS.md); every other model keeps the paper's (RECIPE s6). They sit
-# under explicit flags and replace a --preset's ImageNet-sized batch, lr and length.
-# blr 0.016 is lr 4e-3 at batch 64: set as a blr, an explicit --blr or --lr replaces it
+# The CPU-sized models' defaults, measured to learn on the synthetic set and on Fashion-MNIST
+# (docs/RESULTS.md); blr 0.016 is lr 4e-3 at batch 64. Other models keep the paper's (RECIPE s6).
 SMALL = dict(batch_size=64, blr=0.016, epochs=10, warmup_epochs=1, ema=0.999, pca_images=500,
              save_every=5, grid_every=5, log_every=10, input_size=None)
 SMALL_DEFAULTS = {name: SMALL for name in ("vit_tiny", "vit_small", "dit_tiny_1", "dit_tiny_2")}
 
 
-# ---- Flags ------------------------------------------------------------------------------------
 class PresetParser(cli.ArgumentParser):
-    """Defaults in layers, explicit flags always win: --preset NAME sets dit_baseline.PRESETS[NAME],
-    then a small model's SMALL_DEFAULTS replace the preset's ImageNet-sized batch, lr and length;
-    then the command line is parsed again."""
+    """Defaults in layers: --preset NAME, then a small model's SMALL_DEFAULTS (replacing the
+    preset's ImageNet-sized batch, lr and length), then the explicit flags, which always win."""
 
     def parse_known_args(self, args=None, namespace=None):
-        # the layers hold for this one call: a parser used again starts from its own defaults
-        own = {a.dest: a.default for a in self._actions}
+        own = {a.dest: a.default for a in self._actions}   # restored: a reused parser starts clean
         try:
-            return self._parse_layered(args, namespace)
+            ns, rest = super().parse_known_args(args, copy.copy(namespace))
+            preset = getattr(ns, "preset", None)
+            if preset and preset not in dit_baseline.PRESETS:
+                self.error(f"unknown --preset {preset!r}; choose from "
+                           f"{', '.join(sorted(dit_baseline.PRESETS))}")
+            if preset:
+                self.set_defaults(**dit_baseline.PRESETS[preset])
+                ns, rest = super().parse_known_args(args, copy.copy(namespace))
+            small = SMALL_DEFAULTS.get(getattr(ns, "model", None))
+            if preset or small:
+                self.set_defaults(**(small or {}))
+                ns, rest = super().parse_known_args(args, namespace)
+            return ns, rest
         finally:
             self.set_defaults(**own)
-
-    def _parse_layered(self, args, namespace):
-        ns, rest = super().parse_known_args(args, copy.copy(namespace))
-        preset = getattr(ns, "preset", None)
-        if preset and preset not in dit_baseline.PRESETS:
-            self.error(f"unknown --preset {preset!r}; choose from "
-                       f"{', '.join(sorted(dit_baseline.PRESETS))}")
-        if preset:
-            self.set_defaults(**dit_baseline.PRESETS[preset])
-            ns, rest = super().parse_known_args(args, copy.copy(namespace))
-        small = SMALL_DEFAULTS.get(getattr(ns, "model", None))
-        if preset or small:
-            self.set_defaults(**(small or {}))
-            ns, rest = super().parse_known_args(args, namespace)
-        return ns, rest
 
 
 def get_args_parser():
@@ -76,45 +63,43 @@ def get_args_parser():
                      "models (vit_tiny, vit_small, dit_tiny_*) get pretrain.SMALL_DEFAULTS.")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_b", help=f"one of {', '.join(registry.PRETRAIN_MODELS)}")
-    g.add_argument("--preset", default=None, help="a paper row, dit_baseline.PRESETS (sets "
-                   "defaults; explicit flags win)")
+    g.add_argument("--preset",
+                   help="a paper row, dit_baseline.PRESETS (sets defaults; explicit flags win)")
     add_training_args(p)
     g = p.add_argument_group("PCA tokenizer (RECIPE s2)")
-    g.add_argument("--pca", default=None,
-                   help="a tokenizer_pca.py file; default: fit on the train set -> "
-                   "OUTPUT_DIR/pca.pt")
+    g.add_argument("--pca", help="a tokenizer_pca.py file; default: fit on the "
+                   "train set -> OUTPUT_DIR/pca.pt")
     g.add_argument("--pca-images", type=num(int, 1), default=1000,
                    help="train images for that fit (ImageNet: 10000+)")
     g.add_argument("--pca-center", action="store_true", help="subtract the mean patch in that fit")
     g = p.add_argument_group("model flags (default: the registry's value; ldae.py / "
                              "dit_baseline.py MODEL_FLAGS)")
-    g.add_argument("--latent-dim", type=num(int, 0), default=None,
+    g.add_argument("--latent-dim", type=num(int, 0),
                    help="d: PCA coordinates the noise goes into (DiT: 0 = all D, the pixel row)")
-    g.add_argument("--latent-norm", default=None, choices=["none", "global", "whiten"],
+    g.add_argument("--latent-norm", choices=["none", "global", "whiten"],
                    help="latent normalisation before the noise (RECIPE s2)")
-    g.add_argument("--latent-scale", type=num(float, 0, low_open=True), default=None,
+    g.add_argument("--latent-scale", type=num(float, 0, low_open=True),
                    help="z = scale x gain x V_d x")
-    g.add_argument("--cond-ratio", type=num(float, 0, low_open=True), default=None,
+    g.add_argument("--cond-ratio", type=num(float, 0, low_open=True),
                    help="conditioning width / model width (paper rows 0.25, official DiT 1)")
-    g.add_argument("--patch-size", type=num(int, 1), default=None, help="image patch side p")
+    g.add_argument("--patch-size", type=num(int, 1), help="image patch side p")
     g.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute activations in the backward pass (memory)")
-    g.add_argument("--residual-weight", type=num(float, 0), default=None,
+    g.add_argument("--residual-weight", type=num(float, 0),
                    help="l-DAE: loss weight of the coordinates beyond d (paper 0.1)")
-    g.add_argument("--noise", default=None, choices=["multi", "single"], help="l-DAE: noise levels")
-    g.add_argument("--single-sigma", type=num(float, 0, low_open=True), default=None,
+    g.add_argument("--noise", choices=["multi", "single"], help="l-DAE: noise levels")
+    g.add_argument("--single-sigma", type=num(float, 0, low_open=True),
                    help="l-DAE: the one level of --noise single (sqrt(1/3))")
-    g.add_argument("--target", default=None, choices=["original", "projected", "latent"],
+    g.add_argument("--target", choices=["original", "projected", "latent"],
                    help="l-DAE: what the network predicts (Table 3's last rows)")
-    g.add_argument("--schedule", default=None, choices=list(dit_baseline.SCHEDULES),
-                   help="DiT: noise schedule")
-    g.add_argument("--prediction", default=None, choices=list(dit_baseline.PREDICTIONS),
+    g.add_argument("--schedule", choices=list(dit_baseline.SCHEDULES), help="DiT: noise schedule")
+    g.add_argument("--prediction", choices=list(dit_baseline.PREDICTIONS),
                    help="DiT: eps or x0 prediction")
-    g.add_argument("--class-cond", default=None, choices=["true", "false"],
+    g.add_argument("--class-cond", choices=["true", "false"],
                    help="DiT: class-conditional (Table 1 row 1)")
-    g.add_argument("--dit-input", default=None, choices=["pca", "latents"],
+    g.add_argument("--dit-input", choices=["pca", "latents"],
                    help="DiT: the PCA latent of the images, or --latents-file")
-    g.add_argument("--latents-file", default=None,
+    g.add_argument("--latents-file",
                    help="DiT: {'latents': (N, C, h, w), 'labels': (N,)} from your tokenizer")
     datasets.add_data_args(p)
     p.set_defaults(input_size=None)            # None: the model's img_size (vit_tiny 32, vit_b 256)
@@ -127,7 +112,6 @@ def model_overrides(args, **extra):
     return {**given, "img_size": args.input_size, **extra}
 
 
-# ---- The run ----------------------------------------------------------------------------------
 def main(args):
     return distributed.run_distributed(train, args)
 
@@ -136,16 +120,14 @@ def train(args, rank, world, device):
     """Arguments -> data -> PCA -> model -> the epoch loop -> checkpoints and image grids."""
     is_main = rank == 0
     distributed.check_layout(args, world)
-    torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matmuls and convolutions on CUDA
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # TF32 on CUDA
     with torch.device("meta"):                     # the config alone, nothing allocated
         shape = registry.build_model(args.model, None, **model_overrides(args))
     cfg = shape.config
     args.input_size = cfg["img_size"]
     latents = cfg.get("input") == "latents"        # a DiT on a tokenizer's latents: no images
-    layers = ["--model", args.model]               # the defaults this model and preset give
-    if args.preset:
-        layers += ["--preset", args.preset]
+    # the defaults this model and preset give
+    layers = ["--model", args.model] + (["--preset", args.preset] if args.preset else [])
     cli.refuse_ignored(args, get_args_parser().parse_args(layers), [
         (bool(args.pca), ["pca_images", "pca_center"], "with --pca FILE (its basis is read)"),
         (latents, ["pca", "pca_images", "pca_center", "decode"],
@@ -153,8 +135,7 @@ def train(args, rank, world, device):
     source, ckpt, train_set, changed, data = checkpoint.open_run(
         args, is_main, world, registry.MODEL_ARGS, lambda: training_set(args, latents),
         inputs=[args.pca])
-    # A floor under a step's memory: weights, EMA and AdamW's two moments (4 numbers each), and
-    # the block inputs that backward keeps (micro-batch x tokens x width x depth)
+    # a step's memory floor: weights, EMA, AdamW's 2 moments, and the block inputs backward keeps
     numbers = sum(t.numel() for t in shape.state_dict().values() if isinstance(t, torch.Tensor))
     kept = args.batch_size // (world * args.accum_iter) * shape.pos_embed.numel() * cfg["depth"]
     cli.check_memory(4 * (4 * numbers + kept), f"--model {args.model} at {cfg['img_size']} px, "
@@ -171,11 +152,9 @@ def train(args, rank, world, device):
     model = registry.build_model(args.model, pca, **overrides).to(device)
     engine = Engine(model, args, rank, world, device)
     start = checkpoint.restore(engine, ckpt, model.config)
-
-    def describe():                                # the checkpoint rebuilds the model alone
-        return {"model_config": model.config, "pca": model.pca.to_dict()}
-
-    run = checkpoint.Run(args, engine, len(train_set), describe, start, source, changed, data)
+    run = checkpoint.Run(args, engine, len(train_set),
+                         lambda: {"model_config": model.config, "pca": model.pca.to_dict()},
+                         start, source, changed, data)
     loader = distributed.make_loader(train_set, args, world, rank, device)
     grid_images = distributed.first_images(loader, 8, device)
     if is_main:
@@ -186,15 +165,13 @@ def train(args, rank, world, device):
             signum = train_one_epoch(engine, loader, epoch, run, stop)
             run.end_epoch(signum)                  # the log and the checkpoint
             if is_main and run.due(args.grid_every):
-                grid_path = os.path.join(args.output_dir, f"grid-{epoch + 1:04d}.png")
-                save_grid(model, grid_images, grid_path, engine, args.seed)
+                save_grid(model, grid_images, engine, args, f"grid-{epoch + 1:04d}.png")
             if signum:
                 run.stop(signum)
     if not is_main:
         return None
     res = run.result()
-    res["grid"] = save_grid(model, grid_images, os.path.join(args.output_dir, "grid.png"), engine,
-                            args.seed)
+    res["grid"] = save_grid(model, grid_images, engine, args, "grid.png")
     print(f"[pretrain] done. {res['grid']}: rows = clean, then noised / denoised at t = "
           f"{', '.join(map(str, GRID_T))}")
     print(json.dumps(res), flush=True)
@@ -228,10 +205,10 @@ def get_pca(args, cfg, rank, world, device, train_set):
     if not args.pca and world > 1:
         dist.barrier()                             # one node, or an OUTPUT_DIR all nodes share
     pca = registry.load_pca(files.load_torch(path, "--pca file", fix), f"--pca {path}")
-    if pca.patch_size != cfg["patch_size"] or pca.channels != cfg.get("in_chans", 3):
+    channels = cfg.get("in_chans", 3)
+    if pca.patch_size != cfg["patch_size"] or pca.channels != channels:
         raise UserError(f"the PCA {path} has {pca.patch_size}px x {pca.channels}ch patches but "
-                        f"--model {args.model} uses {cfg['patch_size']}px x "
-                        f"{cfg.get('in_chans', 3)}ch; refit it")
+                        f"--model {args.model} uses {cfg['patch_size']}px x {channels}ch; refit it")
     if pca.img_size != cfg["img_size"] and rank == 0:   # the basis is per patch: any size works
         print(f"[pca] note: fitted on {pca.img_size}px images, training at {cfg['img_size']}px")
     return pca
@@ -264,16 +241,17 @@ def print_settings(args, model, run, n_images, changed):
 
 
 @torch.no_grad()
-def save_grid(model, x, path, engine, seed):
-    """Rows: clean images, then for each t in GRID_T a noised row and the model's denoised row."""
+def save_grid(model, x, engine, args, name):
+    """OUTPUT_DIR/name: clean images, then for each t in GRID_T a noised and a denoised row."""
     model.eval()
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), engine.autocast():
-        torch.manual_seed(seed)                    # the same noise every time: grids compare
+        torch.manual_seed(args.seed)               # the same noise every time: grids compare
         rows = [x[:, :3]] + [r for t in GRID_T for r in model.denoise(x, t)]   # DiT: false colour
     model.train()
     grid = torch.cat([r.float() for r in rows]).clamp(-1, 1) * 0.5 + 0.5
     if grid.shape[-1] < 96:                        # small images: a nearest upscale, readable
         grid = nn.functional.interpolate(grid, scale_factor=96 // grid.shape[-1], mode="nearest")
+    path = os.path.join(args.output_dir, name)
     return files.atomic_write(path, lambda tmp: torchvision.utils.save_image(
         grid, tmp, format="png", nrow=len(x), padding=2, pad_value=1.0))
 

@@ -1,20 +1,10 @@
-"""Patch-wise PCA tokenizer of l-DAE (RECIPE s2; paper Sec. 4.2 / Table 2 "patch-wise PCA").
-Each image is cut into p x p x 3 patches, flattened in (p, q, c) order to D = 3 p^2 dims (768 for
-16 px patches). The basis is the eigendecomposition of the patches' second-moment (with
---center: covariance) matrix; its top-d rows give the d-dim latent in which l-DAE adds noise
-(d = 32 in the final model), and the full D x D basis weights the loss.
+"""Patch-wise PCA tokenizer of l-DAE (RECIPE s2; paper Sec. 4.2 / Table 2 "patch-wise PCA"): the
+eigenvectors of the second moment (--center: covariance) of p x p x 3 patches in (p, q, c) order,
+D = 3 p^2. The top d span the latent l-DAE noises (d = 32 in the final model); all D weigh its loss.
 
   python tokenizer_pca.py --dataset synthetic --input-size 32 --patch-size 4 --out /tmp/pca.pt
   python tokenizer_pca.py --dataset imagefolder --data-path /data/imagenet/train --input-size 256 \
       --patch-size 16 --num-images 20000 --patches-per-image 64 --out pca_in1k.pt   # ImageNet
-
-Choices the paper leaves open (RECIPE s2), recorded in the saved file: no mean subtraction by
-default (--center), so the top direction is about the patch's mean colour; latent scale 1
-(--latent-scale: z = scale * V_d (x - mean)), so sigma in [0, sqrt 2] is strong noise.
-Numerics: sums in float64. On CPU each batch's X^T X is one float32 GEMM (2x faster than
-float64, relative error ~1e-6, far below the eigen-gaps that matter) added into a float64
-accumulator; on GPU the GEMM runs in float64 (float32 could silently become TF32). Only the
-upper-triangle blocks are computed (X^T X is symmetric): ~40% fewer flops.
 """
 import json
 import math
@@ -30,9 +20,7 @@ LATENT_NORMS = ("none", "global", "whiten")
 
 
 class PatchPCA(nn.Module):
-    """The fitted basis; d is chosen per call. components (D, D): rows = orthonormal eigenvectors
-    by descending eigenvalue; eigenvalues (D,); mean (D,): zeros unless fitted with center=True.
-    Shapes: x (B, C, H, W), patches (B, L, D)."""
+    """The fitted basis: eigenvector rows (D, D) by descending eigenvalue; d is chosen per call."""
 
     def __init__(self, components, eigenvalues, mean=None, patch_size=16, channels=3, img_size=256,
                  center=False, scale=1.0, meta=None):
@@ -44,11 +32,8 @@ class PatchPCA(nn.Module):
         self.register_buffer("components", components.float().clone())
         self.register_buffer("eigenvalues", eigenvalues.float().clone())
         self.register_buffer("mean", torch.zeros(D) if mean is None else mean.float().clone())
-        self.patch_size = int(patch_size)
-        self.channels = int(channels)
-        self.img_size = int(img_size)
-        self.center = bool(center)
-        self.scale = float(scale)
+        self.patch_size, self.channels = int(patch_size), int(channels)
+        self.img_size, self.center, self.scale = int(img_size), bool(center), float(scale)
         self.meta = dict(meta or {})  # fit metadata: primitives only (weights_only loading)
 
     @property
@@ -84,12 +69,9 @@ class PatchPCA(nn.Module):
         t = t.reshape(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)            # (B, C, h, p, w, q)
         return t.reshape(B, C, h * p, w * p)
 
-    # -- latent maps ---------------------------------------------------------------------------
     def encode(self, x, d=None, gain=None):
-        """image (B, C, H, W) -> latents (B, L, d) = gain * (patches - mean) V_d^T; gain: a number
-        or a (d,) tensor (latent_gain), default self.scale."""
-        d = self.dim if d is None else d
-        V = self.components[:d].to(x.dtype)                                   # (d, D)
+        """image (B, C, H, W) -> latents (B, L, d) = gain * (patches - mean) V_d^T."""
+        V = self.components[:d].to(x.dtype)                                   # (d, D); None: all
         gain = self.scale if gain is None else gain
         return ((self.patchify(x) - self.mean.to(x.dtype)) @ V.T) * gain
 
@@ -100,12 +82,9 @@ class PatchPCA(nn.Module):
         return self.unpatchify((z / gain) @ V + self.mean.to(z.dtype), h, w)
 
     def latent_gain(self, d, norm="none", scale=None):
-        """(d,) multipliers of the latent coordinates (RECIPE s2), each then times `scale`:
-        none    1: pixel units; global  one number giving the top d unit mean second moment;
-        whiten  one per coordinate, its own 1 / std. Eigenvalues are floored at 1e-12 of the
-        largest (grayscale data has zero-variance directions), so no gain is infinite."""
+        """(d,) latent gains x scale (RECIPE s2): none 1, global 1/rms of top d, whiten 1/std."""
         scale = self.scale if scale is None else float(scale)
-        # the floor is a tensor op (eigenvalues[0] is the largest): no host sync on a GPU
+        # floored at 1e-12 of the largest (grayscale has zero-variance directions); no host sync
         ev = torch.maximum(self.eigenvalues[:d].double(), 1e-12 * self.eigenvalues[:1].double())
         if norm == "none":
             gain = torch.ones_like(ev)
@@ -123,8 +102,7 @@ class PatchPCA(nn.Module):
         return self.decode(self.encode(x, d), h, w)
 
     def coords(self, patches):
-        """(B, L, D) -> full-basis coordinates V_full patches (no mean, no scale): the l-DAE loss
-        r = V_full (x0 - net(x_t)) weights r_i by 1 (i <= d) or 0.1 (i > d), RECIPE s3."""
+        """(B, L, D) -> coordinates in the full basis (no mean, no scale): the loss weighs them."""
         return patches @ self.components.to(patches.dtype).T
 
     def explained(self, d):
@@ -133,14 +111,10 @@ class PatchPCA(nn.Module):
         return float(ev[:d].sum() / ev.sum())
 
     # -- persistence: plain dicts of tensors + primitives --------------------------------------
-    def _attrs(self):
+    def get_extra_state(self):
+        # in the owning model's state_dict too: load_state_dict restores these, not just buffers
         return {"patch_size": self.patch_size, "channels": self.channels, "img_size": self.img_size,
                 "center": self.center, "scale": self.scale, "meta": dict(self.meta)}
-
-    def get_extra_state(self):
-        # Rides along in the owning model's state_dict, so load_state_dict also restores the
-        # scale/centre flags, not just the buffers.
-        return self._attrs()
 
     def set_extra_state(self, state):
         for k, v in state.items():
@@ -149,7 +123,7 @@ class PatchPCA(nn.Module):
     def to_dict(self):
         return {"version": VERSION, "components": self.components.detach().cpu(),
                 "eigenvalues": self.eigenvalues.detach().cpu(), "mean": self.mean.detach().cpu(),
-                **self._attrs()}
+                **self.get_extra_state()}
 
     @classmethod
     def from_dict(cls, d):
@@ -166,27 +140,25 @@ class PatchPCA(nn.Module):
                              f"patch_size {p} x channels {C}")
         if not all(torch.isfinite(d[k]).all() for k in tensors):
             raise ValueError("its components or eigenvalues hold NaN or infinity")
-        return cls(d["components"], d["eigenvalues"], d.get("mean"), d["patch_size"],
-                   d.get("channels", 3), d.get("img_size", 256), d.get("center", False),
-                   d.get("scale", 1.0), d.get("meta"))
+        return cls(d["components"], d["eigenvalues"], mean, p, C, d.get("img_size", 256),
+                   d.get("center", False), d.get("scale", 1.0), d.get("meta"))
 
     @classmethod
     def load(cls, path, map_location="cpu"):
         return cls.from_dict(torch.load(path, map_location=map_location, weights_only=True))
 
 
-# ---- Fitting
 def _leave_ctrl_c_to_main(worker_id):
     """A DataLoader worker ignores Ctrl-C: the main process stops the fit (one line, exit 130)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class GramAccumulator:
-    """Streaming sum(x) and X^T X in float64 for rows x of dim D (see module docstring)."""
+    """Streaming sum(x) and X^T X in float64 for rows x of dim D."""
 
     def __init__(self, D, device="cpu", gemm_dtype=None, block=192):
         self.device = torch.device(device)
-        # float32 GEMM on CPU, float64 on GPU: see Numerics in the module docstring
+        # float32 GEMM on CPU: 2x faster, error ~1e-6 << the eigen-gaps; float64 on GPU (not TF32)
         default_dtype = torch.float64 if self.device.type == "cuda" else torch.float32
         self.gemm_dtype = gemm_dtype or default_dtype
         self.gram = torch.zeros(D, D, dtype=torch.float64, device=self.device)
@@ -196,7 +168,7 @@ class GramAccumulator:
     def add(self, X):  # X (N, D)
         X = X.to(self.device, self.gemm_dtype, non_blocking=True)
         self.s += X.sum(0, dtype=torch.float64)
-        for i in range(0, X.shape[1], self.block):  # upper-triangular block rows only
+        for i in range(0, X.shape[1], self.block):  # symmetric: upper blocks only (-40% flops)
             self.gram[i:i + self.block, i:] += X[:, i:i + self.block].T @ X[:, i:]
         self.n += X.shape[0]
 
@@ -212,38 +184,25 @@ def eig_basis(second_moment, mean, center):
     C = second_moment - torch.outer(mean, mean) if center else second_moment
     evals, evecs = torch.linalg.eigh(C)           # ascending, columns are eigenvectors
     evals, evecs = evals.flip(0), evecs.flip(1).T  # descending, rows are eigenvectors
-    # Fix each sign so the largest-|.| entry is positive: makes the basis reproducible.
-    idx = evecs.abs().argmax(1)
+    idx = evecs.abs().argmax(1)                    # each largest |entry| positive: reproducible
     evecs = evecs * torch.sign(evecs.gather(1, idx[:, None]))
     return evecs, evals
 
 
-def _images_of(batch):
-    """A batch of images, or a (images, labels) pair -> the images."""
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
-
-
 def _image_batches(data, num_images, batch_size, num_workers, seed):
-    """Yield image batches (B, C, H, W) from a map-style dataset (random sample), a tensor, or
-    any iterable of batches / (batch, labels) pairs."""
+    """Image batches (B, C, H, W) of a map-style dataset (sampled), a tensor or an iterable."""
     if isinstance(data, torch.Tensor):
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-        yield from data[order[:num_images]].split(batch_size)
-        return
-    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
-        generator = torch.Generator().manual_seed(seed)
+        data = data[order[:num_images]].split(batch_size)
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        generator = torch.Generator().manual_seed(seed)          # also seeds the workers' RNGs
         sample = torch.randperm(len(data), generator=generator)[:num_images].tolist()
-        # the generator also seeds the workers' RNGs
-        loader = torch.utils.data.DataLoader(
+        data = torch.utils.data.DataLoader(
             torch.utils.data.Subset(data, sample), batch_size=batch_size, shuffle=False,
-            num_workers=num_workers, generator=generator, persistent_workers=False,
-            worker_init_fn=_leave_ctrl_c_to_main)
-        for batch in loader:
-            yield _images_of(batch)
-        return
+            num_workers=num_workers, generator=generator, worker_init_fn=_leave_ctrl_c_to_main)
     seen = 0
     for batch in data:
-        batch = _images_of(batch)
+        batch = batch[0] if isinstance(batch, (list, tuple)) else batch   # (images, labels)
         if num_images is not None:
             if seen >= num_images:
                 break
@@ -252,31 +211,22 @@ def _image_batches(data, num_images, batch_size, num_workers, seed):
         yield batch
 
 
-def _progress_bar(total, enabled):
-    """A tqdm bar, or None without tqdm: it is optional so that this file (with ldae.py) can be
-    copied into a torch-only project."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="img", desc="pca fit", disable=not enabled)
-
-
 def fit_pca(dataset, patch_size, num_images=None, patches_per_image=0, center=False, scale=1.0,
             seed=0, device=None, batch_size=64, num_workers=0, progress=True, gemm_dtype=None,
             meta=None):
-    """Fit a PatchPCA on a random sample of images (RECIPE s2): all patches of each image, or a
-    random patches_per_image of them; deterministic given seed and a deterministic transform.
-    dataset: a map-style dataset of (image (C, H, W) in [-1, 1], label), an image tensor
-    (N, C, H, W), or an iterable of batches."""
+    """A PatchPCA fitted on num_images random images (RECIPE s2), all or patches_per_image of their
+    patches, deterministic given seed; dataset: (image, label) pairs, an image tensor or batches."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     total = len(dataset) if hasattr(dataset, "__len__") else None
     if num_images is None or (total is not None and num_images > total):
         num_images = total
-    # the patch choice: independent of the image sample
-    patch_generator = torch.Generator().manual_seed(seed + 1)
+    patch_generator = torch.Generator().manual_seed(seed + 1)   # independent of the image sample
     gram, start, images_seen, shape = None, time.time(), 0, None
-    bar = _progress_bar(num_images, progress)
+    try:      # tqdm is optional: this file and ldae.py copy into a project with torch alone
+        from tqdm import tqdm
+        bar = tqdm(total=num_images, unit="img", desc="pca fit", disable=not progress)
+    except ImportError:
+        bar = None
     patcher = PatchPCA.empty(patch_size, 3)
     for x in _image_batches(dataset, num_images, batch_size, num_workers, seed):
         patcher.channels, shape = x.shape[1], tuple(x.shape[1:])
@@ -297,19 +247,14 @@ def fit_pca(dataset, patch_size, num_images=None, patches_per_image=0, center=Fa
         raise ValueError("fit_pca got no images")
     mean, second_moment = gram.moments()
     components, eigenvalues = eig_basis(second_moment, mean, center)
-    seconds = time.time() - start
     info = {"num_images": images_seen, "num_patches": gram.n,
-            "patches_per_image": int(patches_per_image), "seconds": round(seconds, 3),
+            "patches_per_image": int(patches_per_image), "seconds": round(time.time() - start, 3),
             "seed": int(seed), "device": str(device), **(meta or {})}
-    kept_mean = mean.cpu() if center else None
-    return PatchPCA(components.cpu(), eigenvalues.cpu(), kept_mean, patch_size, shape[0],
-                    shape[-1], center, scale, info)
+    return PatchPCA(components.cpu(), eigenvalues.cpu(), mean.cpu() if center else None,
+                    patch_size, shape[0], shape[-1], center, scale, info)
 
 
 # ---- CLI: fit, save, report (explained energy, coordinate scales) and write PNGs beside --out
-REPORT_DIMS = (8, 16, 32, 64, 128)  # Table 2's d values
-
-
 def get_args_parser():
     from util import cli, datasets
     num = cli.bounded
@@ -323,15 +268,16 @@ def get_args_parser():
                      help="random sample of the train split")
     fit.add_argument("--patches-per-image", type=num(int, 0), default=0,
                      help="0 = all patches, k = k random ones")
-    fit.add_argument("--center", action="store_true",
-                     help="subtract the mean patch (default: no)")
+    # choices the paper leaves open (RECIPE s2): uncentred (the top direction is the patch's
+    # mean colour) and latent scale 1, so that sigma in [0, sqrt 2] is strong noise
+    fit.add_argument("--center", action="store_true", help="subtract the mean patch (default: no)")
     fit.add_argument("--latent-scale", type=num(float, 0, low_open=True), default=1.0,
                      help="z = scale * V_d (x - mean)")
     fit.add_argument("--seed", type=cli.SEED, default=0,
                      help="draws the image sample and the patch sample")
     fit.add_argument("--batch-size", type=num(int, 1), default=64,
                      help="images per batch of the fit")
-    fit.add_argument("--device", type=cli.device, default=None,
+    fit.add_argument("--device", type=cli.device,
                      help="where X^T X accumulates (default: cuda if available, else cpu)")
     datasets.add_data_args(p)
     return p
@@ -353,14 +299,13 @@ def main(args):
     D = 3 * args.patch_size ** 2                # X^T X and its eigenvectors, float64: 4 D x D
     cli.check_memory(32 * D ** 2, f"--patch-size {args.patch_size} (D = {D})",
                      "pass a smaller --patch-size")
-    files.claim_outputs([args.out, *png_paths(args.out)], args.overwrite,
-                        inputs=[args.data_path])
+    files.claim_outputs([args.out, *png_paths(args.out)], args.overwrite, inputs=[args.data_path])
     # The tokenizer sees the images the ablation models see: DiT center crop (RECIPE s2, s6).
     center = transforms.build_transform("center", args.input_size)
     ds = datasets.build_dataset(args, "train", center)
     cli.print_settings("pca", [
         f"data        {min(args.num_images, len(ds))} of {len(ds)} images at {args.input_size} px",
-        f"patches     {args.patch_size} px (D = {3 * args.patch_size ** 2}), "
+        f"patches     {args.patch_size} px (D = {D}), "
         f"{args.patches_per_image or 'all'} per image, center {args.center}",
         f"fit         batch {args.batch_size}, seed {args.seed}, device {args.device or 'auto'}, "
         f"latent scale {args.latent_scale:g}", f"output      {args.out}"])
@@ -374,10 +319,9 @@ def main(args):
     print(f"fitted on {pca.meta['num_images']} images, {pca.meta['num_patches']} patches "
           f"(D = {pca.dim}) in {seconds:.1f} s ({pca.meta['num_patches'] / seconds:,.0f} "
           f"patches/s end to end, incl. decoding)")
-    dims = [d for d in REPORT_DIMS if d <= pca.dim]
+    dims = [d for d in (8, 16, 32, 64, 128) if d <= pca.dim]          # Table 2's d values
     explained = {d: round(100 * pca.explained(d), 3) for d in dims}
-    kind = "variance" if pca.center else "energy (uncentred)"
-    print(f"explained {kind}, cumulative %: "
+    print(f"explained {'variance' if pca.center else 'energy (uncentred)'}, cumulative %: "
           + ", ".join(f"d={d}: {percent:.2f}" for d, percent in explained.items()))
     std = pca.eigenvalues.clamp_min(0).sqrt()
     print("coordinate std (latent scale 1) at 1,2,4,..: "
@@ -387,8 +331,7 @@ def main(args):
           f"d = {', '.join(map(str, dims))}): {recon_png}")
     summary = {"path": args.out, "images": pca.meta["num_images"],
                "patches": pca.meta["num_patches"], "seconds": round(seconds, 3),
-               "explained_pct": explained, "components_png": components_png,
-               "recon_png": recon_png}
+               "explained_pct": explained, "components_png": components_png, "recon_png": recon_png}
     print(json.dumps(summary))
     return summary
 
@@ -400,8 +343,7 @@ def png_paths(out):
 
 
 def write_pngs(pca, ds, out, dims):
-    """Beside `out`: the top 64 components as p x p RGB tiles (each min-max normalised), and 8
-    images with their projections at each d in dims (rows) -> the two paths."""
+    """Beside `out`: the top 64 components as p x p tiles; 8 images, projected at each d in dims."""
     import torchvision
 
     from util import files
@@ -412,9 +354,8 @@ def write_pngs(pca, ds, out, dims):
     tiles = nn.functional.interpolate(tiles, scale_factor=max(1, 32 // p), mode="nearest")
     x = torch.stack([ds[i][0] for i in range(min(8, len(ds)))])
     recon = torch.cat([x] + [pca.project(x, d) for d in dims]).clamp(-1, 1) * 0.5 + 0.5
-    # small images are upscaled so that the grid is readable
-    recon = nn.functional.interpolate(recon, scale_factor=max(1, 128 // x.shape[-1]),
-                                      mode="nearest")
+    upscale = max(1, 128 // x.shape[-1])                    # small images: a readable grid
+    recon = nn.functional.interpolate(recon, scale_factor=upscale, mode="nearest")
     components_png, recon_png = png_paths(out)
     files.atomic_write(components_png, lambda tmp: torchvision.utils.save_image(
         tiles, tmp, format="png", nrow=8, padding=2, pad_value=0.5))

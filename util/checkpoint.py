@@ -1,10 +1,4 @@
-"""The files of a training run (pretrain.py, distill.py) and what a run does after each step and
-epoch (Run). OUTPUT_DIR holds checkpoint.pt (the latest save), checkpoint-EPOCH.pt (kept epoch
-ends; checkpoint.pt is then a hard link to the newest), log.jsonl and the stage's own files. A
-fresh run never replaces a previous run's checkpoint unless told to (--overwrite); --resume
-continues the same run, refusing a flag change that would alter the data order, the schedule or
-the model; every write is atomic (util/files.py).
-"""
+"""A training run's files (checkpoint.pt, checkpoint-EPOCH.pt, log.jsonl) and bookkeeping (Run)."""
 import contextlib
 import json
 import math
@@ -20,16 +14,17 @@ from util.cli import UserError, flag
 from util.engine import Diverged
 
 # What --resume may change: nothing here alters the data order, the schedule or the model
-RESUME_MAY_CHANGE = ("max_steps", "save_every", "log_every", "grid_every", "num_workers",
-                     "compile", "precision", "resume", "overwrite", "output_dir", "download",
-                     "pca", "pca_images", "pca_center", "preset", "synthetic_val_size",
-                     "accum_iter")
-# The files a run writes in its OUTPUT_DIR (their stale temporary files are removed at start)
-RUN_FILES = ("checkpoint", "pca.pt", "log.jsonl", "grid", "student.pt")
+RESUME_MAY_CHANGE = ("max_steps", "save_every", "log_every", "grid_every", "num_workers", "compile",
+                     "precision", "resume", "overwrite", "output_dir", "download", "pca",
+                     "pca_images", "pca_center", "preset", "synthetic_val_size", "accum_iter")
+RUN_FILES = ("checkpoint", "pca.pt", "log.jsonl", "grid", "student.pt")   # a run's OUTPUT_DIR files
+# What a checkpoint of this project holds, by type (load_checkpoint checks each one present)
+FIELDS = {"model": dict, "model_config": dict, "step": int, "args": dict, "ema": (dict, type(None)),
+          "pca": (dict, type(None)), "optimizer": dict, "rng": dict}
+RESUMABLE = ("model", "model_config", "step", "args", "optimizer", "rng")   # --resume reads
 
 
 def run_files(folder):
-    """The files of a training run in `folder`, sorted."""
     return sorted(name for name in os.listdir(folder) if name.startswith(RUN_FILES)
                   and not name.endswith(".tmp"))
 
@@ -45,15 +40,8 @@ def load_weights(model, state_dict, what="checkpoint"):
                         f"unexpected keys {res.unexpected_keys[:8]}")
 
 
-# What a checkpoint of this project holds, by type (load_checkpoint checks each one present)
-FIELDS = {"model": dict, "model_config": dict, "step": int, "args": dict, "ema": (dict, type(None)),
-          "pca": (dict, type(None)), "optimizer": dict, "rng": dict}
-RESUMABLE = ("model", "model_config", "step", "args", "optimizer", "rng")   # --resume reads
-
-
 def load_checkpoint(path, required=("model", "model_config", "step")):
-    """-> checkpoint dict, read with weights_only=True and checked: the `required` keys, every
-    field's type, a model family, finite weights. Otherwise one UserError naming the file."""
+    """-> the checkpoint, checked (`required` keys, field types, a model family, finite weights)."""
     ckpt = files.load_torch(path, "checkpoint", "pass a checkpoint.pt written by this project")
     problem = files.field_problem(ckpt, {key: FIELDS[key] for key in required}, FIELDS)
     if problem is None and not isinstance(ckpt["model_config"].get("family"), str):
@@ -69,8 +57,7 @@ def load_checkpoint(path, required=("model", "model_config", "step")):
 
 
 class RunLog:
-    """A log.jsonl written by rank 0. A resumed run reads as one run: the records past the step it
-    resumes from (replayed now) are dropped and a "resume" record marks the join."""
+    """Rank 0's log.jsonl; a resume drops the records past its step (replayed now), one run."""
 
     def __init__(self, path, active=True, resume=None):
         self.path, self.active = path, active
@@ -107,20 +94,16 @@ def link_or_copy(src, dst):
 
 
 def save_checkpoint(ckpt, latest, kept=None):
-    """checkpoint.pt, and at kept epoch ends checkpoint-EPOCH.pt. The kept copy is written first
-    and checkpoint.pt then made its hard link, so a kill between the two leaves checkpoint.pt at
-    the previous save, and the resumed run writes the same kept copy again: none is lost."""
+    """checkpoint.pt; at kept epoch ends checkpoint-EPOCH.pt, then checkpoint.pt as its hard link:
+    a kill between the two leaves the previous save, and the resume writes the kept copy again."""
     if kept is None:
         return files.save_torch(ckpt, latest)
     files.save_torch(ckpt, kept)
     return files.atomic_write(latest, lambda tmp: link_or_copy(kept, tmp), files.nbytes(ckpt))
 
 
-# ---- Resume -----------------------------------------------------------------------------------
 def resume_source(args, latest, inputs=()):
-    """-> the checkpoint this run continues, or None for a fresh run. A restarted torchrun worker
-    group (--max-restarts) resumes by itself. Another run's files in OUTPUT_DIR are never
-    replaced: a fresh run needs --overwrite, and a run resumed from elsewhere an empty folder."""
+    """-> the checkpoint this run continues (after a torchrun restart: by itself), or None."""
     folder = os.path.dirname(latest)
     found = [name for name in run_files(folder)
              if os.path.abspath(os.path.join(folder, name)) not in inputs]
@@ -147,9 +130,8 @@ def resume_source(args, latest, inputs=()):
 
 
 def check_resume(ckpt, args, world, ignore=(), skip=()):
-    """--resume continues the same run: every flag but RESUME_MAY_CHANGE must be as saved
-    (`ignore`: compared another way, as the model flags through the model config; `skip`: not
-    comparable yet). -> the changed safe flags, "--flag old -> new" each."""
+    """Every flag but RESUME_MAY_CHANGE as saved (`ignore`: compared another way, e.g. via the model
+    config; `skip`: not comparable yet) -> the changed safe flags, "--flag old -> new" each."""
     saved, now = ckpt["args"], vars(args)
     keys = [k for k in now if k in saved and k not in ignore and k not in skip]
     wrong = [k for k in keys if k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
@@ -168,12 +150,7 @@ def check_resume(ckpt, args, world, ignore=(), skip=()):
 
 
 def open_run(args, is_main, world, ignore, build_train_set, inputs=()):
-    """Before any work: a writable OUTPUT_DIR, the checkpoint to resume with every flag checked,
-    no temporary file a killed run left, and the training set (built on each node's local rank
-    0 first; a batch larger than the set capped to it). -> (checkpoint path, checkpoint dict,
-    training set, the changed safe flags, the training set's identity); path and dict are None for
-    a fresh run. A resumed run must read the data it was trained on (util/datasets.identity);
-    `inputs` (a --pca, a --teacher) are never written over or removed."""
+    """Before any work -> (source, ckpt: None if fresh, train set, changed flags, data identity)."""
     files.check_writable_dir(args.output_dir, "--output-dir")
     if is_main:
         files.lock(args.output_dir)
@@ -210,8 +187,7 @@ def open_run(args, is_main, world, ignore, build_train_set, inputs=()):
 
 
 def restore(engine, ckpt, config, ignore=("grad_checkpoint",)):
-    """A resumed run's model, EMA, optimizer and CPU RNG -> the step it continues from (`ignore`:
-    config keys that change no number)."""
+    """Load a resumed run's model, EMA, optimizer, CPU RNG -> its step (`ignore`: inert keys)."""
     if ckpt is None:
         return 0
     same = {k: v for k, v in ckpt["model_config"].items() if k not in ignore}
@@ -228,15 +204,10 @@ def restore(engine, ckpt, config, ignore=("grad_checkpoint",)):
     return ckpt["step"]
 
 
-# ---- One run's bookkeeping: what happens after each step and at each epoch's end -------------
 class Run:
-    """Steps start..last of a run and its files: a log line every --log-every steps, the epoch's
-    end (its loss, the checkpoint, a kept copy every --save-every epochs), a stop signal (save,
-    then exit 128 + signal), the result. describe() -> what the checkpoint holds besides the
-    engine state (model_config, pca)."""
+    """Steps start..last: log lines, epoch ends (loss, checkpoints), a stop signal, the result."""
 
-    def __init__(self, args, engine, n_train, describe, start, source, changed, data,
-                 on_step=None):
+    def __init__(self, args, engine, n_train, describe, start, source, changed, data, on_step=None):
         self.args, self.engine, self.describe, self.on_step = args, engine, describe, on_step
         self.data = data                                # the training set's identity
         self.base_lr = lr_sched.scaled_lr(args)        # RECIPE s6: blr x batch / 256
@@ -260,13 +231,11 @@ class Run:
                                 unit="step")
 
     def lr_fn(self, step):
-        """The lr of step `step` (warmup, then cosine); on_step(step) first sets what else
-        follows the step clock (distill.py's entropy weight), so a resume sets it exactly."""
+        """Warmup-cosine lr of `step`; on_step(step) first sets what else follows the step clock."""
         if self.on_step is not None:
             self.on_step(step)
-        args = self.args
-        return lr_sched.lr_at(step, self.steps_per_epoch, self.base_lr, args.warmup_epochs,
-                              args.epochs, args.min_lr)
+        return lr_sched.lr_at(step, self.steps_per_epoch, self.base_lr, self.args.warmup_epochs,
+                              self.args.epochs, self.args.min_lr)
 
     def __enter__(self):
         return self
@@ -274,14 +243,12 @@ class Run:
     def __exit__(self, kind, error, traceback):
         self.bar.close()
         if isinstance(error, Diverged):
-            kept = f"{self.latest} (step {self.saved_at}) is untouched"
-            if self.saved_at is None:
-                kept = "no checkpoint was written"
+            kept = ("no checkpoint was written" if self.saved_at is None
+                    else f"{self.latest} (step {self.saved_at}) is untouched")
             raise Diverged(f"{error}; stopped without saving: {kept}. Lower --lr/--blr or set "
                            f"--clip-grad") from None
 
     def settings_lines(self):
-        """The lines every trainer's settings block shares: batch, steps, EMA, precision, output."""
         args, engine = self.args, self.engine
         micro = args.batch_size // (engine.world * args.accum_iter)
         steps = f"{self.step} -> {self.last}"
@@ -317,9 +284,8 @@ class Run:
 
     def due(self, every):
         """Is this epoch's end one for a picture every `every` epochs (or the run's end)?"""
-        epoch = self.step // self.steps_per_epoch
-        at_epoch_end = self.step % self.steps_per_epoch == 0
-        return at_epoch_end and (epoch % every == 0 or self.step >= self.last)
+        epoch, into = divmod(self.step, self.steps_per_epoch)
+        return into == 0 and (epoch % every == 0 or self.step >= self.last)
 
     def record(self, kind, loss):
         """One log.jsonl line; img/s over the steps since the previous line of this kind."""
@@ -352,9 +318,8 @@ class Run:
             try:
                 save_checkpoint(ckpt, self.latest, kept)
             except UserError as e:                 # a full disk: say what is still safe
-                good = f"{self.latest} still holds step {self.saved_at}"
-                if self.saved_at is None:
-                    good = "this run has no checkpoint yet"
+                good = ("this run has no checkpoint yet" if self.saved_at is None
+                        else f"{self.latest} still holds step {self.saved_at}")
                 raise UserError(f"{e}; {good}") from None
         self.saved_at = self.step
 
@@ -368,7 +333,6 @@ class Run:
                               f"--resume auto", signum)
 
     def result(self):
-        """The final JSON result of the run (rank 0)."""
         return {"final_loss": self.final_loss, "steps": self.step,
                 "seconds": round(time.time() - self.t_start, 2), "checkpoint": self.latest,
                 "log": self.log.path}

@@ -1,8 +1,4 @@
-"""The command-line conventions every script shares: a mistake the user can fix is one
-`error: ...` line and exit 2, no traceback (UserError, run_cli, ArgumentParser, bounded); a run a
-signal stopped says what it saved (Interrupted); one settings block (print_settings); the
-progress bar. A script's entry point is `cli.run_cli(main, get_args_parser())`.
-"""
+"""What every script's command line shares: a fixable mistake is one `error: ...` line, exit 2."""
 import argparse
 import contextlib
 import math
@@ -13,9 +9,7 @@ import torch
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad path, missing file, bad flag): printed without traceback.
-    A DataLoader worker re-raises it as "Caught UserError in DataLoader worker ... Original
-    Traceback ... UserError: <msg>": the message is recovered."""
+    """A problem the user can fix: one line, no traceback (even out of a DataLoader worker)."""
 
     def __init__(self, msg=""):
         msg = str(msg)
@@ -25,8 +19,7 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """A run stopped on purpose by a signal (SIGTERM from a cluster, Ctrl-C) after saving what
-    lets it resume: run_cli prints the message and exits with 128 + the signal number."""
+    """A run a signal (SIGTERM, Ctrl-C) stopped after saving what resumes it: exit 128 + signal."""
 
     def __init__(self, msg, signum):
         super().__init__(msg)
@@ -34,43 +27,31 @@ class Interrupted(Exception):
 
 
 def run_cli(main, parser, argv=None):
-    """Parse argv, run main(args): a UserError is one `error: msg` line and exit 2; a stopped run
-    says what it saved; Ctrl-C anywhere else exits 130, no traceback."""
+    """Parse argv, run main(args); a UserError, a stopped run or Ctrl-C: one line, no traceback."""
     try:
-        args = parser.parse_args(argv)
-        return main(args)
+        return main(parser.parse_args(argv))
     except UserError as e:
-        close_bars()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        message, code = f"error: {e}", 2
     except Interrupted as e:
-        close_bars()
-        print(str(e), file=sys.stderr)
-        sys.exit(e.exit_code)
+        message, code = str(e), e.exit_code
     except KeyboardInterrupt:
-        close_bars()
-        print("interrupted (Ctrl-C)", file=sys.stderr)
-        sys.exit(130)
-
-
-def close_bars():
-    """Close the progress bars still open, so that the last message has a line of its own."""
+        message, code = "interrupted (Ctrl-C)", 130
     bars = getattr(sys.modules.get("tqdm"), "tqdm", None)
-    for bar in list(getattr(bars, "_instances", ())):
+    for bar in list(getattr(bars, "_instances", ())):     # the message gets a line of its own
         bar.close()
+    print(message, file=sys.stderr)
+    sys.exit(code)
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """Every flag's default in --help, once (a help text that says its default in words is left
-    as it is), and every numeric flag's valid range (the rule of its bounded type)."""
+    """Every flag's default in --help once (unless its text says it), and a numeric flag's range."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         rule = getattr(action.type, "rule", None)
         if rule:
             text = f"{text} (must be {rule})"
-        optional = (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
-        shown = action.option_strings or action.nargs in optional
+        shown = action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
         if action.required or "(default:" in text or action.default is argparse.SUPPRESS:
             return text
         return text + " (default: %(default)s)" if shown else text
@@ -89,9 +70,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def bounded(kind, low, high=None, low_open=False, high_open=False):
-    """An argparse type: `kind` (int or float) in [low, high] (*_open: the end excluded), the rule
-    shown in --help. NaN and infinity are refused for every float; `--epochs -3` stops at parse
-    time, not mid-run."""
+    """An argparse type: finite `kind` in [low, high] (*_open: end excluded), checked at parse."""
     rule = f"> {low}" if low_open else f">= {low}"
     if high is not None:
         rule = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
@@ -127,9 +106,6 @@ def number_list(kind, low, high=None, low_open=False):
     return parse
 
 
-SEED = bounded(int, 0, 2**63 - 1)                         # any seed torch.manual_seed takes
-
-
 def device(text):
     """An argparse type: a torch device this machine has (cpu, cuda, cuda:1, mps)."""
     try:
@@ -143,17 +119,16 @@ def device(text):
 
 
 device.rule = "cpu, or a cuda / mps device this machine has"
+SEED = bounded(int, 0, 2**63 - 1)                         # any seed torch.manual_seed takes
 
 
 def flag(dest):
-    """An argparse dest as the user typed it: latent_dim -> --latent-dim."""
     return "--" + dest.replace("_", "-")
 
 
 def refuse_ignored(args, defaults, rules):
-    """A flag the chosen settings would ignore is refused with the reason, never dropped. rules:
-    (ignored?, [dests], why); a flag counts as given when its value differs from `defaults`
-    (the parser's defaults for this run's model and preset)."""
+    """Refuse, with the reason, a flag the chosen settings would ignore. rules: (ignored?, [dests],
+    why); a flag is given when it differs from `defaults` (the parser's for this model, preset)."""
     for ignored, dests, why in rules:
         given = [flag(d) for d in dests if getattr(args, d) != getattr(defaults, d)]
         if ignored and given:
@@ -161,18 +136,15 @@ def refuse_ignored(args, defaults, rules):
 
 
 def available_memory():
-    """Bytes this machine can still allocate (MemAvailable; elsewhere its physical memory)."""
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def check_memory(nbytes, what, fix, device=None):
-    """Refuse before any work a request that needs more memory than the machine (or the CUDA
-    `device`) has free."""
+    """Refuse up front what needs more memory than the machine (or the CUDA `device`) has free."""
     free = available_memory()
     if device is not None and device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
@@ -182,13 +154,11 @@ def check_memory(nbytes, what, fix, device=None):
 
 
 def print_settings(stage, lines):
-    """The effective settings of a run in one block, as MAE prints them: what this run does."""
     print(f"[{stage}] effective settings\n  " + "\n  ".join(lines), flush=True)
 
 
 def progress(**kwargs):
-    """A tqdm bar. Written to a file (a cluster log) rather than a terminal, it redraws once a
-    minute instead of several times a second: ~100 bytes per step would be ~27 MB per run."""
+    """A tqdm bar; in a file (a cluster log) it redraws once a minute, not per step (27 MB/run)."""
     from tqdm import tqdm
     interactive = sys.stderr.isatty()
     return tqdm(mininterval=0.1 if interactive else 60, dynamic_ncols=interactive, **kwargs)

@@ -1,7 +1,5 @@
-"""The --decode gpu path: DataLoader workers only read the files' bytes; the training process
-decodes and augments a whole batch on the device (nvJPEG on CUDA), drawing the same crops and
-flips as util/transforms.py does in the workers.
-"""
+"""--decode gpu: DataLoader workers only read the files' bytes; the training process decodes and
+augments a batch on the device (nvJPEG on CUDA), drawing util/transforms.py's crops and flips."""
 import collections
 
 import torch
@@ -16,14 +14,10 @@ try:   # TorchCodec where it is installed and loads (a build for another torch f
     from torchcodec import decoders as torchcodec_decoders
 except Exception:
     torchcodec_decoders = None
-# The decoders of file bytes: torchvision.io's are deprecated from torchvision 0.29 on (they
-# move to TorchCodec, same libjpeg-turbo / nvJPEG); torchvision.io serves while it has them.
+# torchvision.io's decoders (deprecated from 0.29 for TorchCodec's, same libraries): the fallback
 DECODERS = ("torchcodec", "torchvision")[torchcodec_decoders is None:]
 
-
-# The rrc draws use a per-image seed taken from the torch RNG in __getitem__: a function of
-# (seed, epoch, index) under util/distributed.Indexed. RawImages: an item (B = 1) or a batch: B
-# uint8 1-D tensors (file bytes), B seeds, B paths (for errors), and the transform to apply.
+# An item (B = 1) or a batch: B uint8 1-D tensors (file bytes), B rrc seeds, B paths, the transform
 RawImages = collections.namedtuple("RawImages", "jpegs seeds names kind size scale")
 
 
@@ -49,12 +43,11 @@ class JpegFolder(Dataset):
     def __getitem__(self, i):
         path, label = self.samples[i]
         raw = read_bytes(path)
-        seed = int(torch.randint(2**62, ()))
+        seed = int(torch.randint(2**62, ()))   # f(seed, epoch, index) under distributed.Indexed
         return RawImages([raw], [seed], [path], self.kind, self.size, self.scale), label
 
 
 def read_bytes(path):
-    """A file's bytes as a uint8 tensor (what the decoders take)."""
     try:
         with open(path, "rb") as f:
             return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
@@ -62,22 +55,13 @@ def read_bytes(path):
         raise UserError(f"cannot read image file {path} ({e}); remove or replace it") from None
 
 
-def decode_jpegs(jpegs, device):
-    """B JPEG files' bytes -> B uint8 (3, H, W) on `device`, in one call (nvJPEG on CUDA)."""
-    if DECODERS[0] == "torchcodec":
-        return torchcodec_decoders.decode_jpeg(list(jpegs), mode="RGB", device=device)
-    return torchvision.io.decode_jpeg(list(jpegs), mode="RGB", device=device)
-
-
 def decoded(ds):
-    """The dataset with images as tensors (through PIL), for code that reads items itself (PCA
-    fit)."""
+    """The dataset with images as tensors (through PIL), for code reading items itself (PCA fit)."""
     return ds.base if isinstance(ds, JpegFolder) else ds
 
 
 def collate(batch):
-    """collate_fn for every mode: tensor items -> default_collate; RawImages items -> one
-    RawImages."""
+    """collate_fn for every mode: RawImages items -> one RawImages, others -> default_collate."""
     if not isinstance(batch[0][0], RawImages):
         return torch.utils.data.default_collate(batch)
     first = batch[0][0]
@@ -87,8 +71,7 @@ def collate(batch):
 
 
 def batch_to_images(x, device):
-    """The training loop's `x.to(device)`: tensors move (non_blocking; pinned by the DataLoader),
-    a RawImages batch is decoded + augmented on `device` -> (B, 3, S, S) float in [-1, 1]."""
+    """The loop's `x.to(device)`; a RawImages batch is decoded + augmented there -> (B, 3, S, S)."""
     if isinstance(x, RawImages):
         return decode_batch(x.jpegs, x.size, x.kind, device, seeds=x.seeds, scale=x.scale,
                             names=x.names)
@@ -96,17 +79,16 @@ def batch_to_images(x, device):
 
 
 def decode_batch(jpegs, size, kind, device, seeds=None, scale=(0.2, 1.0), names=None):
-    """B encoded JPEGs (uint8 1-D tensors) -> (B, 3, size, size) float in [-1, 1] on `device`:
-    build_transform's ops on uint8 tensors, which draw the same crop and flip for the same seed.
-    On CPU the JPEG decoders agree with PIL's (libjpeg-turbo); PIL's bicubic rounds in 8-bit
-    fixed point: mean |diff| ~0.002, max ~0.05 (tests)."""
+    """B encoded JPEGs -> (B, 3, size, size) in [-1, 1] on `device`, build_transform's crop and flip
+    for the same seed; vs PIL on CPU (8-bit bicubic): mean |diff| ~0.002, max ~0.05 (tests)."""
     device = torch.device(device)
     check_transform_kind(kind)
     names = names or [f"image {index} of the batch" for index in range(len(jpegs))]
     if kind == "rrc" and seeds is None:
         seeds = torch.randint(2**62, (len(jpegs),)).tolist()
+    library = torchcodec_decoders if DECODERS[0] == "torchcodec" else torchvision.io
     try:   # one batched call: on CUDA nvJPEG decodes the batch together
-        imgs = decode_jpegs(jpegs, device)
+        imgs = library.decode_jpeg(list(jpegs), mode="RGB", device=device)
     except RuntimeError:   # a non-JPEG / odd file in the batch (ImageNet has a PNG and CMYK JPEGs)
         imgs = [_decode_any(raw, name).to(device) for raw, name in zip(jpegs, names)]
     out = []
@@ -117,17 +99,14 @@ def decode_batch(jpegs, size, kind, device, seeds=None, scale=(0.2, 1.0), names=
             side = size if kind == "center" else eval_resize(size)
             resized = T.functional.resize(img, side, BICUBIC, antialias=True)
             out.append(T.functional.center_crop(resized, size))
-    # (B, 3, S, S): x / 255 normalised with (0.5, 0.5)
-    return torch.stack(out).float().div_(127.5).sub_(1)
+    return torch.stack(out).float().div_(127.5).sub_(1)    # x / 255, normalised with (0.5, 0.5)
 
 
 def _random_resized_crop(img, size, scale, seed):
-    """T.RandomResizedCrop + flip on one uint8 tensor, drawn as build_transform draws them after
-    torch.manual_seed(seed); the caller's RNG stream is left untouched."""
+    """RandomResizedCrop + flip of a uint8 image as build_transform draws them after seed(seed)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        top, left, height, width = T.RandomResizedCrop.get_params(img, list(scale),
-                                                                  [3 / 4, 4 / 3])
+        top, left, height, width = T.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
         flip = bool(torch.rand(1) < 0.5)
     img = T.functional.resized_crop(img, top, left, height, width, [size, size], BICUBIC,
                                     antialias=True)

@@ -1,9 +1,5 @@
-"""Several processes, one run: the launch (torchrun's environment: NCCL on GPUs, gloo on CPU),
-the data order every rank agrees on, node_first, and the stop signals all ranks obey after the
-same step. The data order is a function of (seed, epoch), an image's augmentation of (seed,
-epoch, index), and a global batch is cut into world x accum micro-batches: any layout with the
-same world x accum reads the same images, and a resume starts mid-epoch where it left.
-"""
+"""Several processes, one run: the launch, node_first, stop signals all ranks obey at one step, and
+a data order f(seed, epoch) in world x accum micro-batches (the same for any equal product)."""
 import datetime
 import os
 import signal
@@ -16,7 +12,6 @@ from util import decode, files
 from util.cli import UserError
 
 
-# ---- The data order ---------------------------------------------------------------------------
 def mix_seed(*xs):
     """A 63-bit seed from a few ints (FNV-style; no Python hash randomisation involved)."""
     h = 0xCBF29CE484222325
@@ -26,8 +21,7 @@ def mix_seed(*xs):
 
 
 class Indexed(torch.utils.data.Dataset):
-    """Keys are (epoch, index); the image's augmentation is drawn from the CPU RNG seeded by
-    (seed, epoch, index): the same in any worker, on any rank, and after a mid-epoch resume."""
+    """Keys (epoch, index): augmentation seeded by (seed, epoch, index), the same on every rank."""
 
     def __init__(self, base, seed):
         self.base, self.seed = base, seed
@@ -40,9 +34,8 @@ class Indexed(torch.utils.data.Dataset):
 
 
 class GlobalBatchSampler:
-    """DistributedSampler's job (set_epoch, a slice per rank), but each global batch is cut into
-    world x accum contiguous micro-batches (rank r owns k = r x accum + a) and an epoch can start
-    at any step. Permutation = f(seed, epoch); the incomplete last global batch is dropped."""
+    """DistributedSampler's job, but a global batch is world x accum contiguous micro-batches (rank
+    r owns k = r x accum + a), from any step; order = f(seed, epoch), the last partial dropped."""
 
     def __init__(self, n, global_batch, world, rank, accum, seed):
         self.n, self.global_batch, self.rank, self.accum = n, global_batch, rank, accum
@@ -62,22 +55,18 @@ class GlobalBatchSampler:
 
 
 def ignore_stop_signals(worker_id):
-    """DataLoader workers leave SIGTERM / SIGINT to the main process, which finishes the step,
-    saves and then shuts them down (a worker killed first would fail the step being finished)."""
+    """Workers leave SIGTERM / SIGINT to the main process: it ends the step, saves, stops them."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(train_set, args, world, rank, device):
-    """The DataLoader of this rank's micro-batches: its batch_sampler a GlobalBatchSampler, its
-    dataset the Indexed training set."""
     sampler = GlobalBatchSampler(len(train_set), args.batch_size, world, rank, args.accum_iter,
                                  args.seed)
     return torch.utils.data.DataLoader(
         Indexed(train_set, args.seed), batch_sampler=sampler, num_workers=args.num_workers,
-        collate_fn=decode.collate,                    # --decode gpu: a batch of JPEG bytes
-        worker_init_fn=ignore_stop_signals, pin_memory=device.type == "cuda",
-        persistent_workers=args.num_workers > 0)
+        collate_fn=decode.collate, worker_init_fn=ignore_stop_signals,   # collate: JPEG bytes too
+        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
 
 
 def first_images(loader, n, device):
@@ -94,8 +83,7 @@ def check_layout(args, world):
 
 
 def cap_batch(args, n, world, is_main):
-    """A default batch (the paper's 2048) on a small set becomes one global batch of the whole
-    set (a multiple of world x accum), so the defaults run on any data; said, not silent."""
+    """A batch over the set's size (the default 2048) -> the set, cut to whole world x accum."""
     layout = world * args.accum_iter
     if args.batch_size <= n:
         return
@@ -109,9 +97,7 @@ def cap_batch(args, n, world, is_main):
     args.batch_size = capped
 
 
-# ---- Processes -------------------------------------------------------------------------------
 def setup_distributed():
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE: NCCL on GPUs, gloo on CPU; else one process."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = torch.device("cpu")
     if torch.cuda.is_available():
@@ -120,11 +106,9 @@ def setup_distributed():
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        # long timeout: rank 0 may fit the PCA while the others wait at a barrier
-        timeout = datetime.timedelta(minutes=60)
+        timeout = datetime.timedelta(minutes=60)   # rank 0 may fit the PCA while others wait
         store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-        # torchrun keeps its store across an elastic restart (--max-restarts): keys of this
-        # attempt's own, or a restarted worker may read the previous attempt's addresses and hang
+        # the store outlives an elastic restart: own keys, or a worker reads old ones and hangs
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}/", store),
                                 rank=rank, world_size=world, timeout=timeout,
@@ -133,23 +117,18 @@ def setup_distributed():
 
 
 def node_first(build, world):
-    """build() on each node's local rank 0 first, then on the node's other ranks: what the ranks
-    of a node share (a --download into one folder) is prepared once, not by all of them at the
-    same time. -> build()'s result. Every rank passes the one barrier."""
+    """build() on each node's local rank 0, then its other ranks: a shared --download runs once."""
     if world == 1:
         return build()
-    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    result = None
-    if first:
-        result = build()
+    if int(os.environ.get("LOCAL_RANK", 0)) != 0:
+        dist.barrier()                          # local rank 0 has built
+        return build()
+    result = build()
     dist.barrier()
-    if not first:
-        result = build()
     return result
 
 
 def run_distributed(train_fn, args):
-    """main() of a training script: set up, train, always tear the process group down."""
     rank, world, device = setup_distributed()
     try:
         return train_fn(args, rank, world, device)
@@ -160,17 +139,12 @@ def run_distributed(train_fn, args):
 
 
 class StopSignal:
-    """SIGTERM (a cluster's notice before it kills a job) or SIGINT (Ctrl-C) asks the run to stop:
-    it finishes the step, saves a resumable checkpoint and exits. Under torchrun all ranks must
-    stop after the same step, so each step all-reduces the flag (max) on a CPU gloo group,
-    asynchronously, and uses the result one step later: no rank waits for its GPU. A second
-    signal stops at once, the default way."""
+    """SIGTERM / SIGINT: finish the step, save, exit; all ranks stop after the same step (the flag's
+    async gloo all-reduce, read a step later: no GPU wait). A second signal stops at once."""
 
     def __init__(self, world):
         self.world, self.received, self.previous = world, 0, {}
-        self.group = None
-        if world > 1:
-            self.group = dist.new_group(backend="gloo")
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
         self.flag, self.pending = None, None
 
     def __enter__(self):

@@ -1,8 +1,5 @@
-"""One optimizer step and one epoch of them for the trainers (MAE's engine_pretrain.py): Engine =
-model + AdamW + EMA + precision + DDP, no host sync per step; train_one_epoch. The noise of
-micro-batch k of step s is seeded by (seed, s, k) and the data order by (seed, epoch), so a
-resume is bit-identical and any layout with the same world x accum computes the same steps.
-"""
+"""The trainers' optimizer step (Engine) and epoch (train_one_epoch), as MAE's engine_pretrain.py.
+Noise is f(seed, step, micro-batch), data order f(seed, epoch): a resume is bit-identical."""
 import contextlib
 import copy
 import math
@@ -31,20 +28,16 @@ class Diverged(UserError):
 
 
 def pick_precision(choice, device):
-    """--precision auto: bf16 on CUDA where supported, else fp16 (+ GradScaler); fp32 on CPU."""
     if choice != "auto":
         return choice
     if device.type != "cuda":
         return "fp32"
-    if torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp16"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 class Engine:
-    """Model + EMA + AdamW + precision + DDP (the paper states AdamW's betas, not EMA, clipping
-    or precision: ours, RECIPE s6). step() is one optimizer step with no host sync: the losses
-    and the first bad step stay on the device until flush()."""
+    """Model + EMA + AdamW + precision + DDP (the paper gives AdamW's betas; the rest is ours,
+    RECIPE s6). step() never syncs with the host: losses and the first bad step wait for flush()."""
 
     def __init__(self, model, args, rank, world, device):
         self.model, self.args, self.rank, self.world, self.device = model, args, rank, world, device
@@ -58,9 +51,7 @@ class Engine:
         # RECIPE s6: AdamW (0.9, 0.999); the fused kernel on CUDA (unfused it is ~26% of a step)
         self.opt = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999),
                                      fused=device.type == "cuda")
-        self.scaler = None
-        if self.prec == "fp16":
-            self.scaler = torch.amp.GradScaler(device.type)
+        self.scaler = torch.amp.GradScaler(device.type) if self.prec == "fp16" else None
         self.ema, self.ema_params = None, None
         if args.ema > 0:                           # an fp32 copy, never trained
             self.ema = copy.deepcopy(model).float().eval().requires_grad_(False)
@@ -90,8 +81,7 @@ class Engine:
             group["lr"] = lr                       # set every step from the pure schedule
         accum, total = len(micro), 0.0
         for a, (x, y) in enumerate(micro):
-            # the noise of global micro-batch k = rank x accum + a of step s is seeded by (seed,
-            # s, k): the same whichever rank or accumulation step computes it
+            # global micro-batch k = rank x accum + a: the same noise on whichever rank computes it
             torch.manual_seed(distributed.mix_seed(self.args.seed, 3, step, self.rank * accum + a))
             x = decode.batch_to_images(x, self.device)           # --decode gpu decodes here
             y = y.to(self.device, non_blocking=True)
@@ -100,7 +90,10 @@ class Engine:
                 with self.autocast():
                     loss = self.loss_fn(x, y)           # mean over the micro-batch
                 # / accum, and DDP averages the ranks: the mean over the global batch
-                self.backward(loss / accum)
+                scaled = loss / accum
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
             total = total + loss.detach().float()
         self.update()
         if self.ema is not None:
@@ -111,15 +104,14 @@ class Engine:
         one = torch.stack([mean, torch.ones_like(mean)])
         self.window += one
         self.epoch += one
-        self.note_if_bad(mean, step)
-
-    def backward(self, loss):
-        if self.scaler is not None:
-            loss = self.scaler.scale(loss)
-        loss.backward()
+        # the first non-finite step, kept on the device (fp16: an inf gradient is normal, skipped)
+        finite = torch.isfinite(mean) & (torch.isfinite(self.gnorm) | (self.scaler is not None))
+        first = ~finite & torch.isinf(self.first_bad_step)
+        bad_step = torch.full_like(mean, step + 1)
+        self.first_bad_step = torch.where(first, bad_step, self.first_bad_step)
+        self.first_bad_gnorm = torch.where(first, self.gnorm, self.first_bad_gnorm)
 
     def update(self):
-        """Unscale, clip, step, zero: the optimizer half of step()."""
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -133,18 +125,8 @@ class Engine:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
-    def note_if_bad(self, mean, step):
-        """Remember (on the device) the first step whose loss or gradient was not finite."""
-        # fp16: an inf gradient now and then is normal (GradScaler skips that step)
-        finite = torch.isfinite(mean) & (torch.isfinite(self.gnorm) | (self.scaler is not None))
-        first = ~finite & torch.isinf(self.first_bad_step)
-        self.first_bad_step = torch.where(first, torch.full_like(mean, step + 1),
-                                          self.first_bad_step)
-        self.first_bad_gnorm = torch.where(first, self.gnorm, self.first_bad_gnorm)
-
     def flush(self, lr_fn, epoch_too=False):
-        """The only host sync: all-reduce the sums -> (window loss, epoch loss or None); raises
-        Diverged if a loss or gradient was non-finite."""
+        """The only host sync -> (window loss, epoch loss or None); a non-finite step: Diverged."""
         sums = torch.cat([self.window, self.epoch])
         first_bad = self.first_bad_step.clone()
         if self.world > 1:
@@ -164,16 +146,13 @@ class Engine:
         return window, epoch
 
     def state(self):
-        ema = self.ema.state_dict() if self.ema is not None else None
-        scaler = self.scaler.state_dict() if self.scaler is not None else None
-        return {"model": self.model.state_dict(), "ema": ema, "optimizer": self.opt.state_dict(),
-                "scaler": scaler}
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
 
 def train_one_epoch(engine, loader, epoch, run, stop):
-    """The optimizer steps of epoch `epoch` from run.step (mid-epoch after a resume) to its end
-    or the run's last step. run: util/checkpoint.Run (the lr, the log lines); stop: the signal
-    the ranks agree on. -> the signal every rank stops on, or 0."""
+    """The steps of `epoch` from run.step to its end or run.last -> the agreed stop signal, or 0."""
     per_epoch = run.steps_per_epoch
     loader.batch_sampler.set_epoch(epoch, run.step - epoch * per_epoch)
     batches = iter(loader)

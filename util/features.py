@@ -1,6 +1,4 @@
-"""The frozen encoder a probe reads (linprobe.py): loaded strictly from its checkpoint, the
-(depth, t, clean / noisy input) settings it can give, and one feature pass over a data set,
-sharded under torchrun."""
+"""The frozen encoder linprobe.py reads: the model, the settings to probe, one feature pass."""
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -11,21 +9,11 @@ from util import cli, distributed, registry
 from util.cli import UserError
 
 
-def checksum(model):
-    """(n, 2) float64 sum and sum of squares of every float tensor of the model."""
-    rows = [[t.double().sum(), t.double().square().sum()] for t in model.state_dict().values()
-            if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    return torch.tensor(rows, dtype=torch.float64)
-
-
 def load_backbone(args, device):
-    """The checkpoint's model, loaded strictly and frozen; --random-init: the same network with
-    fresh weights and every block live (the PCA basis is kept: fitted, not learned)."""
+    """The checkpoint's model, frozen; --random-init keeps the PCA basis (fitted, not learned)."""
     ckpt = registry.load(args.ckpt)
     model = registry.model_from_checkpoint(ckpt, args.weights, "cpu")
-    args.weights_used = "raw"                                              # for the report
-    if ckpt.get("ema") is not None:
-        args.weights_used = args.weights
+    args.weights_used = args.weights if ckpt.get("ema") is not None else "raw"    # for the report
     preset = ckpt.get("args", {}).get("preset")
     if preset in dit_baseline.TABLE4_PRESETS and not args.select_setting:
         print(f"[probe] note: the paper probes {preset} (Table 4) at the best (t, clean or noisy "
@@ -40,9 +28,7 @@ def load_backbone(args, device):
 
 
 def make_featurizer(model, keys, args):
-    """-> f(images (B, 3, S, S)) -> {(depth, t, noisy): (B, D) float32}. One forward_features pass
-    per (t, clean or noisy input) returns every requested depth (RECIPE s5 probe depth/t/input
-    ablations, DDAE grid). model None: --baseline pixels, <= 32x32x3 = 3072 dims, area-averaged."""
+    """-> f(images) -> {(depth, t, noisy): (B, D) float32}: one forward pass per (t, noisy)."""
     if model is None:
         def pixels(x):
             if x.shape[-1] > 32:
@@ -51,12 +37,8 @@ def make_featurizer(model, keys, args):
         return pixels
     depths = sorted({key[0] for key in keys})
     levels = sorted({key[1:] for key in keys})      # (t, noisy) pairs
-    forward = model.forward_features
-    if args.compile:
-        forward = torch.compile(model.forward_features)
-    extra = {}
-    if args.clean_input == "image":                 # l-DAE only: the raw image, not V_d^T V_d x
-        extra = {"clean": "image"}
+    forward = torch.compile(model.forward_features) if args.compile else model.forward_features
+    extra = {"clean": "image"} if args.clean_input == "image" else {}    # not V_d^T V_d x
 
     def features(x):
         out = {}
@@ -69,8 +51,7 @@ def make_featurizer(model, keys, args):
 
 
 def extract(featurize, ds, args, device, rank, world, desc):
-    """One encoder pass -> ({key: (N, D)} on CPU, labels (N,)). Under torchrun rank r takes items
-    r, r+W, ...; the shards are gathered and interleaved back into dataset order."""
+    """One pass -> ({key: (N, D)}, labels (N,)) on CPU; rank r of W takes items r, r+W, ..."""
     loader = DataLoader(Subset(ds, range(rank, len(ds), world)), batch_size=args.max_device_batch,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
                         worker_init_fn=distributed.ignore_stop_signals)   # Ctrl-C: one line
@@ -93,7 +74,7 @@ def extract(featurize, ds, args, device, rank, world, desc):
     return {key: gather(torch.cat(v)) for key, v in chunks.items()}, gather(torch.cat(labels))
 
 
-def cached_features(featurize, keys, centre_ds, crops_ds, val_ds, args, device, rank, world):
+def cached_features(featurize, centre_ds, crops_ds, val_ds, args, device, rank, world):
     """-> {key: (V, N, D)}, train labels (N,), {key: (M, D)}, val labels (M,), all on the CPU."""
     per_view = []
     for view in range(args.views):              # view 0: center crop (as val); then random crops
@@ -101,16 +82,12 @@ def cached_features(featurize, keys, centre_ds, crops_ds, val_ds, args, device, 
         ds = centre_ds if view == 0 else crops_ds
         per_view.append(extract(featurize, ds, args, device, rank, world, f"train view {view}"))
     val_x, val_y = extract(featurize, val_ds, args, device, rank, world, "val")
-    train_x = {key: torch.stack([f[key] for f, _ in per_view]) for key in keys}
+    train_x = {key: torch.stack([f[key] for f, _ in per_view]) for key in per_view[0][0]}
     return train_x, per_view[0][1], val_x, val_y
 
 
 def probe_keys(args, cfg, pixels, model):
-    """The input size and the (depth, t, noisy) settings to probe -> (size, keys). One setting by
-    default: the last encoder block, --probe-t (default: the model's probe_t) and a clean input
-    (--noisy-input: noisy). --grid: every --grid-depths x --grid-ts; --select-setting (the
-    paper's Table 4 "optimal setting"): every --grid-ts with a clean and a noisy input;
-    --grid-inputs says which inputs. The best setting is chosen on held-out train."""
+    """-> (input size, the (depth, t, noisy) settings: one, --grid's or Table 4's)."""
     size = cfg.get("img_size")
     if args.input_size is None:
         args.input_size = size or 32

@@ -1,7 +1,4 @@
-"""One way to write a file and one way to read a user's torch file. A write is atomic and durable
-(its own temporary name, fsync, rename, a full disk said plainly) and never replaces a file this
-run did not create unless told to (claim_outputs); a run folder has one owner at a time (lock);
-a read takes tensors only (a file that would run code is refused by name)."""
+"""The one way to write a file (atomic_write, claim_outputs, lock) and to read one (load_torch)."""
 import atexit
 import contextlib
 import errno
@@ -15,16 +12,11 @@ import torch
 
 from util.cli import UserError
 
-
-def temp_name(path):
-    """A temporary name beside `path` that no other process uses (pid + random): any number of
-    processes may write the same file at once, and each rename puts a complete file in place."""
-    return f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+CREATED_DIRS = []    # folders check_writable_dir made: removed at exit if the run left them empty
+HELD_LOCKS = []      # released at the run's end, error or exit
 
 
 def clean_stale_temps(folder, names):
-    """Remove the temporary files a killed writer left in `folder` for the files whose names
-    start with one of `names` -> their names."""
     stale = [entry for entry in os.listdir(folder)
              if entry.endswith(".tmp") and any(entry.startswith(n) for n in names)]
     for entry in stale:
@@ -44,20 +36,16 @@ def nbytes(obj):
     """Bytes of the tensors in a nested dict/list (about what torch.save of it needs)."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(nbytes(v) for v in obj)
+    if isinstance(obj, (dict, list, tuple)):
+        return sum(nbytes(v) for v in (obj.values() if isinstance(obj, dict) else obj))
     return 0
 
 
 def write_error(e, path, size_hint=None):
-    """An OSError (or torch's writer's RuntimeError) while writing `path` -> the UserError a user
-    can act on."""
+    """An OSError (or torch's writer's RuntimeError) writing `path` -> a UserError to act on."""
     folder = os.path.dirname(os.path.abspath(path))
-    kept = "nothing was written"
-    if os.path.exists(path):
-        kept = f"the previous {os.path.basename(path)} is intact"
+    kept = (f"the previous {os.path.basename(path)} is intact" if os.path.exists(path)
+            else "nothing was written")
     full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
     if isinstance(e, RuntimeError):             # torch's writer: "... unexpected pos ..."
         full = shutil.disk_usage(folder).free < (size_hint or 0) + 2**20
@@ -70,10 +58,9 @@ def write_error(e, path, size_hint=None):
 
 
 def atomic_write(path, write, size_hint=None):
-    """write(tmp) fills a temporary file beside `path`; it is fsync'ed, renamed over `path`, and
-    the folder fsync'ed. So `path` holds the old file or the whole new one, even after a kill or
-    a power loss; no temporary file is left; an OSError becomes a UserError naming the file."""
-    tmp = temp_name(path)
+    """write(tmp) fills a temporary file; fsync, rename over `path`, fsync the folder: `path` holds
+    the old or the whole new file, even after a kill or a power loss; an OSError is a UserError."""
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"    # own name: writers never share one
     try:
         write(tmp)
         fsync(tmp)
@@ -94,12 +81,10 @@ def atomic_write(path, write, size_hint=None):
 
 
 def save_torch(obj, path):
-    """torch.save through atomic_write: the one way this project writes a .pt file."""
     return atomic_write(path, lambda tmp: torch.save(obj, tmp), nbytes(obj))
 
 
 def write_lines(path, lines):
-    """A text file of `lines`, atomically."""
     def write(tmp):
         with open(tmp, "w") as f:
             f.writelines(lines)
@@ -107,9 +92,8 @@ def write_lines(path, lines):
 
 
 def load_torch(path, what, fix, mmap=False):
-    """torch.load(weights_only=True) of a file the user named. A missing or unreadable file, or
-    one holding pickled Python objects (loading them would run their code), is one UserError
-    naming `what` and the path and ending with `fix`. mmap: map the tensors, do not read them."""
+    """torch.load(weights_only=True) of a user's file; missing, unreadable or pickled objects (which
+    would run code) -> one UserError naming `what` and ending with `fix`. mmap: map the tensors."""
     if not path or not os.path.isfile(path):
         raise UserError(f"{what} {path} does not exist; {fix}")
     try:
@@ -124,8 +108,7 @@ def load_torch(path, what, fix, mmap=False):
 
 
 def field_problem(obj, required, optional=None):
-    """What is wrong with a loaded file's top level: not a dict, a `required` key missing, or a
-    key (required or optional) of the wrong type ({key: type}) -> a phrase, or None."""
+    """The fault of a loaded file's top level (not a dict, a key missing or mistyped), or None."""
     if not isinstance(obj, dict):
         return f"it holds a {type(obj).__name__}, not a dict"
     for key, kind in {**(optional or {}), **required}.items():
@@ -137,39 +120,29 @@ def field_problem(obj, required, optional=None):
 
 
 def nonfinite(tensors):
-    """The names of the floating-point tensors of a state dict that hold NaN or infinity."""
     return [name for name, value in tensors.items() if isinstance(value, torch.Tensor)
             and value.is_floating_point() and not bool(torch.isfinite(value).all())]
 
 
-CREATED_DIRS = []    # folders check_writable_dir made: removed at exit if the run left them empty
-
-
 def check_writable_dir(folder, flag):
-    """Create `folder` if needed and prove it takes a file, before any work is done. A folder
-    made here that is still empty when the process exits (a refused run) is removed again."""
+    """Create `folder`, prove it takes a file; one made here and still empty at exit is removed."""
     probe = os.path.join(folder, f".write_test_{os.getpid()}")
-    missing = []
-    parent = os.path.abspath(folder)
+    missing, parent = [], os.path.abspath(folder)
     while not os.path.exists(parent):
         missing.append(parent)
         parent = os.path.dirname(parent)
     try:
         os.makedirs(folder, exist_ok=True)
         CREATED_DIRS.extend(missing)                        # deepest first
-        with open(probe, "w"):
-            pass
+        open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
         raise UserError(f"{flag} {folder} is not writable ({e.strerror}); "
                         f"pass another {flag}") from None
 
 
-# ---- Outputs: nothing replaced that this run did not write, one run per folder ---------------
 def claim_outputs(paths, overwrite, inputs=(), flag="--overwrite"):
-    """Before any work: every output path that exists was not written by this run, so it is
-    refused unless `flag` says to replace it; an output that is one of the run's own inputs is
-    refused always."""
+    """Refuse an existing output unless `flag` is given, and one that is the run's input always."""
     for path in paths:
         for source in inputs:
             if source and os.path.exists(source) and os.path.exists(path) and \
@@ -180,13 +153,9 @@ def claim_outputs(paths, overwrite, inputs=(), flag="--overwrite"):
                             f"replace it, or write elsewhere")
 
 
-HELD_LOCKS = []                             # released at the run's end, error or exit
-
-
 def lock(folder):
-    """Own `folder` for this run: FOLDER/.lock holds the owner's pid and host. A lock whose
-    process is gone (same host, pid not running: a killed run) is taken over and said; a live
-    one, or one of another host, is refused with its owner named."""
+    """Own `folder`: FOLDER/.lock holds the owner's pid and host. A dead owner's lock (same host,
+    pid gone) is taken over and said; a live one, or another host's, is refused naming its owner."""
     path = os.path.join(folder, ".lock")
     me = f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
     for _ in range(2):
@@ -196,9 +165,8 @@ def lock(folder):
             owner = open(path).read().split()
             if len(owner) < 2 and time.time() - os.path.getmtime(path) < 5:
                 break                           # its owner is writing it now
-            pid, host = 0, socket.gethostname()     # empty: its owner was killed writing it
-            if len(owner) > 1:
-                pid, host = int(owner[0]), owner[1]
+            # no pid and host, older than 5 s: its owner was killed writing it
+            pid, host = (int(owner[0]), owner[1]) if len(owner) > 1 else (0, socket.gethostname())
             if pid == os.getpid() and host == socket.gethostname():
                 HELD_LOCKS.append(path)         # this process's own earlier run
                 return path
@@ -240,12 +208,9 @@ def release_locks():
             os.remove(path)
 
 
+@atexit.register
 def at_exit():
-    """Release the locks, then remove the folders this process made that are still empty."""
     release_locks()
     for folder in CREATED_DIRS:
         with contextlib.suppress(OSError):                 # not empty: the run wrote into it
             os.rmdir(folder)
-
-
-atexit.register(at_exit)

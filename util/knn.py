@@ -1,17 +1,13 @@
-"""Weighted k-NN of frozen features (DINO, Caron et al. 2021, after Wu et al. 2018): nothing
-trains and nothing is chosen, the features alone decide (linprobe.py --knn, --protocol knn)."""
+"""DINO's weighted k-NN (Caron et al. 2021, after Wu et al. 2018): nothing trains or is chosen."""
 import torch
 import torch.nn.functional as F
 
-# The similarity matrix of one chunk of val images holds at most this many entries (1 GiB in
-# float32): ~200 val images at a time against ImageNet's 1.28M train features.
+# entries of one val chunk's similarity matrix: 1 GiB of float32, ~200 val images x ImageNet train
 KNN_CHUNK_ENTRIES = 2**28
 
 
 def nearest(sim, k):
-    """The k largest entries of each row of sim (b, N) -> (values, indices), both (b, k). A tie at
-    the k-th place goes to the lower index (the earlier train image), so the neighbours are a
-    function of the data, not of topk's internal order. Only tied rows pay for a full sort."""
+    """Row-wise top-k of sim (b, N) -> (values, indices); a tie at k goes to the lower index."""
     if k == sim.shape[1]:
         return sim.sort(dim=1, descending=True, stable=True)
     values, indices = sim.topk(k + 1, dim=1)
@@ -25,10 +21,7 @@ def nearest(sim, k):
 
 @torch.no_grad()
 def knn_scores(train_x, train_y, val_x, num_classes, k, temperature, device, chunk=None):
-    """Each val image's class scores (M, C): features L2-normalised, similarity the cosine, and
-    each of its k most similar train images votes for its own label with weight exp(sim / T).
-    Val goes in chunks (chunk x N similarities at a time, KNN_CHUNK_ENTRIES by default) on
-    `device`; train features stay there for the whole pass."""
+    """(M, C) class scores: a val image's k most similar train images vote exp(cosine / T) each."""
     if not 1 <= k <= len(train_x):
         raise ValueError(f"k = {k} needs 1..{len(train_x)} train features")
     train_x = F.normalize(train_x.to(device).float(), dim=1)          # (N, D)

@@ -3,19 +3,12 @@ import torch
 
 
 class LARS(torch.optim.Optimizer):
-    """Per step, for each parameter p with gradient g:
-        ndim > 1 (weights):  u = g + wd p;  u <- u * eta ||p|| / ||u||  (when both norms > 0)
-        1-D (biases, BN):    u = g          (no decay, no trust ratio)
-        m <- momentum m + u;  p <- p - lr m
-    So a weight matrix's step is a fraction of its norm whatever the gradient's size: lr * eta
-    at the first step (zero momentum: 6.4e-3 at MAE's lr 6.4), then with momentum 0.9 up to
-    lr * eta / (1 - 0.9) when successive gradients align and lr * eta / sqrt(1 - 0.9^2) (~2.3x)
-    when they are uncorrelated. Biases move by lr * |g|, untouched by the trust ratio."""
+    """A weight's update g + wd p is scaled to eta ||p||, so its first step is lr * eta of its norm
+    whatever g's size (6.4e-3 at MAE's lr 6.4), up to 10x with momentum 0.9; 1-D params take g."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                        trust_coefficient=trust_coefficient)
-        super().__init__(params, defaults)
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -1,11 +1,9 @@
-"""The learning-rate schedule of every trainer here (pre-training, distillation, the probe):
-linear warmup, then a half-cycle cosine, set every step on the fractional epoch (MAE's)."""
+"""The learning-rate schedule of every trainer here (pre-training, distillation, the probe)."""
 import math
 
 
 def lr_at(step, steps_per_epoch, base_lr, warmup_epochs, epochs, min_lr=0.0):
-    """The lr of optimizer step `step`: the paper's 100-epoch linear warmup, then a half-cycle
-    cosine to min_lr (RECIPE s6), on the fractional epoch as MAE sets it every step."""
+    """Linear warmup, then half-cycle cosine to min_lr on the fractional epoch (MAE; RECIPE s6)."""
     epoch = step / steps_per_epoch
     if epoch < warmup_epochs:
         return base_lr * epoch / warmup_epochs
@@ -15,6 +13,4 @@ def lr_at(step, steps_per_epoch, base_lr, warmup_epochs, epochs, min_lr=0.0):
 
 def scaled_lr(args):
     """--lr, or MAE's linear scaling rule lr = --blr x global batch / 256 (RECIPE s6)."""
-    if args.lr is not None:
-        return args.lr
-    return args.blr * args.batch_size / 256
+    return args.lr if args.lr is not None else args.blr * args.batch_size / 256

@@ -1,6 +1,4 @@
-"""The cached probe (linprobe.py --protocol cached): one feature pass, features normalised with
-TRAIN statistics, the linear head solved to convergence by L-BFGS (or given MAE's LARS schedule
-by linprobe.py), its one free setting chosen on a held-out part of TRAIN, never on val."""
+"""linprobe.py --protocol cached: one feature pass, its head's one setting chosen on train."""
 import torch
 import torch.nn.functional as F
 
@@ -22,10 +20,8 @@ def evaluate(head, x, y, device, chunk=65536):
 
 def fit_lbfgs(train_x, train_y, eval_x, eval_y, wd, args, num_classes, device, seed, log=None,
               tag=None, *, make_head):
-    """The probe's head (make_head: linprobe.py's) solved to convergence: multinomial logistic
-    regression, full-batch L-BFGS (strong-Wolfe line search), L2 wd/2 ||W||^2. Convex: the
-    optimum depends on neither init, lr nor schedule, only on wd. BN keeps its running stats
-    (0, 1): the identity on whitened inputs. -> (head, top1 %, top5 %) on eval_x."""
+    """make_head's Linear by full-batch L-BFGS, L2 wd/2 ||W||^2: convex, only wd decides; BN keeps
+    stats (0, 1), the identity on whitened inputs -> (head, top1 %, top5 %) on eval_x."""
     n_views, n, dim = train_x.shape
     x = train_x.reshape(n_views * n, dim).to(device)                   # view-major rows
     y = train_y.repeat(n_views).to(device)
@@ -49,11 +45,8 @@ def fit_lbfgs(train_x, train_y, eval_x, eval_y, wd, args, num_classes, device, s
 
 
 def feature_map(x, whiten, chunk=65536):
-    """TRAIN statistics -> mean (D,), map P (D, r): (x - mean) @ P is standardised (what BN
-    converges to) or PCA-whitened. Whitening is invertible on the data's span, so the probe's
-    function class is unchanged, only its conditioning: network features have effective rank ~1.1
-    and standardised L-BFGS took > 2000 iterations where whitened took ~300 (measured).
-    Zero-variance directions (grayscale's repeated channels) are dropped. Float64 sums, chunked."""
+    """-> mean (D,), P (D, r) of TRAIN: (x - mean) @ P standardised (as BN) or whitened, which on
+    features of effective rank ~1.1 cut L-BFGS from > 2000 iterations to ~300 (measured)."""
     n, dim = x.shape
     starts = range(0, n, chunk)
     mean = sum(x[i:i + chunk].double().sum(0) for i in starts) / n                   # (D,)
@@ -67,18 +60,14 @@ def feature_map(x, whiten, chunk=65536):
         scale = torch.where(sd > 1e-6, 1 / sd, torch.ones_like(sd))
         return mean.float(), torch.diag(scale).float()
     eigenvalues, eigenvectors = torch.linalg.eigh(cov)
-    keep = eigenvalues > 1e-8 * eigenvalues.max()
+    keep = eigenvalues > 1e-8 * eigenvalues.max()          # grayscale's repeated channels: 0
     return mean.float(), (eigenvectors[:, keep] / eigenvalues[keep].sqrt()).float()
 
 
 def probe_cached(train_x, train_y, val_x, val_y, args, num_classes, device, log, tag, solve,
                  name, grid):
-    """Optimisation must not decide the ranking. (1) Normalise with TRAIN statistics
-    (whitened for L-BFGS; standardised for LARS, which mimics `mae`). (2) Choose the one free
-    setting `name` from `grid` (L-BFGS: L2 from --wd-grid; LARS: lr from --lr-grid x base lr) by
-    top-1 on a seeded held-out part of TRAIN (all views of a held-out image held out), refit
-    `solve` on all of train, score val once: val labels reach nothing else (--spread only
-    reports). -> (state to save, top1 %, top5 %, info); val_x None: the held-out figure alone."""
+    """Normalise by TRAIN statistics (whitened for L-BFGS, standardised for LARS as `mae`), choose
+    `name` in `grid` on held-out center crops, refit, score val -> (state, top1 %, top5 %, info)."""
     n_views, n, dim = train_x.shape
     lbfgs = name == "wd"
     mean, projection = feature_map(train_x.reshape(n_views * n, dim), whiten=lbfgs)
@@ -88,7 +77,6 @@ def probe_cached(train_x, train_y, val_x, val_y, args, num_classes, device, log,
     held_out, kept = order[:n_held], order[n_held:]
     heldout_top1 = {}
     for value in cli.progress(iterable=grid, desc=f"{name} sweep {tag}", leave=False):
-        # view 0 = the center crop, as val
         heldout_top1[value] = solve(train_x[:, kept], train_y[kept], train_x[0, held_out],
                                     train_y[held_out], value, args, num_classes, device,
                                     args.seed)[1]

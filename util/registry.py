@@ -1,6 +1,4 @@
-"""Every model family by name, and a checkpoint back to its exact model: the one place that
-pretrain.py, linprobe.py, distill.py and export_timm.py ask. Families: ldae (ldae.py), dit
-(dit_baseline.py), resnet (util/resnet.py, RepFusion's student)."""
+"""Every model family by name, and a checkpoint back to its exact model: the one place to ask."""
 import hashlib
 
 import torch
@@ -21,7 +19,6 @@ MODEL_ARGS = ("latent_dim", "latent_scale", "latent_norm", "cond_ratio", "residu
 
 
 def family_of(name):
-    """'ldae' or 'dit': which model file a --model name lives in."""
     for family in ("ldae", "dit"):
         if name in FAMILIES[family].MODELS:
             return family
@@ -30,8 +27,7 @@ def family_of(name):
 
 def build_model(name, pca=None, **overrides):
     """The family's build_model with the flags it takes (None: the registry's value). A flag of
-    the other family is refused, not dropped: `--class-cond true` means nothing to an l-DAE.
-    --latents-file becomes the DiT's input shape and class count, read from the file."""
+    the other family is refused, not dropped: `--class-cond true` means nothing to an l-DAE."""
     family = FAMILIES[family_of(name)]
     given = {k: v for k, v in overrides.items() if v is not None and v is not False}
     foreign = sorted(k for k in given if k in MODEL_ARGS and k not in family.MODEL_FLAGS)
@@ -41,7 +37,7 @@ def build_model(name, pca=None, **overrides):
                         f"drop it, or pick a model of the other family (a --preset sets the "
                         f"flags of its own family)")
     kept = {k: v for k, v in overrides.items() if k in family.MODEL_FLAGS and v is not None}
-    if kept.get("latents_file"):
+    if kept.get("latents_file"):                    # the DiT's input shape and class count
         latents = datasets.open_latents(kept.pop("latents_file"))
         kept.update(input="latents", latent_channels=latents.latents.shape[1],
                     latent_size=latents.latents.shape[2])

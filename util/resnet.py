@@ -1,6 +1,4 @@
-"""RepFusion's student network (distill.py --student resnet18) as a model family of its own, so
-that a student checkpoint probes (linprobe.py) like any other: torchvision's ResNet-18 adapted to
-small images as RepFusion does it (a 3 x 3 stride-1 first convolution, no max-pool)."""
+"""RepFusion's student (distill.py --student resnet18) as a model family: it probes as any other."""
 import torch.nn as nn
 import torchvision
 
@@ -19,10 +17,9 @@ class ResNetStudent(nn.Module):
                            patch_size=1)        # depth 8: a probe reads stage depth // 2 = 4
         self.net = torchvision.models.resnet18(num_classes=1)
         self.net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        self.net.maxpool = nn.Identity()
+        self.net.maxpool = nn.Identity()            # RepFusion's stem: 3 x 3 stride 1, no max-pool
         self.net.fc = nn.Identity()
-        self.pca = None
-        self.dim = 512
+        self.pca, self.dim = None, 512
 
     def init_weights(self, active=True):
         """A fresh random network (torchvision's initialisation), for --random-init probes."""
@@ -38,18 +35,12 @@ class ResNetStudent(nn.Module):
         x = net.relu(net.bn1(net.conv1(images)))
         for i, stage in enumerate((net.layer1, net.layer2, net.layer3, net.layer4)):
             x = stage(x)
-            if pool:
-                feats[i + 1] = x.mean(dim=(2, 3))                 # (B, C) average pool
-            else:
-                feats[i + 1] = x.flatten(2).transpose(1, 2)       # (B, H W, C): the positions
+            feats[i + 1] = x.mean(dim=(2, 3)) if pool else x.flatten(2).transpose(1, 2)
         out = [feats[d] for d in depths]
-        if isinstance(depth, (list, tuple)):
-            return out
-        return out[0]
+        return out if isinstance(depth, (list, tuple)) else out[0]
 
 
 def build_model(name, pca=None, img_size=32, **ignored):
-    """The registry's entry for the 'resnet' family (student checkpoints)."""
     if name not in MODELS:
         raise KeyError(f"unknown student {name!r}; choose from {', '.join(MODELS)}")
     return ResNetStudent(img_size, name)

@@ -1,11 +1,7 @@
-"""The synthetic shapes: the offline default data set of every script (`--dataset synthetic`).
-
-Ten classes that differ only in shape, texture and layout; colour, position, size, rotation,
-background and noise are random for all, so no pixel (nor a linear map of the pixels) gives the
-class away, while shape features do. Image i has its own generator seeded by (seed, split stream,
-i): deterministic, independent of batching and workers, any resolution; drawn on first use and
-kept in memory while the set fits in KEEP_BYTES, so later epochs skip the drawing.
-"""
+"""The synthetic shapes, the offline default data set (`--dataset synthetic`): ten classes that
+differ only in shape, texture and layout. Colour, position, size, rotation, background and noise
+are random for all, so no linear map of the pixels gives the class away. Image i has its own
+generator, seeded by (seed, split stream, i): the same at any batching, workers or resolution."""
 import math
 
 import torch
@@ -17,8 +13,7 @@ SYNTHETIC_CLASSES = ("disc", "ring", "square", "triangle", "cross",
 
 
 def shape_mask(name, pu, pv, freq, phase):
-    """The pixels (S, S) bool of class `name`'s object, drawn in its own frame (pu, pv), ~[-1, 1]
-    across the object; freq and phase set the texture of the textured classes."""
+    """Class `name`'s object (S, S) bool in its frame (pu, pv) ~[-1, 1]; freq, phase: texture."""
     rad = (pu ** 2 + pv ** 2).sqrt()
     box = torch.maximum(pu.abs(), pv.abs())
     if name == "disc":
@@ -73,8 +68,7 @@ class SyntheticShapes(Dataset):
         yy, xx = torch.meshgrid(centres, centres, indexing="ij")           # (S, S)
         cx, cy = (uniform(2) - 0.5) * 0.9                                  # object centre
         half_size = 0.3 + 0.3 * uniform(1)
-        # +-20 degrees: keeps h/v stripes apart
-        angle = (uniform(1) - 0.5) * (math.pi / 4.5)
+        angle = (uniform(1) - 0.5) * (math.pi / 4.5)     # +-20 degrees: keeps h/v stripes apart
         cos, sin = torch.cos(angle), torch.sin(angle)
         pu = ((xx - cx) * cos + (yy - cy) * sin) / half_size              # object frame, ~[-1, 1]
         pv = (-(xx - cx) * sin + (yy - cy) * cos) / half_size
@@ -98,8 +92,7 @@ class SyntheticShapes(Dataset):
         return (img.clamp(0, 1) * 255).round().to(torch.uint8), label
 
     def drawn(self, index):
-        """render(index), kept for later epochs (and later data sets of the same images) while
-        every kept image fits in KEEP_BYTES."""
+        """render(index), kept for later epochs and data sets while all kept fit in KEEP_BYTES."""
         key = (self.img_size, self.seed, self.stream, index)
         if key in self.kept:
             return self.kept[key]
@@ -113,6 +106,4 @@ class SyntheticShapes(Dataset):
     def __getitem__(self, index):
         img, label = self.drawn(index)
         pil = T.functional.to_pil_image(img)
-        if self.transform is None:
-            return pil, label
-        return self.transform(pil), label
+        return (pil if self.transform is None else self.transform(pil)), label

@@ -1,15 +1,10 @@
-"""How an image becomes a training tensor: the center, rrc and eval transforms that DataLoader
-workers apply to a PIL image or a uint8 tensor (util/decode.py redoes them on the device). Out:
-(3, S, S) float in [-1, 1] (DiT normalisation, RECIPE s2), grayscale repeated to 3 channels.
-"""
+"""The center, rrc and eval transforms of DataLoader workers -> [-1, 1], DiT's range (RECIPE s2)."""
 import torch
 from torchvision import transforms as T
 
 from util.cli import UserError
 
 BICUBIC = T.InterpolationMode.BICUBIC
-
-
 TRANSFORM_KINDS = ("center", "rrc", "eval")
 
 
@@ -32,8 +27,7 @@ class ToFloat:
 
 
 class Transform(T.Compose):
-    """T.Compose that remembers what it does, for --decode gpu to redo it on the device and the
-    packed path to check its stored size."""
+    """T.Compose that remembers what it does: --decode gpu redoes it, packed data check its size."""
 
     def __init__(self, ops, kind, size, scale):
         super().__init__(ops)
@@ -41,7 +35,7 @@ class Transform(T.Compose):
 
 
 def eval_resize(input_size):
-    """Shorter side before the eval center crop: x256/224 (MAE), except below 64 px (see below)."""
+    """Eval crop's shorter side: x256/224 (MAE) from 64 px up; tiny images would lose content."""
     return int(round(input_size * 256 / 224)) if input_size >= 64 else input_size
 
 
@@ -51,13 +45,10 @@ def check_transform_kind(kind):
 
 
 def build_transform(kind, input_size, scale=(0.2, 1.0)):
-    """PIL image or uint8 tensor -> (3, input_size, input_size) in [-1, 1]. kind:
-    center  DiT's ablation setting (RECIPE s6): shorter side to input_size (bicubic, antialiased),
-            center crop;
-    rrc     final models (RECIPE s6): RandomResizedCrop + flip, MAE's pre-training scale (0.2, 1);
-            (0.08, 1) for MAE's probe;
-    eval    the probe's (RECIPE s5, MAE): resize to input_size * 256/224, center crop; below 64 px
-            only resize + crop (tiny object-centred images would lose content)."""
+    """PIL image or uint8 tensor -> (3, input_size, input_size) in [-1, 1]. kind (RECIPE s5, s6):
+    center  DiT's ablation setting: shorter side to input_size (bicubic, antialiased), center crop
+    rrc     final models: RandomResizedCrop + flip, MAE's scale (0.2, 1); (0.08, 1) for its probe
+    eval    the probe's (MAE): shorter side to eval_resize(input_size), center crop"""
     check_transform_kind(kind)
     if kind == "rrc":
         crop = T.RandomResizedCrop(input_size, scale=tuple(scale), interpolation=BICUBIC,
@@ -65,7 +56,6 @@ def build_transform(kind, input_size, scale=(0.2, 1.0)):
         geometry = [crop, T.RandomHorizontalFlip()]
     else:
         side = input_size if kind == "center" else eval_resize(input_size)
-        geometry = [T.Resize(side, interpolation=BICUBIC, antialias=True),
-                    T.CenterCrop(input_size)]
+        geometry = [T.Resize(side, interpolation=BICUBIC, antialias=True), T.CenterCrop(input_size)]
     ops = [ToRGB(), *geometry, ToFloat(), T.Normalize([0.5] * 3, [0.5] * 3)]
     return Transform(ops, kind, input_size, tuple(scale))
