@@ -4,9 +4,20 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
+
+
+def pytest_configure(config):
+    """README's command runs the tests in pytest-xdist workers (`-n auto`, one per core): each
+    takes its share of the cores for torch's threads (2 workers x 2 threads on 2 cores would
+    fight), unless OMP_NUM_THREADS says how many. Tests that share a costly fixture carry an
+    xdist_group mark: `--dist loadgroup` sends them to one worker, which builds it once."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(scope="session")

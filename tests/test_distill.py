@@ -228,6 +228,7 @@ def test_bad_inputs_are_one_line(teacher_ckpt, tmp_path):
         distill.main(distill_args(str(tmp_path / "none.pt"), tmp_path / "d"))
 
 
+@pytest.mark.xdist_group("quickstart")   # one worker trains the quick start
 def test_a_distilled_student_probes_above_a_random_student(quickstart_checkpoint, tmp_path):
     # RepFusion at suite size, with the options that make it work at this scale (docs/RESULTS.md,
     # RepFusion): the quick-start l-DAE as frozen teacher (conftest.py), a vit_tiny student

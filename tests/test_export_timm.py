@@ -134,10 +134,17 @@ def test_train_py_flags_build_the_same_model_through_a_registered_name(tmp_path)
 
 
 def big_model(name, monkeypatch, seed=0):
-    """A registry size at 32 px (2 x 2 patches of 16): the real widths, heads and depths.
-    nn.Linear's own init is skipped (init_dit_weights sets every Linear; 60% of the build)."""
+    """A registry size at 32 px (2 x 2 patches of 16): the real widths, heads and depths. Built
+    with one init, the active one: nn.Linear's own and the build's zero-gate init are skipped
+    (init_dit_weights sets every weight; those two were most of vit_l's build time)."""
+    real_init = ldae.LDAE.init_weights
+
+    def active_only(self, active=False):
+        if active:
+            real_init(self, active=True)
     with monkeypatch.context() as m:
         m.setattr(torch.nn.Linear, "reset_parameters", lambda self: None)
+        m.setattr(ldae.LDAE, "init_weights", active_only)
         return random_model(name, seed=seed, center=True, img_size=32, latent_norm="whiten")
 
 

@@ -84,6 +84,7 @@ def reference(tmp_path_factory, pca_file):
     return out
 
 
+@pytest.mark.xdist_group("faults_reference")   # one worker runs the reference
 def test_kill_loop_at_random_points_resumes_bitwise(tmp_path, pca_file, reference):
     # SIGKILLs in the first write of the first epoch end (the epoch copy, before checkpoint.pt
     # links to it), then after a random step and in the middle of a random checkpoint write, each
@@ -108,6 +109,7 @@ def test_kill_loop_at_random_points_resumes_bitwise(tmp_path, pca_file, referenc
     assert sum(r["kind"] == "resume" for r in records(tmp_path)) >= 1
 
 
+@pytest.mark.xdist_group("faults_reference")   # one worker runs the reference
 def test_sigterm_and_ctrl_c_finish_the_step_save_and_resume_bitwise(tmp_path, pca_file, reference):
     # SIGTERM at step 4, then Ctrl-C 3 steps into the resumed run (step 7): each stop saves the
     # step it was on (mid-epoch), and the run resumed once more ends equal to the reference
@@ -134,6 +136,7 @@ def ddp_reference(tmp_path_factory, pca_file):
     return out
 
 
+@pytest.mark.xdist_group("faults_ddp")   # one worker runs the 2-rank reference
 def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(
         tmp_path, pca_file, ddp_reference):
     # only rank 0 gets the signal: the ranks agree through the all-reduced flag, both stop, save
@@ -147,6 +150,7 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(
     assert_same_run(ddp_reference, tmp_path)
 
 
+@pytest.mark.xdist_group("faults_ddp")   # one worker runs the 2-rank reference
 def test_elastic_restart_resumes_by_itself_and_ends_equal(tmp_path, pca_file, ddp_reference):
     # torchrun --max-restarts 1: rank 1 is SIGKILLed after step 8 (epoch 1 is saved); the agent
     # restarts both workers, which resume from checkpoint.pt without being told to
@@ -164,6 +168,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.xdist_group("faults_ddp")   # one worker runs the 2-rank reference
 def test_two_nodes_over_c10d_rendezvous_equal_one_node(tmp_path, pca_file, ddp_reference):
     # two launchers on this machine, one process each, meet at a c10d rendezvous (gloo): the same
     # losses as two processes on one node (which test_pretrain.py shows equal one process)

@@ -352,6 +352,7 @@ def test_mae_accumulation_averages_over_the_micro_batches_that_exist(ckpt, tmp_p
     assert res["accum_iter"] == 2 and divisors == [2, 2]
 
 
+@pytest.mark.xdist_group("quickstart")   # one worker trains the quick start
 def test_default_vit_tiny_learns_more_than_a_random_network(quickstart_checkpoint, tmp_path):
     # `python pretrain.py --model vit_tiny` with no other flag (conftest.py; docs/RESULTS.md,
     # Reproduction), then `--compare` on 2000 val images: learned > random init > raw pixels on

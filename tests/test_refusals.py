@@ -342,6 +342,20 @@ def test_odd_folder_entries_are_skipped_with_a_count_never_a_hang(tmp_path, caps
     assert "skipped 2 entries of" in capsys.readouterr().out
 
 
+def forked_children(pid):
+    """pid's children that are forks of it (DataLoader workers), not a program that an import
+    runs (a Ctrl-C then would land in `import torch`, before the script's handler exists)."""
+    def cmdline(p):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                return f.read()
+        except OSError:                                       # it ended meanwhile
+            return None
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        kids = f.read().split()
+    return [k for k in kids if cmdline(k) == cmdline(pid)]
+
+
 @pytest.mark.parametrize("argv", [
     ["tokenizer_pca.py", "--synthetic-size", "100000", "--input-size", "32", "--patch-size", "4",
      "--num-workers", "2", "--num-images", "100000"],
@@ -354,9 +368,8 @@ def test_ctrl_c_with_workers_running_is_one_line_and_exit_130(tmp_path, argv):
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:], *out], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    children = f"/proc/{p.pid}/task/{p.pid}/children"
-    started = time.time()                                     # until the workers are running
-    while p.poll() is None and time.time() - started < 60 and not open(children).read():
+    started = time.time()                                     # until both workers are running
+    while p.poll() is None and time.time() - started < 60 and len(forked_children(p.pid)) < 2:
         time.sleep(0.2)
     time.sleep(1)
     os.killpg(p.pid, signal.SIGINT)                           # Ctrl-C reaches the whole group
