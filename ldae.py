@@ -320,9 +320,8 @@ class LDAE(nn.Module):
 
     def forward_features(self, images, t=None, depth=None, noisy=False, pool=True,
                          clean="projected"):
-        """The probe's features (RECIPE s5) after block `depth` (default: the encoder's last) at
-        level t (None: probe_t), of the image projected on the PCA subspace (sigma 0, as in
-        training; measured best, docs/RESULTS.md), the raw image (clean="image") or a noisy one."""
+        """Features (RECIPE s5) after block `depth` (None: the encoder's last) at t (None: probe_t)
+        of the image projected on the PCA subspace (as in training; measured best), raw or noisy."""
         if clean not in ("projected", "image"):
             raise ValueError(f"clean must be 'projected' or 'image', not {clean!r}")
         levels = noise_levels(t, self.probe_t, images)

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -340,6 +341,27 @@ def test_odd_folder_entries_are_skipped_with_a_count_never_a_hang(tmp_path, caps
     ds = datasets.build_dataset(args, "train", None)
     assert len(ds) + len(datasets.build_dataset(args, "val", None)) == 10
     assert "skipped 2 entries of" in capsys.readouterr().out
+
+
+def test_a_worker_stopped_mid_handover_adds_no_thread_traceback(capsys, monkeypatch):
+    # the race test_ctrl_c_... below can hit: multiprocessing's fd-sharing thread (in
+    # resource_sharer.py) ends in EOFError when Ctrl-C stops the worker handing a tensor over
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)   # restored afterwards
+    scope = {}
+    exec(compile("def serve():\n    raise EOFError\n", "/py/multiprocessing/resource_sharer.py",
+                 "exec"), scope)
+
+    def in_thread(target):
+        t = threading.Thread(target=target)
+        t.start()
+        t.join()
+
+    def other():
+        raise ValueError("a bug in a thread")
+    cli.run_cli(lambda args: in_thread(scope["serve"]), cli.ArgumentParser(prog="x"), [])
+    assert capsys.readouterr().err == ""
+    in_thread(other)                                          # every other thread error shows
+    assert "ValueError: a bug in a thread" in capsys.readouterr().err
 
 
 def forked_children(pid):

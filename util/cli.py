@@ -4,6 +4,8 @@ import contextlib
 import math
 import os
 import sys
+import threading
+import traceback
 
 import torch
 
@@ -26,8 +28,17 @@ class Interrupted(Exception):
         self.exit_code = 128 + signum
 
 
+def quiet_fd_sharing(args):
+    """No traceback from multiprocessing's fd-sharing thread when Ctrl-C stops a worker mid-send."""
+    frames = traceback.extract_tb(args.exc_traceback)
+    handover = any(f.filename.endswith("resource_sharer.py") for f in frames)
+    if not (handover and issubclass(args.exc_type, (EOFError, ConnectionError))):
+        threading.__excepthook__(args)
+
+
 def run_cli(main, parser, argv=None):
     """Parse argv, run main(args); a UserError, a stopped run or Ctrl-C: one line, no traceback."""
+    threading.excepthook = quiet_fd_sharing
     try:
         return main(parser.parse_args(argv))
     except UserError as e:
