@@ -18,7 +18,8 @@ def pytest_configure(config):
     xdist_group mark: `--dist loadgroup` sends them to one worker, which builds it once."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers:
-        share = max(1, (os.cpu_count() or 1) // workers)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        share = max(1, (cores or 1) // workers)
         omp = os.environ.get("OMP_NUM_THREADS", "")
         torch.set_num_threads(min(share, int(omp)) if omp.isdigit() and int(omp) > 0 else share)
 
